@@ -1,0 +1,33 @@
+//! flatmerge: merging fine-tuned neural-network checkpoints on CPU.
+//!
+//! The crate has two layers:
+//! - the **numeric core** (always built, `no_std` + `alloc` without the
+//!   `std` feature): every formula of `SPEC.md` as a plain function on
+//!   slices — [`safe_m`], [`select`], [`reduce`], [`dtype`];
+//! - the **std layer** (feature `std`, on by default): memory-mapped
+//!   safetensors checkpoints ([`io`]), activation statistics files
+//!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
+//!   streaming engine ([`engine`]), the merge report ([`report`]) and a
+//!   self-contained [`demo`].
+#![cfg_attr(not(feature = "std"), no_std)]
+#![deny(missing_docs)]
+
+extern crate alloc;
+
+pub mod dtype;
+pub mod reduce;
+pub mod safe_m;
+pub mod select;
+
+#[cfg(feature = "std")]
+pub mod error;
+#[cfg(feature = "std")]
+pub mod io;
+#[cfg(feature = "std")]
+pub mod stats;
+
+#[cfg(feature = "std")]
+pub use error::{Error, ErrorKind, Result};
+
+/// The version of this library, as in `Cargo.toml`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,1 @@
+//! Activation statistics files (SPEC §4).

@@ -1,0 +1,1 @@
+pub fn v() -> usize { core::mem::size_of::<engine::X>() }
