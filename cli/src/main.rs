@@ -1,1 +1,276 @@
-fn main(){}
+//! `flatmerge`: the command-line face of the flatmerge library. It parses
+//! arguments, calls the library, and formats what comes back; the merge
+//! logic lives in the library.
+
+use clap::{Args, Parser, Subcommand};
+use flatmerge::config::{parse_byte_size, MergeConfig};
+use flatmerge::dtype::Dtype;
+use flatmerge::engine::{MergeOptions, MergeSummary, PreparedMerge, Progress};
+use flatmerge::inspect::{self, Coverage};
+use flatmerge::io::Checkpoint;
+use flatmerge::plan::Plan;
+use flatmerge::{Error, ErrorKind};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "flatmerge", version, about = "Merge fine-tuned checkpoints on CPU: SAFE-M, FAM and mergekit-style baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge the models of a config (mergekit YAML layout) into OUT_DIR.
+    Merge(MergeArgs),
+    /// Show the tensors of a checkpoint, or the layers of a statistics file.
+    Inspect(InspectArgs),
+    /// Build a small LLaMA-shaped family with statistics and merge it with SAFE-M (no downloads).
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    /// The merge config (YAML).
+    config: PathBuf,
+    /// The output directory.
+    out_dir: Option<PathBuf>,
+    /// The output directory (alternative to the positional argument).
+    #[arg(short = 'o', long = "output", value_name = "OUT_DIR", conflicts_with = "out_dir")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+    /// Output dtype (bfloat16, float16, float32); overrides the config.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<Dtype>,
+    /// Check the inputs and print the plan (rule, shapes, bytes per tensor) without merging.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Largest output shard (tensor bytes), e.g. 500M or 5B; default: one file.
+    #[arg(long, value_parser = parse_byte_size, value_name = "SIZE")]
+    out_shard_size: Option<u64>,
+    /// Worker threads (default: all cores); results are identical for any count.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Replace an existing output directory (only once the merge has succeeded).
+    #[arg(long)]
+    force: bool,
+    /// No progress bar and no summary.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    /// A checkpoint (file or directory) or a statistics file.
+    path: PathBuf,
+    /// With a statistics file: list which weights of this checkpoint it covers.
+    #[arg(long, value_name = "CHECKPOINT")]
+    weights: Option<PathBuf>,
+    /// List every tensor or layer, not only the totals.
+    #[arg(short, long)]
+    all: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to build the demo (default: a new folder under the system's temporary directory).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+fn parse_dtype(text: &str) -> Result<Dtype, String> {
+    Dtype::parse_float(text).ok_or_else(|| format!("`{text}` is not an output dtype; expected bfloat16, float16 or float32"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Merge(args) => merge(args),
+        Command::Inspect(args) => inspect(args),
+        Command::Demo(args) => demo(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e.kind() {
+                ErrorKind::Cancelled => 130,
+                _ => 1,
+            })
+        }
+    }
+}
+
+/// A progress bar on stderr, or nothing when quiet or stderr is not a terminal.
+fn progress_bar(quiet: bool) -> Option<ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {binary_bytes}/{binary_total_bytes} {msg} [{elapsed}, eta {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
+fn run_merge(prepared: &PreparedMerge, out_dir: PathBuf, run: &RunArgs) -> Result<MergeSummary, Error> {
+    let bar = progress_bar(run.quiet);
+    let on_progress = |p: &Progress<'_>| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} tensors", p.tensors_done, p.tensors_total));
+        }
+    };
+    let options = MergeOptions {
+        out_dir,
+        max_shard_bytes: run.out_shard_size,
+        threads: run.threads,
+        force: run.force,
+        progress: Some(&on_progress),
+        cancel: None,
+    };
+    let result = prepared.run(&options);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    result
+}
+
+fn merge(args: MergeArgs) -> Result<(), Error> {
+    let mut config = MergeConfig::from_file(&args.config)?;
+    if let Some(dtype) = args.dtype {
+        config.out_dtype = Some(dtype);
+    }
+    let prepared = PreparedMerge::new(config)?;
+    if args.dry_run {
+        println!("{}", prepared.plan());
+        return Ok(());
+    }
+    let out_dir = args.output.or(args.out_dir).ok_or_else(|| {
+        Error::new(ErrorKind::InvalidInput, "no output directory: give OUT_DIR or -o OUT_DIR").with_file(&args.config)
+    })?;
+    let summary = run_merge(&prepared, out_dir, &args.run)?;
+    if !args.run.quiet {
+        print_summary(prepared.plan(), &summary);
+    }
+    Ok(())
+}
+
+fn print_summary(plan: &Plan, summary: &MergeSummary) {
+    let counts: Vec<String> = plan.rule_counts().iter().map(|(label, n)| format!("{label} {n}")).collect();
+    println!("merged {} tensors ({}) into {}", plan.tensors.len(), counts.join(", "), summary.out_dir.display());
+    let (elements, totals) = summary.report.mask_totals();
+    for (k, t) in totals.iter().enumerate() {
+        if elements == 0 {
+            break;
+        }
+        let pct = |x: u64| 100.0 * x as f64 / elements as f64;
+        println!(
+            "contributor {k}: elected {:.1}% of the SAFE-M parameters, {:.2}% dropped as sign conflicts, {:.1}% given (receiver elected {:.1}%)",
+            pct(t.elected),
+            pct(t.conflicts),
+            pct(t.kept),
+            pct(t.receiver_elected)
+        );
+    }
+    println!("report: {}", summary.out_dir.join("merge_report.json").display());
+}
+
+fn demo(args: DemoArgs) -> Result<(), Error> {
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => std::env::temp_dir().join(format!("flatmerge-demo-{}", std::process::id())),
+    };
+    let out_dir = dir.join("merged");
+    if !args.run.quiet {
+        println!("building a LLaMA-shaped family (ancestor C, receiver A, contributor B) with statistics in {}", dir.display());
+    }
+    let (family, prepared) = flatmerge::demo::prepare(&dir)?;
+    let summary = run_merge(&prepared, out_dir, &args.run)?;
+    if !args.run.quiet {
+        println!("config: {}", family.config.display());
+        print_summary(prepared.plan(), &summary);
+        println!("inspect it with: flatmerge inspect {}", summary.out_dir.display());
+    }
+    Ok(())
+}
+
+fn inspect(args: InspectArgs) -> Result<(), Error> {
+    if inspect::is_stats_file(&args.path) {
+        return inspect_stats(&args.path, args.weights.as_deref(), args.all);
+    }
+    if args.weights.is_some() {
+        return Err(Error::new(ErrorKind::InvalidInput, "--weights goes with a statistics file").with_file(&args.path));
+    }
+    let checkpoint = Checkpoint::open(&args.path)?;
+    let summary = inspect::summarize(&checkpoint);
+    if args.all {
+        for t in checkpoint.tensors() {
+            println!("{:<64} {:>5} {:?}", t.name, t.dtype.as_str(), t.shape);
+        }
+    }
+    println!(
+        "{}: {} tensors, {} parameters, {} bytes in {} file(s)",
+        args.path.display(),
+        summary.tensors,
+        summary.parameters,
+        summary.bytes,
+        summary.shards
+    );
+    for (dtype, (tensors, elements)) in &summary.by_dtype {
+        println!("  {dtype}: {tensors} tensors, {elements} parameters");
+    }
+    Ok(())
+}
+
+fn inspect_stats(path: &Path, weights: Option<&Path>, all: bool) -> Result<(), Error> {
+    let stats = inspect::open_stats(path)?;
+    println!(
+        "{}: activation statistics of `{}` on `{}`: {} examples, {} layers{}",
+        path.display(),
+        stats.model,
+        stats.probe,
+        stats.examples,
+        stats.layers.len(),
+        if stats.modality.is_some() { ", per-example rows with modalities" } else { "" }
+    );
+    if all {
+        for (name, layer) in &stats.layers {
+            let width = |v: &Option<Vec<f32>>| v.as_ref().map_or("-".to_string(), |v| v.len().to_string());
+            println!(
+                "  {name:<60} in {:>6} out {:>6} count {:>8} rows {}",
+                width(&layer.x_mean),
+                width(&layer.y_mean),
+                layer.count.map_or("-".to_string(), |c| c.to_string()),
+                layer.x_rows.as_ref().map_or(0, |r| r.rows)
+            );
+        }
+    }
+    if let Some(weights) = weights {
+        let checkpoint = Checkpoint::open(weights)?;
+        let coverage = inspect::coverage(&stats, &checkpoint);
+        let covered = coverage.iter().filter(|(_, c)| *c == Coverage::Covered).count();
+        println!("{}: {covered} of {} linear weights and biases covered", weights.display(), coverage.len());
+        for (name, c) in &coverage {
+            match c {
+                Coverage::Covered if all => println!("  covered    {name}"),
+                Coverage::Uncovered if all => println!("  fallback   {name} (no statistics)"),
+                Coverage::Mismatch(why) => println!("  MISMATCH   {name}: {why}"),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}

@@ -20,9 +20,21 @@ pub mod safe_m;
 pub mod select;
 
 #[cfg(feature = "std")]
+pub mod config;
+#[cfg(feature = "std")]
+pub mod demo;
+#[cfg(feature = "std")]
+pub mod engine;
+#[cfg(feature = "std")]
 pub mod error;
 #[cfg(feature = "std")]
+pub mod inspect;
+#[cfg(feature = "std")]
 pub mod io;
+#[cfg(feature = "std")]
+pub mod plan;
+#[cfg(feature = "std")]
+pub mod report;
 #[cfg(feature = "std")]
 pub mod stats;
 

@@ -1,1 +1,370 @@
-//! placeholder
+//! SAFE-M: sharpness-aware flatness-enhanced merging (SPEC §1), as plain
+//! functions on f32 slices. Weights are row-major `[out, in]`.
+//!
+//! The streaming engine calls these kernels on blocks of rows it decodes
+//! from the checkpoints; [`merge_tensor`] chains them on whole in-memory
+//! tensors and is the reference the engine is tested against.
+
+use crate::reduce;
+use crate::select::{election_threshold, is_elected};
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// `ε` of the SPEC preamble.
+pub const EPSILON: f32 = 1e-8;
+
+/// The two score forms of SPEC §1.2.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScoreForm {
+    /// `S = |W ⊙ g'| / (1 + α·g'²)` — the default, with `α = 1`.
+    Sas {
+        /// Weight of the sharpness penalty, `α ≥ 0`.
+        alpha: f32,
+    },
+    /// `S = |W ⊙ g'| / (g'² + ε)` — the paper's `S_SAFE`.
+    Ratio {
+        /// The `ε` that keeps the ratio finite.
+        epsilon: f32,
+    },
+}
+
+impl Default for ScoreForm {
+    fn default() -> Self {
+        ScoreForm::Sas { alpha: 1.0 }
+    }
+}
+
+/// One parameter's score (SPEC §1.2): salience `|w·g|` (an approximate SNIP
+/// score) rewarded, sharpness `g²` (a diagonal-Hessian proxy) penalised.
+#[inline]
+pub fn safe_score(w: f32, g: f32, form: ScoreForm) -> f32 {
+    let salience = (w * g).abs();
+    let sharpness = g * g;
+    match form {
+        ScoreForm::Sas { alpha } => salience / (1.0 + alpha * sharpness),
+        ScoreForm::Ratio { epsilon } => salience / (sharpness + epsilon),
+    }
+}
+
+/// `u = ȳ_model − ȳ_ancestor` (SPEC §1.2): the output factor of the
+/// rank-one pseudo-gradient `g' = u ⊗ x̄_A`.
+pub fn output_shift(y_model: &[f32], y_ancestor: &[f32]) -> Vec<f32> {
+    assert_eq!(y_model.len(), y_ancestor.len(), "output_shift: widths differ");
+    y_model.iter().zip(y_ancestor).map(|(y, c)| y - c).collect()
+}
+
+/// Scores of a block of rows of a 2-D weight with `g'[r][j] = u[r]·v[j]`
+/// (SPEC §1.2). `g'` is never materialised: each element is formed as it
+/// is scored. `weight` holds `u.len()` rows of `v.len()` columns.
+pub fn score_matrix(weight: &[f32], u: &[f32], v: &[f32], form: ScoreForm, out: &mut [f32]) {
+    let cols = v.len();
+    assert_eq!(weight.len(), u.len() * cols, "score_matrix: weight size");
+    assert_eq!(out.len(), weight.len(), "score_matrix: output size");
+    if cols == 0 {
+        return;
+    }
+    for ((w_row, s_row), &u_r) in weight.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).zip(u) {
+        for ((s, &w), &v_j) in s_row.iter_mut().zip(w_row).zip(v) {
+            *s = safe_score(w, u_r * v_j, form);
+        }
+    }
+}
+
+/// Scores of a bias, whose pseudo-gradient is `u` itself (SPEC §1.2).
+pub fn score_vector(bias: &[f32], u: &[f32], form: ScoreForm, out: &mut [f32]) {
+    assert_eq!(bias.len(), u.len(), "score_vector: widths differ");
+    assert_eq!(out.len(), bias.len(), "score_vector: output size");
+    for ((s, &b), &g) in out.iter_mut().zip(bias).zip(u) {
+        *s = safe_score(b, g, form);
+    }
+}
+
+/// A sign conflict (SPEC §1.2): both parameters elected and their task
+/// vectors point in opposite directions (`τ_A·τ_B < 0`, tested by signs so
+/// that tiny values cannot underflow to a zero product).
+#[inline]
+pub fn is_conflict(elected_a: bool, elected_b: bool, tau_a: f32, tau_b: f32) -> bool {
+    elected_a && elected_b && ((tau_a > 0.0 && tau_b < 0.0) || (tau_a < 0.0 && tau_b > 0.0))
+}
+
+/// The coefficient of a row along `d` (SPEC §1.3): `⟨row, d⟩ / (⟨d, d⟩ + ε)`,
+/// with `dd = ⟨d, d⟩` computed once per tensor by [`reduce::sum_squares`].
+#[inline]
+pub fn projection_coefficient(row: &[f32], d: &[f32], dd: f64, epsilon: f32) -> f32 {
+    (reduce::dot(row, d) / (dd + epsilon as f64)) as f32
+}
+
+/// Splits a row into its part along `d` and the orthogonal rest (SPEC §1.3):
+/// `P = c·d`, `O = row − P`, with `c` from [`projection_coefficient`].
+pub fn split_row(row: &[f32], d: &[f32], c: f32, parallel: &mut [f32], orthogonal: &mut [f32]) {
+    assert!(row.len() == d.len() && parallel.len() == d.len() && orthogonal.len() == d.len());
+    for j in 0..row.len() {
+        let p = c * d[j];
+        parallel[j] = p;
+        orthogonal[j] = row[j] - p;
+    }
+}
+
+/// `acc += λ_proj·P + λ_ortho·O` for one row, with `P` and `O` formed on the
+/// fly as in [`split_row`] (SPEC §1.3). `d = None` is a bias: `acc += λ_proj·row`.
+pub fn add_decoupled(
+    acc: &mut [f32],
+    row: &[f32],
+    direction: Option<(&[f32], f32)>,
+    lambda_proj: f32,
+    lambda_ortho: f32,
+) {
+    assert_eq!(acc.len(), row.len(), "add_decoupled: widths differ");
+    match direction {
+        Some((d, c)) => {
+            assert_eq!(d.len(), row.len(), "add_decoupled: direction width");
+            for j in 0..row.len() {
+                let p = c * d[j];
+                let o = row[j] - p;
+                acc[j] += lambda_proj * p + lambda_ortho * o;
+            }
+        }
+        None => {
+            for (a, &t) in acc.iter_mut().zip(row) {
+                *a += lambda_proj * t;
+            }
+        }
+    }
+}
+
+/// The fallback of SPEC §1.4: `W* = (1 − w)·W_A + w·B̄`, with `B̄` the mean
+/// of the contributors' tensors (summed in order, then divided).
+pub fn fallback_blend(receiver: &[f32], contributors: &[&[f32]], weight: f32, out: &mut [f32]) {
+    assert_eq!(out.len(), receiver.len(), "fallback_blend: output size");
+    assert!(contributors.iter().all(|c| c.len() == receiver.len()), "fallback_blend: sizes");
+    if contributors.is_empty() {
+        out.copy_from_slice(receiver);
+        return;
+    }
+    let m = contributors.len() as f32;
+    for (j, (o, &a)) in out.iter_mut().zip(receiver).enumerate() {
+        let mut sum = 0.0f32;
+        for c in contributors {
+            sum += c[j];
+        }
+        *o = (1.0 - weight) * a + weight * (sum / m);
+    }
+}
+
+/// A model's election over a tensor: its scores and its threshold.
+#[derive(Debug, Clone, Copy)]
+pub struct Election<'a> {
+    /// Scores of the elements in the block (same layout as the weights).
+    pub scores: &'a [f32],
+    /// The tensor's threshold `t` (from [`election_threshold`] over all its scores).
+    pub threshold: f32,
+}
+
+/// One contributor's inputs for a block of rows.
+#[derive(Debug, Clone, Copy)]
+pub struct ContributorBlock<'a> {
+    /// `W_B` of the block.
+    pub weight: &'a [f32],
+    /// `B`'s election over the block.
+    pub election: Election<'a>,
+    /// `λ_proj` of this contributor.
+    pub lambda_proj: f32,
+    /// `λ_ortho` of this contributor.
+    pub lambda_ortho: f32,
+}
+
+/// Counts of one contributor's mask over a tensor, for the merge report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MaskCounts {
+    /// `|M_A|`: the receiver's elected parameters.
+    pub receiver_elected: u64,
+    /// `|M_B|`: the contributor's elected parameters.
+    pub elected: u64,
+    /// `|K|`: elected by both with opposite task-vector signs.
+    pub conflicts: u64,
+    /// `|M'_B| = |M_B| − |K|`: what the contributor actually gives.
+    pub kept: u64,
+}
+
+impl MaskCounts {
+    /// Adds the counts of another block.
+    pub fn add(&mut self, other: &MaskCounts) {
+        self.receiver_elected += other.receiver_elected;
+        self.elected += other.elected;
+        self.conflicts += other.conflicts;
+        self.kept += other.kept;
+    }
+}
+
+/// Stages 2 and 3 of SPEC §1.2–1.5 on a block of rows: conflict-free mask,
+/// masked task vector `τ_u`, decomposition along `d` and fusion.
+///
+/// `out` receives `W* = W_A + Σ_k (λ_proj·P_k + λ_ortho·O_k)`, the sum taken
+/// contributor by contributor in order. `direction` is `(d, ⟨d, d⟩)` for a
+/// weight (rows of `d.len()` columns) and `None` for a bias (one row,
+/// `b* = b_A + Σ_k λ_proj·τ_u,k`). `tau_scratch` holds one row. `counts`
+/// (one per contributor) are incremented.
+#[allow(clippy::too_many_arguments)]
+pub fn fuse_block(
+    receiver: &[f32],
+    ancestor: &[f32],
+    receiver_election: Election<'_>,
+    contributors: &[ContributorBlock<'_>],
+    direction: Option<(&[f32], f64)>,
+    epsilon: f32,
+    out: &mut [f32],
+    tau_scratch: &mut Vec<f32>,
+    counts: &mut [MaskCounts],
+) {
+    let n = receiver.len();
+    assert!(ancestor.len() == n && out.len() == n && receiver_election.scores.len() == n);
+    assert_eq!(counts.len(), contributors.len(), "fuse_block: one count per contributor");
+    let cols = match direction {
+        Some((d, _)) => d.len(),
+        None => n,
+    };
+    out.copy_from_slice(receiver);
+    if cols == 0 || n == 0 {
+        return;
+    }
+    assert_eq!(n % cols, 0, "fuse_block: block is not whole rows");
+    tau_scratch.resize(cols, 0.0);
+    let receiver_elected = receiver_election
+        .scores
+        .iter()
+        .filter(|&&s| is_elected(s, receiver_election.threshold))
+        .count() as u64;
+    for (contributor, count) in contributors.iter().zip(counts.iter_mut()) {
+        assert!(contributor.weight.len() == n && contributor.election.scores.len() == n);
+        count.receiver_elected += receiver_elected;
+        for row_start in (0..n).step_by(cols) {
+            let row = row_start..row_start + cols;
+            let tau = &mut tau_scratch[..];
+            for (j, i) in row.clone().enumerate() {
+                let tau_a = receiver[i] - ancestor[i];
+                let tau_b = contributor.weight[i] - ancestor[i];
+                let elected_a = is_elected(receiver_election.scores[i], receiver_election.threshold);
+                let elected_b =
+                    is_elected(contributor.election.scores[i], contributor.election.threshold);
+                let conflict = is_conflict(elected_a, elected_b, tau_a, tau_b);
+                count.elected += elected_b as u64;
+                count.conflicts += conflict as u64;
+                let keep = elected_b && !conflict;
+                count.kept += keep as u64;
+                tau[j] = if keep { tau_b } else { 0.0 };
+            }
+            let row_direction = direction.map(|(d, dd)| (d, projection_coefficient(tau, d, dd, epsilon)));
+            add_decoupled(
+                &mut out[row],
+                tau,
+                row_direction,
+                contributor.lambda_proj,
+                contributor.lambda_ortho,
+            );
+        }
+    }
+}
+
+/// Election parameters of one model (SPEC §1.2).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ElectionParams {
+    /// Density `k ∈ (0, 1]`.
+    pub density: f64,
+    /// Score form.
+    pub form: ScoreForm,
+}
+
+/// A contributor of [`merge_tensor`].
+#[derive(Debug, Clone, Copy)]
+pub struct Contributor<'a> {
+    /// `W_B` (or `b_B`).
+    pub weight: &'a [f32],
+    /// `ȳ_B` of the layer.
+    pub y_mean: &'a [f32],
+    /// Its election parameters.
+    pub election: ElectionParams,
+    /// `λ_proj`.
+    pub lambda_proj: f32,
+    /// `λ_ortho`.
+    pub lambda_ortho: f32,
+}
+
+/// Result of [`merge_tensor`]: the merged tensor and one count per contributor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedTensor {
+    /// `W*`.
+    pub values: Vec<f32>,
+    /// Mask counts, one per contributor.
+    pub counts: Vec<MaskCounts>,
+}
+
+/// SAFE-M on one whole in-memory tensor (SPEC §1.2–1.5), sequentially: the
+/// reference for the streaming engine and the entry point for callers that
+/// hold tensors in memory.
+///
+/// `receiver`, `ancestor` and each contributor's `weight` are `W` of shape
+/// `[y.len(), x_mean.len()]` when `is_bias` is false, or `b` of shape
+/// `[y.len()]` when it is true. `x_mean` is the receiver's mean input `x̄_A`
+/// (the projection direction `d` and the pseudo-gradient's input factor
+/// `v`); `y_*` are mean outputs.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_tensor(
+    receiver: &[f32],
+    receiver_y: &[f32],
+    receiver_election: ElectionParams,
+    ancestor: &[f32],
+    ancestor_y: &[f32],
+    x_mean: &[f32],
+    contributors: &[Contributor<'_>],
+    is_bias: bool,
+    epsilon: f32,
+) -> MergedTensor {
+    let scores_of = |weight: &[f32], y: &[f32], params: ElectionParams| {
+        let u = output_shift(y, ancestor_y);
+        let mut scores = vec![0.0f32; weight.len()];
+        if is_bias {
+            score_vector(weight, &u, params.form, &mut scores);
+        } else {
+            score_matrix(weight, &u, x_mean, params.form, &mut scores);
+        }
+        let threshold = election_threshold(&scores, params.density);
+        (scores, threshold)
+    };
+    let (scores_a, threshold_a) = scores_of(receiver, receiver_y, receiver_election);
+    let elected: Vec<(Vec<f32>, f32)> = contributors
+        .iter()
+        .map(|c| scores_of(c.weight, c.y_mean, c.election))
+        .collect();
+    let blocks: Vec<ContributorBlock<'_>> = contributors
+        .iter()
+        .zip(&elected)
+        .map(|(c, (scores, threshold))| ContributorBlock {
+            weight: c.weight,
+            election: Election {
+                scores,
+                threshold: *threshold,
+            },
+            lambda_proj: c.lambda_proj,
+            lambda_ortho: c.lambda_ortho,
+        })
+        .collect();
+    let direction = (!is_bias).then(|| (x_mean, reduce::sum_squares(x_mean)));
+    let mut values = vec![0.0f32; receiver.len()];
+    let mut counts = vec![MaskCounts::default(); contributors.len()];
+    let mut scratch = Vec::new();
+    fuse_block(
+        receiver,
+        ancestor,
+        Election {
+            scores: &scores_a,
+            threshold: threshold_a,
+        },
+        &blocks,
+        direction,
+        epsilon,
+        &mut values,
+        &mut scratch,
+        &mut counts,
+    );
+    MergedTensor { values, counts }
+}

@@ -1,0 +1,518 @@
+//! Merge configs: mergekit's YAML layout, extended with the keys SAFE-M
+//! needs (`stats`, `base_model_stats`). Parsing happens in two stages, as
+//! in ripgrep: the raw document ([`RawConfig`], every key known, unknown
+//! keys rejected with their line), then validation into [`MergeConfig`],
+//! whose values are checked and whose paths are resolved.
+//!
+//! Relative paths are resolved against the directory of the config file
+//! (the current directory for a config given as a string), so a config and
+//! its models can move together.
+
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::safe_m::{ElectionParams, ScoreForm, EPSILON};
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A parameter value as written in the YAML.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    /// A boolean (`normalize: true`).
+    Bool(bool),
+    /// A number.
+    Number(f64),
+    /// A word (`score: sas`).
+    Text(String),
+    /// A list (mergekit's gradients and filters).
+    List(Vec<ParamValue>),
+    /// A mapping (one `{filter, value}` entry).
+    Map(BTreeMap<String, ParamValue>),
+}
+
+impl fmt::Display for ParamValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ParamValue::Bool(b) => write!(f, "{b}"),
+            ParamValue::Number(x) => write!(f, "{x}"),
+            ParamValue::Text(s) => write!(f, "{s:?}"),
+            ParamValue::List(_) => f.write_str("a list"),
+            ParamValue::Map(_) => f.write_str("a mapping"),
+        }
+    }
+}
+
+/// A `parameters:` block: names to values, each with its place in the file.
+pub type RawParams = BTreeMap<String, Spanned<ParamValue>>;
+
+/// One entry of `models:` as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    /// Path of the checkpoint.
+    pub model: String,
+    /// Path of its activation statistics (SAFE-M, FAM).
+    #[serde(default)]
+    pub stats: Option<String>,
+    /// Per-model parameters; they override the global ones.
+    #[serde(default)]
+    pub parameters: RawParams,
+}
+
+/// A config as written, every key known.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// The method (`safe_m`).
+    pub merge_method: String,
+    /// The common ancestor (SAFE-M) or base model (task-vector methods).
+    #[serde(default)]
+    pub base_model: Option<String>,
+    /// Activation statistics of the base model.
+    #[serde(default)]
+    pub base_model_stats: Option<String>,
+    /// The models; for SAFE-M the first is the receiver.
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    /// Global parameters.
+    #[serde(default)]
+    pub parameters: RawParams,
+    /// Output dtype (mergekit: the compute dtype; flatmerge always computes in f32).
+    #[serde(default)]
+    pub dtype: Option<Spanned<String>>,
+    /// Output dtype; wins over `dtype`.
+    #[serde(default)]
+    pub out_dtype: Option<Spanned<String>>,
+}
+
+/// A merge method flatmerge runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MergeMethod {
+    /// SAFE-M (SPEC §1).
+    SafeM,
+}
+
+impl MergeMethod {
+    /// The name used in configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MergeMethod::SafeM => "safe_m",
+        }
+    }
+}
+
+/// A checkpoint and its statistics, paths resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelRef {
+    /// The checkpoint (file or directory).
+    pub path: PathBuf,
+    /// Its activation statistics file, when given.
+    pub stats: Option<PathBuf>,
+}
+
+/// SAFE-M settings of one contributor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SafeMContributor {
+    /// Election of its parameters.
+    pub election: ElectionParams,
+    /// `λ_proj` (default 1.0).
+    pub lambda_proj: f32,
+    /// `λ_ortho` (default 0.5).
+    pub lambda_ortho: f32,
+}
+
+/// Validated SAFE-M settings (SPEC §1).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafeMSettings {
+    /// Election of the receiver's parameters.
+    pub receiver: ElectionParams,
+    /// One entry per contributor, in the order of `models` after the receiver.
+    pub contributors: Vec<SafeMContributor>,
+    /// `w` of the fallback `(1 − w)·W_A + w·B̄` (default 0.5).
+    pub fallback_weight: f32,
+    /// `ε` of the projection and of the `ratio` score (default 1e-8).
+    pub epsilon: f32,
+}
+
+/// A validated merge config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeConfig {
+    /// The method.
+    pub method: MergeMethod,
+    /// The base model (SAFE-M: the common ancestor `C`).
+    pub base: Option<ModelRef>,
+    /// The models in config order (SAFE-M: receiver `A`, then contributors).
+    pub models: Vec<ModelRef>,
+    /// Output dtype; `None` keeps the receiver's dtype per tensor.
+    pub out_dtype: Option<Dtype>,
+    /// Method settings.
+    pub settings: MethodSettings,
+    /// Where the config came from (for messages and the report).
+    pub source: Option<PathBuf>,
+}
+
+/// Settings of the chosen method.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum MethodSettings {
+    /// SAFE-M.
+    SafeM(SafeMSettings),
+}
+
+impl MergeConfig {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<MergeConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let base_dir = path.parent().unwrap_or(Path::new("."));
+        MergeConfig::from_yaml(&text, base_dir, Some(path))
+    }
+
+    /// Parses and validates YAML text; relative paths resolve against `base_dir`.
+    pub fn from_yaml(text: &str, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
+        let with_source = |e: Error| match source {
+            Some(path) => e.with_file(path),
+            None => e,
+        };
+        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| with_source(yaml_error(&e)))?;
+        validate(raw, base_dir, source).map_err(with_source)
+    }
+
+    /// The SAFE-M settings.
+    pub fn safe_m(&self) -> Option<&SafeMSettings> {
+        match &self.settings {
+            MethodSettings::SafeM(s) => Some(s),
+        }
+    }
+}
+
+/// The first line of a serde-saphyr error ("line L column C: problem"); the
+/// rest is a source excerpt that does not fit a one-line message.
+fn yaml_error(err: &serde_saphyr::Error) -> Error {
+    let text = err.to_string();
+    let first = text.lines().next().unwrap_or("invalid YAML");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    Error::new(ErrorKind::Config, first.to_string())
+}
+
+fn config_error(value_at: Option<&serde_saphyr::Location>, key: &str, problem: impl fmt::Display) -> Error {
+    let message = match value_at {
+        Some(at) if at.line() > 0 => format!("line {} column {}: {problem}", at.line(), at.column()),
+        _ => problem.to_string(),
+    };
+    Error::new(ErrorKind::Config, message).with_tensor(key)
+}
+
+/// `path` relative to `base_dir`, with `.` components dropped so that
+/// reports and messages show `dir/A` rather than `dir/./A`.
+fn resolve(base_dir: &Path, path: &str) -> PathBuf {
+    let p = Path::new(path);
+    let joined = if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
+    joined.components().filter(|c| *c != std::path::Component::CurDir).collect()
+}
+
+/// Parameter names a method accepts, globally and per model.
+struct ParamSpec {
+    global: &'static [&'static str],
+    per_model: &'static [&'static str],
+}
+
+const SAFE_M_PARAMS: ParamSpec = ParamSpec {
+    global: &["density", "alpha", "score", "lambda_proj", "lambda_ortho", "fallback_weight", "epsilon"],
+    per_model: &["density", "alpha", "score", "lambda_proj", "lambda_ortho"],
+};
+
+fn check_keys(params: &RawParams, allowed: &[&str], place: &str, method: &str) -> Result<()> {
+    for (key, value) in params {
+        if !allowed.contains(&key.as_str()) {
+            return Err(config_error(
+                Some(&value.referenced),
+                key,
+                format!(
+                    "unknown parameter for {method} in {place}; expected one of: {}",
+                    allowed.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Looks a parameter up: the model's own value first, then the global one.
+struct Lookup<'a> {
+    model: Option<&'a RawParams>,
+    global: &'a RawParams,
+}
+
+impl<'a> Lookup<'a> {
+    fn get(&self, key: &str) -> Option<&'a Spanned<ParamValue>> {
+        self.model.and_then(|m| m.get(key)).or_else(|| self.global.get(key))
+    }
+
+    fn number(&self, key: &str, default: f64, valid: impl Fn(f64) -> bool, range: &str) -> Result<f64> {
+        let Some(spanned) = self.get(key) else {
+            return Ok(default);
+        };
+        match &spanned.value {
+            ParamValue::Number(x) if valid(*x) => Ok(*x),
+            other => Err(config_error(
+                Some(&spanned.referenced),
+                key,
+                format!("expected a number {range}, found {other}"),
+            )),
+        }
+    }
+
+    fn score_form(&self, epsilon: f32) -> Result<ScoreForm> {
+        let alpha = self.number("alpha", 1.0, |a| a.is_finite() && a >= 0.0, "≥ 0")? as f32;
+        let Some(spanned) = self.get("score") else {
+            return Ok(ScoreForm::Sas { alpha });
+        };
+        match &spanned.value {
+            ParamValue::Text(s) if s == "sas" => Ok(ScoreForm::Sas { alpha }),
+            ParamValue::Text(s) if s == "ratio" => Ok(ScoreForm::Ratio { epsilon }),
+            other => Err(config_error(
+                Some(&spanned.referenced),
+                "score",
+                format!("expected `sas` or `ratio`, found {other}"),
+            )),
+        }
+    }
+
+    fn election(&self, epsilon: f32) -> Result<ElectionParams> {
+        Ok(ElectionParams {
+            density: self.number("density", 0.2, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
+            form: self.score_form(epsilon)?,
+        })
+    }
+}
+
+fn finite(x: f64) -> bool {
+    x.is_finite()
+}
+
+fn out_dtype(raw: &RawConfig) -> Result<Option<Dtype>> {
+    let Some((key, spanned)) = [("out_dtype", &raw.out_dtype), ("dtype", &raw.dtype)]
+        .into_iter()
+        .find_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+    else {
+        return Ok(None);
+    };
+    Dtype::parse_float(&spanned.value).map(Some).ok_or_else(|| {
+        config_error(
+            Some(&spanned.referenced),
+            key,
+            format!("unsupported dtype `{}`; expected bfloat16, float16 or float32", spanned.value),
+        )
+    })
+}
+
+fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
+    let method = match raw.merge_method.as_str() {
+        "safe_m" => MergeMethod::SafeM,
+        other => {
+            return Err(config_error(
+                None,
+                "merge_method",
+                format!("unknown merge method `{other}`; flatmerge runs: safe_m"),
+            ))
+        }
+    };
+    let models: Vec<ModelRef> = raw
+        .models
+        .iter()
+        .map(|m| ModelRef {
+            path: resolve(base_dir, &m.model),
+            stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
+        })
+        .collect();
+    let base = raw.base_model.as_deref().map(|b| ModelRef {
+        path: resolve(base_dir, b),
+        stats: raw.base_model_stats.as_deref().map(|s| resolve(base_dir, s)),
+    });
+    if raw.base_model_stats.is_some() && raw.base_model.is_none() {
+        return Err(config_error(None, "base_model_stats", "given without `base_model`"));
+    }
+    let settings = match method {
+        MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
+    };
+    Ok(MergeConfig {
+        method,
+        base,
+        models,
+        out_dtype: out_dtype(&raw)?,
+        settings,
+        source: source.map(Path::to_path_buf),
+    })
+}
+
+fn safe_m_settings(raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>) -> Result<SafeMSettings> {
+    let method = "safe_m";
+    check_keys(&raw.parameters, SAFE_M_PARAMS.global, "`parameters`", method)?;
+    for (i, m) in raw.models.iter().enumerate() {
+        check_keys(&m.parameters, SAFE_M_PARAMS.per_model, &format!("`models[{i}].parameters`"), method)?;
+    }
+    let base = base.ok_or_else(|| {
+        config_error(None, "base_model", "safe_m needs `base_model`: the common ancestor C of all models")
+    })?;
+    if models.len() < 2 {
+        return Err(config_error(
+            None,
+            "models",
+            "safe_m needs at least two models: the receiver A first, then one or more contributors",
+        ));
+    }
+    if base.stats.is_none() {
+        return Err(config_error(None, "base_model_stats", "safe_m needs the ancestor's activation statistics"));
+    }
+    for (i, m) in models.iter().enumerate() {
+        if m.stats.is_none() {
+            return Err(config_error(
+                None,
+                &format!("models[{i}].stats"),
+                format!("safe_m needs activation statistics for {}", m.path.display()),
+            ));
+        }
+    }
+    let receiver_params = &raw.models[0].parameters;
+    for key in ["lambda_proj", "lambda_ortho"] {
+        if let Some(v) = receiver_params.get(key) {
+            return Err(config_error(
+                Some(&v.referenced),
+                key,
+                "the receiver (first model) gives nothing, so it takes no λ; set it on a contributor or globally",
+            ));
+        }
+    }
+    let global = Lookup { model: None, global: &raw.parameters };
+    let epsilon = global.number("epsilon", EPSILON as f64, |e| e > 0.0 && e.is_finite(), "> 0")? as f32;
+    let fallback_weight = global.number("fallback_weight", 0.5, finite, "(finite)")? as f32;
+    let receiver = Lookup { model: Some(receiver_params), global: &raw.parameters }.election(epsilon)?;
+    let contributors = raw.models[1..]
+        .iter()
+        .map(|m| {
+            let lookup = Lookup { model: Some(&m.parameters), global: &raw.parameters };
+            Ok(SafeMContributor {
+                election: lookup.election(epsilon)?,
+                lambda_proj: lookup.number("lambda_proj", 1.0, finite, "(finite)")? as f32,
+                lambda_ortho: lookup.number("lambda_ortho", 0.5, finite, "(finite)")? as f32,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(SafeMSettings {
+        receiver,
+        contributors,
+        fallback_weight,
+        epsilon,
+    })
+}
+
+/// Parses a byte size as mergekit's `--out-shard-size` does: a number with
+/// an optional decimal suffix `K`, `M`, `B`/`G` (10³, 10⁶, 10⁹) or `T`, an
+/// optional trailing `B` for bytes (`500M`, `5B`, `2GB`, `1.5G`, `123`).
+pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let upper = t.to_ascii_uppercase();
+    let (number, scale) = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)]
+        .iter()
+        .find_map(|(suffix, scale)| upper.strip_suffix(suffix).map(|n| (n.trim().to_string(), *scale)))
+        .unwrap_or((upper.clone(), 1.0));
+    match number.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 && x * scale >= 1.0 => Ok((x * scale).round() as u64),
+        _ => Err(format!("`{text}` is not a size; expected a positive number with an optional K, M, B/G or T suffix (e.g. 500M, 5B)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_like_mergekit() {
+        assert_eq!(parse_byte_size("500M"), Ok(500_000_000));
+        assert_eq!(parse_byte_size("5B"), Ok(5_000_000_000));
+        assert_eq!(parse_byte_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_byte_size("1.5g"), Ok(1_500_000_000));
+        assert_eq!(parse_byte_size("4096"), Ok(4096));
+        assert!(parse_byte_size("0").is_err());
+        assert!(parse_byte_size("lots").is_err());
+    }
+
+    const EXAMPLE: &str = "\
+merge_method: safe_m
+base_model: ./C                 # the common ancestor
+base_model_stats: ./C.stats.safetensors
+models:
+  - model: ./A                  # the first listed model is the receiver
+    stats: ./A.stats.safetensors
+  - model: ./B
+    stats: ./B.stats.safetensors
+parameters:
+  density: 0.2                  # k
+  alpha: 1.0
+  score: sas                    # or: ratio
+  lambda_proj: 1.0
+  lambda_ortho: 0.5
+  fallback_weight: 0.5
+dtype: float32                  # optional: output dtype; default the receiver's
+";
+
+    #[test]
+    fn the_issue_example_parses() {
+        let c = MergeConfig::from_yaml(EXAMPLE, Path::new("/m"), None).unwrap();
+        assert_eq!(c.method, MergeMethod::SafeM);
+        assert_eq!(c.base.as_ref().unwrap().path, Path::new("/m/C"));
+        assert_eq!(c.models[1].stats.as_deref(), Some(Path::new("/m/B.stats.safetensors")));
+        assert_eq!(c.out_dtype, Some(Dtype::F32));
+        let s = c.safe_m().unwrap();
+        assert_eq!(s.receiver, ElectionParams { density: 0.2, form: ScoreForm::Sas { alpha: 1.0 } });
+        assert_eq!(s.contributors.len(), 1);
+        assert_eq!(s.contributors[0].lambda_proj, 1.0);
+        assert_eq!(s.contributors[0].lambda_ortho, 0.5);
+        assert_eq!(s.fallback_weight, 0.5);
+    }
+
+    #[test]
+    fn per_model_parameters_override_global_ones() {
+        let text = EXAMPLE.replace(
+            "    stats: ./B.stats.safetensors\n",
+            "    stats: ./B.stats.safetensors\n    parameters:\n      density: 0.5\n      score: ratio\n      lambda_ortho: 0.25\n",
+        );
+        let c = MergeConfig::from_yaml(&text, Path::new("."), None).unwrap();
+        let s = c.safe_m().unwrap();
+        assert_eq!(s.receiver.density, 0.2);
+        assert_eq!(s.contributors[0].election.density, 0.5);
+        assert_eq!(s.contributors[0].election.form, ScoreForm::Ratio { epsilon: EPSILON });
+        assert_eq!(s.contributors[0].lambda_ortho, 0.25);
+        assert_eq!(s.contributors[0].lambda_proj, 1.0);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key_and_line() {
+        let e = MergeConfig::from_yaml(&EXAMPLE.replace("dtype:", "dtyp:"), Path::new("."), None).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        assert!(e.to_string().contains("unknown field `dtyp`"), "{e}");
+        assert!(e.to_string().contains("line 16"), "{e}");
+        let e = MergeConfig::from_yaml(&EXAMPLE.replace("alpha:", "alpah:"), Path::new("."), None).unwrap_err();
+        assert!(e.to_string().contains("`alpah`") && e.to_string().contains("line 11"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for (from, to, needle) in [
+            ("density: 0.2", "density: 0", "in (0, 1]"),
+            ("density: 0.2", "density: 1.5", "in (0, 1]"),
+            ("score: sas", "score: snip", "`sas` or `ratio`"),
+            ("alpha: 1.0", "alpha: -1", "≥ 0"),
+            ("dtype: float32", "dtype: int8", "unsupported dtype"),
+            ("merge_method: safe_m", "merge_method: frobnicate", "unknown merge method"),
+            ("base_model: ./C ", "# ", "base_model"),
+        ] {
+            let e = MergeConfig::from_yaml(&EXAMPLE.replace(from, to), Path::new("."), None).unwrap_err();
+            assert!(e.to_string().contains(needle), "{from} → {to}: {e}");
+        }
+    }
+}

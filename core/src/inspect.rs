@@ -1,0 +1,109 @@
+//! What `flatmerge inspect` shows: summaries of checkpoints and statistics
+//! files, and which weights of a checkpoint a statistics file covers.
+
+use crate::dtype::Dtype;
+use crate::error::Result;
+use crate::io::Checkpoint;
+use crate::stats::{ActivationStats, FORMAT};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Whether `path` is an activation statistics file (by its metadata).
+pub fn is_stats_file(path: &Path) -> bool {
+    path.is_file()
+        && Checkpoint::open(path)
+            .map(|c| c.metadata().get("format").map(String::as_str) == Some(FORMAT))
+            .unwrap_or(false)
+}
+
+/// Totals of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckpointSummary {
+    /// Tensor count.
+    pub tensors: usize,
+    /// Element count.
+    pub parameters: u64,
+    /// Tensor data bytes.
+    pub bytes: u64,
+    /// Per dtype: (tensors, elements).
+    pub by_dtype: BTreeMap<Dtype, (usize, u64)>,
+    /// Shard files.
+    pub shards: usize,
+}
+
+/// Totals of `checkpoint`.
+pub fn summarize(checkpoint: &Checkpoint) -> CheckpointSummary {
+    let mut by_dtype: BTreeMap<Dtype, (usize, u64)> = BTreeMap::new();
+    for t in checkpoint.tensors() {
+        let entry = by_dtype.entry(t.dtype).or_default();
+        entry.0 += 1;
+        entry.1 += t.numel() as u64;
+    }
+    CheckpointSummary {
+        tensors: checkpoint.tensors().len(),
+        parameters: by_dtype.values().map(|(_, n)| n).sum(),
+        bytes: checkpoint.total_bytes(),
+        by_dtype,
+        shards: checkpoint.shard_paths().len(),
+    }
+}
+
+/// How a statistics file covers one weight or bias of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Coverage {
+    /// The layer has both means with the widths the weight needs.
+    Covered,
+    /// The layer has statistics, but they do not fit: why.
+    Mismatch(String),
+    /// No statistics for the layer (the tensor is merged by a fallback).
+    Uncovered,
+}
+
+/// For every `*.weight` / `*.bias` of `checkpoint` that could be a linear
+/// layer (2-D weight, 1-D bias), whether `stats` covers it; other tensors
+/// are left out.
+pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String, Coverage)> {
+    let mut out = Vec::new();
+    for t in checkpoint.tensors() {
+        let (layer, is_weight) = if let Some(l) = t.name.strip_suffix(".weight") {
+            (l, true)
+        } else if let Some(l) = t.name.strip_suffix(".bias") {
+            (l, false)
+        } else {
+            continue;
+        };
+        if t.shape.len() != if is_weight { 2 } else { 1 } {
+            continue;
+        }
+        let coverage = match stats.layer(layer) {
+            None => Coverage::Uncovered,
+            Some(l) => {
+                let mut problems = Vec::new();
+                match &l.y_mean {
+                    Some(y) if y.len() == t.shape[0] => {}
+                    Some(y) => problems.push(format!("y_mean has width {}, needs {}", y.len(), t.shape[0])),
+                    None => problems.push("y_mean missing".to_string()),
+                }
+                if is_weight {
+                    match &l.x_mean {
+                        Some(x) if x.len() == t.shape[1] => {}
+                        Some(x) => problems.push(format!("x_mean has width {}, needs {}", x.len(), t.shape[1])),
+                        None => problems.push("x_mean missing".to_string()),
+                    }
+                }
+                if problems.is_empty() {
+                    Coverage::Covered
+                } else {
+                    Coverage::Mismatch(problems.join("; "))
+                }
+            }
+        };
+        out.push((t.name.clone(), coverage));
+    }
+    out
+}
+
+/// Opens a statistics file (for symmetry with [`Checkpoint::open`]).
+pub fn open_stats(path: &Path) -> Result<ActivationStats> {
+    ActivationStats::load(path)
+}

@@ -1,0 +1,214 @@
+//! The merge report (SPEC §6), written as `merge_report.json` beside the
+//! merged weights: tool, method and parameters, input fingerprints, and per
+//! tensor the rule applied with its mask counts — enough to reproduce the
+//! merge and to see what each contributor actually gave.
+
+use crate::config::{MergeConfig, MethodSettings};
+use crate::io::{FileFingerprint, ShardPlan};
+use crate::plan::{DroppedTensor, Inputs, Plan, TensorPlan};
+use crate::safe_m::{MaskCounts, ScoreForm};
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+
+/// What the kernels of one tensor measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TensorOutcome {
+    /// The receiver's election threshold (SAFE-M tensors).
+    pub receiver_threshold: Option<f32>,
+    /// Each participating contributor's threshold, in plan order.
+    pub thresholds: Vec<f32>,
+    /// Each participating contributor's mask counts, in plan order.
+    pub counts: Vec<MaskCounts>,
+}
+
+/// One input model in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct InputReport {
+    /// `base`, `receiver` or `contributor`.
+    pub role: &'static str,
+    /// The checkpoint path.
+    pub path: PathBuf,
+    /// Its statistics file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<PathBuf>,
+    /// Size and header hash of each shard.
+    pub files: Vec<FileFingerprint>,
+}
+
+/// One output tensor in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct TensorReport {
+    /// The plan of the tensor (name, shape, dtypes, rule, contributors).
+    #[serde(flatten)]
+    pub plan: TensorPlan,
+    /// The receiver's election (SAFE-M tensors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receiver: Option<ReceiverMask>,
+    /// Each participating contributor's mask (SAFE-M tensors).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub masks: Vec<ContributorMask>,
+}
+
+/// The receiver's election over one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ReceiverMask {
+    /// The threshold `t_A`.
+    pub threshold: f32,
+    /// `|M_A|`.
+    pub elected: u64,
+}
+
+/// One contributor's mask over one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ContributorMask {
+    /// Index among the contributors.
+    pub contributor: usize,
+    /// The threshold `t_B`.
+    pub threshold: f32,
+    /// `|M_B|`.
+    pub elected: u64,
+    /// `|K|`: elected by both with opposite signs, removed.
+    pub conflicts: u64,
+    /// `|M'_B|`: what the contributor gives.
+    pub kept: u64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    /// `{"name": "flatmerge", "version": …}`.
+    pub tool: Value,
+    /// The method's config name.
+    pub method: &'static str,
+    /// The resolved parameters of the method.
+    pub parameters: Value,
+    /// The config file, when the merge came from one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config_file: Option<PathBuf>,
+    /// Output dtype chosen (`null`: the receiver's, per tensor).
+    pub out_dtype: Option<&'static str>,
+    /// Input models with fingerprints.
+    pub inputs: Vec<InputReport>,
+    /// Output shards: file, tensor count, bytes.
+    pub shards: Vec<Value>,
+    /// Tensor count per rule.
+    pub summary: Value,
+    /// Per tensor.
+    pub tensors: Vec<TensorReport>,
+    /// Contributor tensors that had no place in the receiver.
+    pub dropped: Vec<DroppedTensor>,
+    /// Non-weight files copied from the receiver.
+    pub copied_files: Vec<String>,
+}
+
+/// An f32 parameter as the number a user wrote (`1e-8`, not the f64 widening `9.99999993922529e-9`).
+fn num(x: f32) -> Value {
+    x.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+}
+
+fn form_json(form: ScoreForm) -> Value {
+    match form {
+        ScoreForm::Sas { alpha } => json!({"score": "sas", "alpha": num(alpha)}),
+        ScoreForm::Ratio { epsilon } => json!({"score": "ratio", "epsilon": num(epsilon)}),
+    }
+}
+
+fn parameters(config: &MergeConfig) -> Value {
+    match &config.settings {
+        MethodSettings::SafeM(s) => json!({
+            "receiver": {"density": s.receiver.density, "form": form_json(s.receiver.form)},
+            "contributors": s.contributors.iter().map(|c| json!({
+                "density": c.election.density,
+                "form": form_json(c.election.form),
+                "lambda_proj": num(c.lambda_proj),
+                "lambda_ortho": num(c.lambda_ortho),
+            })).collect::<Vec<_>>(),
+            "fallback_weight": num(s.fallback_weight),
+            "epsilon": num(s.epsilon),
+        }),
+    }
+}
+
+impl MergeReport {
+    /// The report of a planned merge, before any tensor is merged.
+    pub fn new(config: &MergeConfig, inputs: &Inputs, plan: &Plan, shards: &[ShardPlan]) -> MergeReport {
+        let input = |role, i: &crate::plan::Input| InputReport {
+            role,
+            path: i.checkpoint.root().to_path_buf(),
+            stats: i.stats.as_ref().map(|(_, p)| p.clone()),
+            files: i.checkpoint.fingerprints().to_vec(),
+        };
+        let mut input_reports: Vec<InputReport> = inputs.base.iter().map(|b| input("base", b)).collect();
+        input_reports.push(input("receiver", &inputs.receiver));
+        input_reports.extend(inputs.contributors.iter().map(|c| input("contributor", c)));
+        let summary: serde_json::Map<String, Value> =
+            plan.rule_counts().into_iter().map(|(label, n)| (label.to_string(), n.into())).collect();
+        MergeReport {
+            tool: json!({"name": "flatmerge", "version": crate::VERSION}),
+            method: config.method.as_str(),
+            parameters: parameters(config),
+            config_file: config.source.clone(),
+            out_dtype: config.out_dtype.map(|d| d.as_str()),
+            inputs: input_reports,
+            shards: shards
+                .iter()
+                .map(|s| json!({"file": s.file_name, "tensors": s.tensors.len(), "bytes": s.bytes}))
+                .collect(),
+            summary: Value::Object(summary),
+            tensors: plan
+                .tensors
+                .iter()
+                .map(|t| TensorReport { plan: t.clone(), receiver: None, masks: Vec::new() })
+                .collect(),
+            dropped: plan.dropped.clone(),
+            copied_files: Vec::new(),
+        }
+    }
+
+    /// Records what the kernels measured on tensor `index` of the plan.
+    pub fn record(&mut self, index: usize, outcome: TensorOutcome) {
+        let tensor = &mut self.tensors[index];
+        if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first()) {
+            tensor.receiver = Some(ReceiverMask { threshold, elected: first.receiver_elected });
+        }
+        tensor.masks = tensor
+            .plan
+            .contributors
+            .iter()
+            .zip(outcome.thresholds.iter().zip(&outcome.counts))
+            .map(|(&contributor, (&threshold, c))| ContributorMask {
+                contributor,
+                threshold,
+                elected: c.elected,
+                conflicts: c.conflicts,
+                kept: c.kept,
+            })
+            .collect();
+    }
+
+    /// Totals over all SAFE-M tensors: their element count, and per
+    /// contributor the summed mask counts.
+    pub fn mask_totals(&self) -> (u64, Vec<MaskCounts>) {
+        let contributors = self.inputs.iter().filter(|i| i.role == "contributor").count();
+        let mut totals = vec![MaskCounts::default(); contributors];
+        let mut elements = 0u64;
+        for t in self.tensors.iter().filter(|t| t.receiver.is_some()) {
+            elements += t.plan.numel() as u64;
+            let receiver_elected = t.receiver.map_or(0, |r| r.elected);
+            for m in &t.masks {
+                if let Some(total) = totals.get_mut(m.contributor) {
+                    total.add(&MaskCounts { receiver_elected, elected: m.elected, conflicts: m.conflicts, kept: m.kept });
+                }
+            }
+        }
+        (elements, totals)
+    }
+
+    /// The report as pretty JSON with a final newline.
+    pub fn to_json_bytes(&self) -> Vec<u8> {
+        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+        bytes.push(b'\n');
+        bytes
+    }
+}
