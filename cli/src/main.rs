@@ -16,7 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "flatmerge", version, about = "Merge fine-tuned checkpoints on CPU: SAFE-M, FAM and mergekit-style baselines")]
+#[command(
+    name = "flatmerge",
+    version,
+    about = "Merge fine-tuned checkpoints on CPU: SAFE-M, FAM and mergekit-style baselines"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +43,12 @@ struct MergeArgs {
     /// The output directory.
     out_dir: Option<PathBuf>,
     /// The output directory (alternative to the positional argument).
-    #[arg(short = 'o', long = "output", value_name = "OUT_DIR", conflicts_with = "out_dir")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        value_name = "OUT_DIR",
+        conflicts_with = "out_dir"
+    )]
     output: Option<PathBuf>,
     #[command(flatten)]
     run: RunArgs,
@@ -89,7 +98,9 @@ struct DemoArgs {
 }
 
 fn parse_dtype(text: &str) -> Result<Dtype, String> {
-    Dtype::parse_float(text).ok_or_else(|| format!("`{text}` is not an output dtype; expected bfloat16, float16 or float32"))
+    Dtype::parse_float(text).ok_or_else(|| {
+        format!("`{text}` is not an output dtype; expected bfloat16, float16 or float32")
+    })
 }
 
 fn main() -> ExitCode {
@@ -118,13 +129,19 @@ fn progress_bar(quiet: bool) -> Option<ProgressBar> {
     }
     let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     bar.set_style(
-        ProgressStyle::with_template("{bar:30} {binary_bytes}/{binary_total_bytes} {msg} [{elapsed}, eta {eta}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:30} {binary_bytes}/{binary_total_bytes} {msg} [{elapsed}, eta {eta}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     Some(bar)
 }
 
-fn run_merge(prepared: &PreparedMerge, out_dir: PathBuf, run: &RunArgs) -> Result<MergeSummary, Error> {
+fn run_merge(
+    prepared: &PreparedMerge,
+    out_dir: PathBuf,
+    run: &RunArgs,
+) -> Result<MergeSummary, Error> {
     let bar = progress_bar(run.quiet);
     let on_progress = |p: &Progress<'_>| {
         if let Some(bar) = &bar {
@@ -159,7 +176,11 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
         return Ok(());
     }
     let out_dir = args.output.or(args.out_dir).ok_or_else(|| {
-        Error::new(ErrorKind::InvalidInput, "no output directory: give OUT_DIR or -o OUT_DIR").with_file(&args.config)
+        Error::new(
+            ErrorKind::InvalidInput,
+            "no output directory: give OUT_DIR or -o OUT_DIR",
+        )
+        .with_file(&args.config)
     })?;
     let summary = run_merge(&prepared, out_dir, &args.run)?;
     if !args.run.quiet {
@@ -169,8 +190,17 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
 }
 
 fn print_summary(plan: &Plan, summary: &MergeSummary) {
-    let counts: Vec<String> = plan.rule_counts().iter().map(|(label, n)| format!("{label} {n}")).collect();
-    println!("merged {} tensors ({}) into {}", plan.tensors.len(), counts.join(", "), summary.out_dir.display());
+    let counts: Vec<String> = plan
+        .rule_counts()
+        .iter()
+        .map(|(label, n)| format!("{label} {n}"))
+        .collect();
+    println!(
+        "merged {} tensors ({}) into {}",
+        plan.tensors.len(),
+        counts.join(", "),
+        summary.out_dir.display()
+    );
     let (elements, totals) = summary.report.mask_totals();
     for (k, t) in totals.iter().enumerate() {
         if elements == 0 {
@@ -185,7 +215,10 @@ fn print_summary(plan: &Plan, summary: &MergeSummary) {
             pct(t.receiver_elected)
         );
     }
-    println!("report: {}", summary.out_dir.join("merge_report.json").display());
+    println!(
+        "report: {}",
+        summary.out_dir.join("merge_report.json").display()
+    );
 }
 
 fn demo(args: DemoArgs) -> Result<(), Error> {
@@ -202,7 +235,10 @@ fn demo(args: DemoArgs) -> Result<(), Error> {
     if !args.run.quiet {
         println!("config: {}", family.config.display());
         print_summary(prepared.plan(), &summary);
-        println!("inspect it with: flatmerge inspect {}", summary.out_dir.display());
+        println!(
+            "inspect it with: flatmerge inspect {}",
+            summary.out_dir.display()
+        );
     }
     Ok(())
 }
@@ -212,7 +248,11 @@ fn inspect(args: InspectArgs) -> Result<(), Error> {
         return inspect_stats(&args.path, args.weights.as_deref(), args.all);
     }
     if args.weights.is_some() {
-        return Err(Error::new(ErrorKind::InvalidInput, "--weights goes with a statistics file").with_file(&args.path));
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "--weights goes with a statistics file",
+        )
+        .with_file(&args.path));
     }
     let checkpoint = Checkpoint::open(&args.path)?;
     let summary = inspect::summarize(&checkpoint);
@@ -244,11 +284,16 @@ fn inspect_stats(path: &Path, weights: Option<&Path>, all: bool) -> Result<(), E
         stats.probe,
         stats.examples,
         stats.layers.len(),
-        if stats.modality.is_some() { ", per-example rows with modalities" } else { "" }
+        if stats.modality.is_some() {
+            ", per-example rows with modalities"
+        } else {
+            ""
+        }
     );
     if all {
         for (name, layer) in &stats.layers {
-            let width = |v: &Option<Vec<f32>>| v.as_ref().map_or("-".to_string(), |v| v.len().to_string());
+            let width =
+                |v: &Option<Vec<f32>>| v.as_ref().map_or("-".to_string(), |v| v.len().to_string());
             println!(
                 "  {name:<60} in {:>6} out {:>6} count {:>8} rows {}",
                 width(&layer.x_mean),
@@ -261,8 +306,15 @@ fn inspect_stats(path: &Path, weights: Option<&Path>, all: bool) -> Result<(), E
     if let Some(weights) = weights {
         let checkpoint = Checkpoint::open(weights)?;
         let coverage = inspect::coverage(&stats, &checkpoint);
-        let covered = coverage.iter().filter(|(_, c)| *c == Coverage::Covered).count();
-        println!("{}: {covered} of {} linear weights and biases covered", weights.display(), coverage.len());
+        let covered = coverage
+            .iter()
+            .filter(|(_, c)| *c == Coverage::Covered)
+            .count();
+        println!(
+            "{}: {covered} of {} linear weights and biases covered",
+            weights.display(),
+            coverage.len()
+        );
         for (name, c) in &coverage {
             match c {
                 Coverage::Covered if all => println!("  covered    {name}"),

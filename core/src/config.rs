@@ -177,7 +177,8 @@ impl MergeConfig {
             Some(path) => e.with_file(path),
             None => e,
         };
-        let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| with_source(yaml_error(&e)))?;
+        let raw: RawConfig =
+            serde_saphyr::from_str(text).map_err(|e| with_source(yaml_error(&e)))?;
         validate(raw, base_dir, source).map_err(with_source)
     }
 
@@ -198,9 +199,15 @@ fn yaml_error(err: &serde_saphyr::Error) -> Error {
     Error::new(ErrorKind::Config, first.to_string())
 }
 
-fn config_error(value_at: Option<&serde_saphyr::Location>, key: &str, problem: impl fmt::Display) -> Error {
+fn config_error(
+    value_at: Option<&serde_saphyr::Location>,
+    key: &str,
+    problem: impl fmt::Display,
+) -> Error {
     let message = match value_at {
-        Some(at) if at.line() > 0 => format!("line {} column {}: {problem}", at.line(), at.column()),
+        Some(at) if at.line() > 0 => {
+            format!("line {} column {}: {problem}", at.line(), at.column())
+        }
         _ => problem.to_string(),
     };
     Error::new(ErrorKind::Config, message).with_tensor(key)
@@ -210,8 +217,15 @@ fn config_error(value_at: Option<&serde_saphyr::Location>, key: &str, problem: i
 /// reports and messages show `dir/A` rather than `dir/./A`.
 fn resolve(base_dir: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
-    let joined = if p.is_absolute() { p.to_path_buf() } else { base_dir.join(p) };
-    joined.components().filter(|c| *c != std::path::Component::CurDir).collect()
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base_dir.join(p)
+    };
+    joined
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect()
 }
 
 /// Parameter names a method accepts, globally and per model.
@@ -221,7 +235,15 @@ struct ParamSpec {
 }
 
 const SAFE_M_PARAMS: ParamSpec = ParamSpec {
-    global: &["density", "alpha", "score", "lambda_proj", "lambda_ortho", "fallback_weight", "epsilon"],
+    global: &[
+        "density",
+        "alpha",
+        "score",
+        "lambda_proj",
+        "lambda_ortho",
+        "fallback_weight",
+        "epsilon",
+    ],
     per_model: &["density", "alpha", "score", "lambda_proj", "lambda_ortho"],
 };
 
@@ -249,10 +271,18 @@ struct Lookup<'a> {
 
 impl<'a> Lookup<'a> {
     fn get(&self, key: &str) -> Option<&'a Spanned<ParamValue>> {
-        self.model.and_then(|m| m.get(key)).or_else(|| self.global.get(key))
+        self.model
+            .and_then(|m| m.get(key))
+            .or_else(|| self.global.get(key))
     }
 
-    fn number(&self, key: &str, default: f64, valid: impl Fn(f64) -> bool, range: &str) -> Result<f64> {
+    fn number(
+        &self,
+        key: &str,
+        default: f64,
+        valid: impl Fn(f64) -> bool,
+        range: &str,
+    ) -> Result<f64> {
         let Some(spanned) = self.get(key) else {
             return Ok(default);
         };
@@ -305,7 +335,10 @@ fn out_dtype(raw: &RawConfig) -> Result<Option<Dtype>> {
         config_error(
             Some(&spanned.referenced),
             key,
-            format!("unsupported dtype `{}`; expected bfloat16, float16 or float32", spanned.value),
+            format!(
+                "unsupported dtype `{}`; expected bfloat16, float16 or float32",
+                spanned.value
+            ),
         )
     })
 }
@@ -331,10 +364,17 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         .collect();
     let base = raw.base_model.as_deref().map(|b| ModelRef {
         path: resolve(base_dir, b),
-        stats: raw.base_model_stats.as_deref().map(|s| resolve(base_dir, s)),
+        stats: raw
+            .base_model_stats
+            .as_deref()
+            .map(|s| resolve(base_dir, s)),
     });
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
-        return Err(config_error(None, "base_model_stats", "given without `base_model`"));
+        return Err(config_error(
+            None,
+            "base_model_stats",
+            "given without `base_model`",
+        ));
     }
     let settings = match method {
         MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
@@ -349,14 +389,32 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
     })
 }
 
-fn safe_m_settings(raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>) -> Result<SafeMSettings> {
+fn safe_m_settings(
+    raw: &RawConfig,
+    models: &[ModelRef],
+    base: Option<&ModelRef>,
+) -> Result<SafeMSettings> {
     let method = "safe_m";
-    check_keys(&raw.parameters, SAFE_M_PARAMS.global, "`parameters`", method)?;
+    check_keys(
+        &raw.parameters,
+        SAFE_M_PARAMS.global,
+        "`parameters`",
+        method,
+    )?;
     for (i, m) in raw.models.iter().enumerate() {
-        check_keys(&m.parameters, SAFE_M_PARAMS.per_model, &format!("`models[{i}].parameters`"), method)?;
+        check_keys(
+            &m.parameters,
+            SAFE_M_PARAMS.per_model,
+            &format!("`models[{i}].parameters`"),
+            method,
+        )?;
     }
     let base = base.ok_or_else(|| {
-        config_error(None, "base_model", "safe_m needs `base_model`: the common ancestor C of all models")
+        config_error(
+            None,
+            "base_model",
+            "safe_m needs `base_model`: the common ancestor C of all models",
+        )
     })?;
     if models.len() < 2 {
         return Err(config_error(
@@ -366,14 +424,21 @@ fn safe_m_settings(raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>
         ));
     }
     if base.stats.is_none() {
-        return Err(config_error(None, "base_model_stats", "safe_m needs the ancestor's activation statistics"));
+        return Err(config_error(
+            None,
+            "base_model_stats",
+            "safe_m needs the ancestor's activation statistics",
+        ));
     }
     for (i, m) in models.iter().enumerate() {
         if m.stats.is_none() {
             return Err(config_error(
                 None,
                 &format!("models[{i}].stats"),
-                format!("safe_m needs activation statistics for {}", m.path.display()),
+                format!(
+                    "safe_m needs activation statistics for {}",
+                    m.path.display()
+                ),
             ));
         }
     }
@@ -387,14 +452,29 @@ fn safe_m_settings(raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>
             ));
         }
     }
-    let global = Lookup { model: None, global: &raw.parameters };
-    let epsilon = global.number("epsilon", EPSILON as f64, |e| e > 0.0 && e.is_finite(), "> 0")? as f32;
+    let global = Lookup {
+        model: None,
+        global: &raw.parameters,
+    };
+    let epsilon = global.number(
+        "epsilon",
+        EPSILON as f64,
+        |e| e > 0.0 && e.is_finite(),
+        "> 0",
+    )? as f32;
     let fallback_weight = global.number("fallback_weight", 0.5, finite, "(finite)")? as f32;
-    let receiver = Lookup { model: Some(receiver_params), global: &raw.parameters }.election(epsilon)?;
+    let receiver = Lookup {
+        model: Some(receiver_params),
+        global: &raw.parameters,
+    }
+    .election(epsilon)?;
     let contributors = raw.models[1..]
         .iter()
         .map(|m| {
-            let lookup = Lookup { model: Some(&m.parameters), global: &raw.parameters };
+            let lookup = Lookup {
+                model: Some(&m.parameters),
+                global: &raw.parameters,
+            };
             Ok(SafeMContributor {
                 election: lookup.election(epsilon)?,
                 lambda_proj: lookup.number("lambda_proj", 1.0, finite, "(finite)")? as f32,
@@ -416,10 +496,24 @@ fn safe_m_settings(raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>
 pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
     let t = text.trim();
     let upper = t.to_ascii_uppercase();
-    let (number, scale) = [("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("T", 1e12), ("G", 1e9), ("B", 1e9), ("M", 1e6), ("K", 1e3)]
-        .iter()
-        .find_map(|(suffix, scale)| upper.strip_suffix(suffix).map(|n| (n.trim().to_string(), *scale)))
-        .unwrap_or((upper.clone(), 1.0));
+    let (number, scale) = [
+        ("TB", 1e12),
+        ("GB", 1e9),
+        ("MB", 1e6),
+        ("KB", 1e3),
+        ("T", 1e12),
+        ("G", 1e9),
+        ("B", 1e9),
+        ("M", 1e6),
+        ("K", 1e3),
+    ]
+    .iter()
+    .find_map(|(suffix, scale)| {
+        upper
+            .strip_suffix(suffix)
+            .map(|n| (n.trim().to_string(), *scale))
+    })
+    .unwrap_or((upper.clone(), 1.0));
     match number.parse::<f64>() {
         Ok(x) if x.is_finite() && x > 0.0 && x * scale >= 1.0 => Ok((x * scale).round() as u64),
         _ => Err(format!("`{text}` is not a size; expected a positive number with an optional K, M, B/G or T suffix (e.g. 500M, 5B)")),
@@ -465,10 +559,19 @@ dtype: float32                  # optional: output dtype; default the receiver's
         let c = MergeConfig::from_yaml(EXAMPLE, Path::new("/m"), None).unwrap();
         assert_eq!(c.method, MergeMethod::SafeM);
         assert_eq!(c.base.as_ref().unwrap().path, Path::new("/m/C"));
-        assert_eq!(c.models[1].stats.as_deref(), Some(Path::new("/m/B.stats.safetensors")));
+        assert_eq!(
+            c.models[1].stats.as_deref(),
+            Some(Path::new("/m/B.stats.safetensors"))
+        );
         assert_eq!(c.out_dtype, Some(Dtype::F32));
         let s = c.safe_m().unwrap();
-        assert_eq!(s.receiver, ElectionParams { density: 0.2, form: ScoreForm::Sas { alpha: 1.0 } });
+        assert_eq!(
+            s.receiver,
+            ElectionParams {
+                density: 0.2,
+                form: ScoreForm::Sas { alpha: 1.0 }
+            }
+        );
         assert_eq!(s.contributors.len(), 1);
         assert_eq!(s.contributors[0].lambda_proj, 1.0);
         assert_eq!(s.contributors[0].lambda_ortho, 0.5);
@@ -485,19 +588,27 @@ dtype: float32                  # optional: output dtype; default the receiver's
         let s = c.safe_m().unwrap();
         assert_eq!(s.receiver.density, 0.2);
         assert_eq!(s.contributors[0].election.density, 0.5);
-        assert_eq!(s.contributors[0].election.form, ScoreForm::Ratio { epsilon: EPSILON });
+        assert_eq!(
+            s.contributors[0].election.form,
+            ScoreForm::Ratio { epsilon: EPSILON }
+        );
         assert_eq!(s.contributors[0].lambda_ortho, 0.25);
         assert_eq!(s.contributors[0].lambda_proj, 1.0);
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key_and_line() {
-        let e = MergeConfig::from_yaml(&EXAMPLE.replace("dtype:", "dtyp:"), Path::new("."), None).unwrap_err();
+        let e = MergeConfig::from_yaml(&EXAMPLE.replace("dtype:", "dtyp:"), Path::new("."), None)
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Config);
         assert!(e.to_string().contains("unknown field `dtyp`"), "{e}");
         assert!(e.to_string().contains("line 16"), "{e}");
-        let e = MergeConfig::from_yaml(&EXAMPLE.replace("alpha:", "alpah:"), Path::new("."), None).unwrap_err();
-        assert!(e.to_string().contains("`alpah`") && e.to_string().contains("line 11"), "{e}");
+        let e = MergeConfig::from_yaml(&EXAMPLE.replace("alpha:", "alpah:"), Path::new("."), None)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("`alpah`") && e.to_string().contains("line 11"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -508,10 +619,15 @@ dtype: float32                  # optional: output dtype; default the receiver's
             ("score: sas", "score: snip", "`sas` or `ratio`"),
             ("alpha: 1.0", "alpha: -1", "≥ 0"),
             ("dtype: float32", "dtype: int8", "unsupported dtype"),
-            ("merge_method: safe_m", "merge_method: frobnicate", "unknown merge method"),
+            (
+                "merge_method: safe_m",
+                "merge_method: frobnicate",
+                "unknown merge method",
+            ),
             ("base_model: ./C ", "# ", "base_model"),
         ] {
-            let e = MergeConfig::from_yaml(&EXAMPLE.replace(from, to), Path::new("."), None).unwrap_err();
+            let e = MergeConfig::from_yaml(&EXAMPLE.replace(from, to), Path::new("."), None)
+                .unwrap_err();
             assert!(e.to_string().contains(needle), "{from} → {to}: {e}");
         }
     }

@@ -30,23 +30,41 @@ pub struct LlamaShape {
 
 impl LlamaShape {
     /// The demo's size: about 1.3 M parameters.
-    pub const DEMO: LlamaShape = LlamaShape { vocab: 512, hidden: 128, intermediate: 344, layers: 4 };
+    pub const DEMO: LlamaShape = LlamaShape {
+        vocab: 512,
+        hidden: 128,
+        intermediate: 344,
+        layers: 4,
+    };
 
     /// LLaMA-2-7B's size (for reference and scaled benchmarks).
-    pub const LLAMA2_7B: LlamaShape = LlamaShape { vocab: 32000, hidden: 4096, intermediate: 11008, layers: 32 };
+    pub const LLAMA2_7B: LlamaShape = LlamaShape {
+        vocab: 32000,
+        hidden: 4096,
+        intermediate: 11008,
+        layers: 32,
+    };
 
     /// Every tensor in the order Hugging Face writes LLaMA checkpoints, with
     /// its shape and whether it is a linear layer's weight (`[out, in]`).
     pub fn tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
         let (h, m) = (self.hidden, self.intermediate);
-        let mut out = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h], false)];
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab, h],
+            false,
+        )];
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             out.push((format!("{p}.input_layernorm.weight"), vec![h], false));
             for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
                 out.push((format!("{p}.self_attn.{proj}.weight"), vec![h, h], true));
             }
-            out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], false));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                false,
+            ));
             out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h], true));
             out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h], true));
             out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m], true));
@@ -58,7 +76,10 @@ impl LlamaShape {
 
     /// Parameter count.
     pub fn parameters(&self) -> usize {
-        self.tensors().iter().map(|(_, s, _)| s.iter().product::<usize>()).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<usize>())
+            .sum()
     }
 
     /// A Hugging Face `config.json` for this shape.
@@ -149,20 +170,38 @@ fn add_low_rank(w: &mut [f32], rows: usize, cols: usize, rank: usize, scale: f32
 
 /// `W x` for a row-major `[rows, cols]` weight.
 pub fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
-    w.chunks_exact(x.len()).map(|row| crate::reduce::dot(row, x) as f32).collect()
+    w.chunks_exact(x.len())
+        .map(|row| crate::reduce::dot(row, x) as f32)
+        .collect()
 }
 
 /// Writes `C`, `A` and `contributors` models `B_k` of `shape` under `dir`
 /// (as `dir/C`, `dir/A`, `dir/B`, `dir/B2`, …), with statistics and a config.
-pub fn write_family(dir: &Path, shape: &LlamaShape, dtype: Dtype, contributors: usize, seed: u64) -> Result<DemoFamily> {
+pub fn write_family(
+    dir: &Path,
+    shape: &LlamaShape,
+    dtype: Dtype,
+    contributors: usize,
+    seed: u64,
+) -> Result<DemoFamily> {
     let names: Vec<String> = std::iter::once("C".to_string())
         .chain(std::iter::once("A".to_string()))
-        .chain((0..contributors).map(|k| if k == 0 { "B".to_string() } else { format!("B{}", k + 1) }))
+        .chain((0..contributors).map(|k| {
+            if k == 0 {
+                "B".to_string()
+            } else {
+                format!("B{}", k + 1)
+            }
+        }))
         .collect();
     let tensors = shape.tensors();
     let outputs: Vec<OutputTensor> = tensors
         .iter()
-        .map(|(name, s, _)| OutputTensor { name: name.clone(), dtype, shape: s.clone() })
+        .map(|(name, s, _)| OutputTensor {
+            name: name.clone(),
+            dtype,
+            shape: s.clone(),
+        })
         .collect();
     let metadata = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut writers = Vec::new();
@@ -172,8 +211,15 @@ pub fn write_family(dir: &Path, shape: &LlamaShape, dtype: Dtype, contributors: 
         std::fs::create_dir_all(&model_dir).map_err(|e| Error::io(&model_dir, e))?;
         let config = model_dir.join("config.json");
         std::fs::write(&config, shape.config_json(dtype)).map_err(|e| Error::io(&config, e))?;
-        writers.push(SafetensorsWriter::create(&model_dir.join("model.safetensors"), &outputs, &metadata)?);
-        stats.push(ActivationStats::new(&format!("demo {name}"), "synthetic mean inputs"));
+        writers.push(SafetensorsWriter::create(
+            &model_dir.join("model.safetensors"),
+            &outputs,
+            &metadata,
+        )?);
+        stats.push(ActivationStats::new(
+            &format!("demo {name}"),
+            "synthetic mean inputs",
+        ));
     }
     for (name, s, linear) in &tensors {
         let n: usize = s.iter().product();
@@ -221,7 +267,13 @@ pub fn write_family(dir: &Path, shape: &LlamaShape, dtype: Dtype, contributors: 
                 let y = matvec(w, &x);
                 stats[m].layers.insert(
                     layer.to_string(),
-                    LayerStats { x_mean: Some(x), y_mean: Some(y), count: Some(4096), x_rows: None, y_rows: None },
+                    LayerStats {
+                        x_mean: Some(x),
+                        y_mean: Some(y),
+                        count: Some(4096),
+                        x_rows: None,
+                        y_rows: None,
+                    },
                 );
             }
         }
@@ -237,7 +289,9 @@ pub fn write_family(dir: &Path, shape: &LlamaShape, dtype: Dtype, contributors: 
         "merge_method: safe_m\nbase_model: ./C\nbase_model_stats: ./C.stats.safetensors\nmodels:\n",
     );
     for name in &names[1..] {
-        config.push_str(&format!("  - model: ./{name}\n    stats: ./{name}.stats.safetensors\n"));
+        config.push_str(&format!(
+            "  - model: ./{name}\n    stats: ./{name}.stats.safetensors\n"
+        ));
     }
     config.push_str(
         "parameters:\n  density: 0.2\n  alpha: 1.0\n  score: sas\n  lambda_proj: 1.0\n  lambda_ortho: 0.5\n  fallback_weight: 0.5\n",

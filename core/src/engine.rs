@@ -17,8 +17,8 @@ use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
 use crate::reduce;
 use crate::report::{MergeReport, TensorOutcome};
 use crate::safe_m::{
-    fallback_blend, fuse_block, output_shift, score_matrix, score_vector, ContributorBlock, Election,
-    ElectionParams, MaskCounts,
+    fallback_blend, fuse_block, output_shift, score_matrix, score_vector, ContributorBlock,
+    Election, ElectionParams, MaskCounts,
 };
 use crate::select::{elect_count, RadixSelect, RADIX_BUCKETS};
 use rayon::prelude::*;
@@ -83,7 +83,11 @@ impl PreparedMerge {
     pub fn new(config: MergeConfig) -> Result<PreparedMerge> {
         let inputs = open_inputs(&config)?;
         let plan = plan(&config, &inputs)?;
-        Ok(PreparedMerge { config, inputs, plan })
+        Ok(PreparedMerge {
+            config,
+            inputs,
+            plan,
+        })
     }
 
     /// The plan (what `--dry-run` prints).
@@ -101,7 +105,12 @@ impl PreparedMerge {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.unwrap_or(0))
             .build()
-            .map_err(|e| Error::new(ErrorKind::InvalidInput, format!("cannot start worker threads: {e}")))?;
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("cannot start worker threads: {e}"),
+                )
+            })?;
         pool.install(|| self.run_in_pool(options))
     }
 
@@ -110,22 +119,40 @@ impl PreparedMerge {
             .plan
             .tensors
             .iter()
-            .map(|t| OutputTensor { name: t.name.clone(), dtype: t.out_dtype, shape: t.shape.clone() })
+            .map(|t| OutputTensor {
+                name: t.name.clone(),
+                dtype: t.out_dtype,
+                shape: t.shape.clone(),
+            })
             .collect();
         let metadata = BTreeMap::from([
             ("format".to_string(), "pt".to_string()),
-            ("merged_by".to_string(), format!("flatmerge {}", crate::VERSION)),
-            ("merge_method".to_string(), self.config.method.as_str().to_string()),
+            (
+                "merged_by".to_string(),
+                format!("flatmerge {}", crate::VERSION),
+            ),
+            (
+                "merge_method".to_string(),
+                self.config.method.as_str().to_string(),
+            ),
         ]);
-        let mut writer =
-            ShardedWriter::create(&options.out_dir, outputs, options.max_shard_bytes, metadata, options.force)?;
+        let mut writer = ShardedWriter::create(
+            &options.out_dir,
+            outputs,
+            options.max_shard_bytes,
+            metadata,
+            options.force,
+        )?;
         let mut report = MergeReport::new(&self.config, &self.inputs, &self.plan, writer.shards());
         let bytes_total = self.plan.out_bytes();
         let mut bytes_done = 0;
         for (index, tensor) in self.plan.tensors.iter().enumerate() {
             if options.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(Error::new(ErrorKind::Cancelled, "merge cancelled; nothing was written")
-                    .with_file(&options.out_dir));
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "merge cancelled; nothing was written",
+                )
+                .with_file(&options.out_dir));
             }
             let (bytes, outcome) = self.merge_tensor(tensor).map_err(|e| {
                 if e.tensor().is_some() {
@@ -148,7 +175,11 @@ impl PreparedMerge {
             }
         }
         let out_dtype = self.config.out_dtype;
-        report.copied_files = copy_side_files(&mut writer, self.inputs.receiver.checkpoint.dir(), out_dtype)?;
+        report.copied_files = copy_side_files(
+            &mut writer,
+            self.inputs.receiver.checkpoint.dir(),
+            out_dtype,
+        )?;
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
         let out_dir = writer.finish()?;
         Ok(MergeSummary { out_dir, report })
@@ -156,7 +187,14 @@ impl PreparedMerge {
 
     fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
         let checkpoint = match model {
-            Model::Base => &self.inputs.base.as_ref().expect("planned with a base").checkpoint,
+            Model::Base => {
+                &self
+                    .inputs
+                    .base
+                    .as_ref()
+                    .expect("planned with a base")
+                    .checkpoint
+            }
             Model::Receiver => &self.inputs.receiver.checkpoint,
             Model::Contributor(k) => &self.inputs.contributors[k].checkpoint,
         };
@@ -175,14 +213,33 @@ impl PreparedMerge {
             .map(|&k| self.view(Model::Contributor(k), &tensor.name))
             .collect::<Result<Vec<_>>>()?;
         match (&tensor.rule, &self.config.settings) {
-            (TensorRule::Copy { .. }, _) => Ok((convert(&receiver, tensor.out_dtype), TensorOutcome::default())),
-            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => {
-                Ok((blend(&receiver, &contributors, s.fallback_weight, tensor.out_dtype), TensorOutcome::default()))
-            }
-            (TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer }, MethodSettings::SafeM(s)) => {
+            (TensorRule::Copy { .. }, _) => Ok((
+                convert(&receiver, tensor.out_dtype),
+                TensorOutcome::default(),
+            )),
+            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => Ok((
+                blend(
+                    &receiver,
+                    &contributors,
+                    s.fallback_weight,
+                    tensor.out_dtype,
+                ),
+                TensorOutcome::default(),
+            )),
+            (
+                TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer },
+                MethodSettings::SafeM(s),
+            ) => {
                 let ancestor = self.view(Model::Base, &tensor.name)?;
                 let layers = SafeMLayer::gather(&self.inputs, layer, tensor)?;
-                Ok(safe_m_tensor(tensor, s, &receiver, &ancestor, &contributors, &layers))
+                Ok(safe_m_tensor(
+                    tensor,
+                    s,
+                    &receiver,
+                    &ancestor,
+                    &contributors,
+                    &layers,
+                ))
             }
         }
     }
@@ -215,7 +272,12 @@ fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
 }
 
 /// SPEC §1.4 on a whole tensor, in parallel element chunks.
-fn blend(receiver: &TensorView<'_>, contributors: &[TensorView<'_>], weight: f32, out_dtype: Dtype) -> Vec<u8> {
+fn blend(
+    receiver: &TensorView<'_>,
+    contributors: &[TensorView<'_>],
+    weight: f32,
+    out_dtype: Dtype,
+) -> Vec<u8> {
     let n = receiver.numel();
     let mut out = vec![0u8; n * out_dtype.size()];
     out.par_chunks_mut(CHUNK_ELEMENTS * out_dtype.size())
@@ -241,7 +303,11 @@ fn blend(receiver: &TensorView<'_>, contributors: &[TensorView<'_>], weight: f32
 
 fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Vec<f32>) {
     buf.resize(len, 0.0);
-    decode_f32(view.dtype, &view.data[start * view.dtype.size()..(start + len) * view.dtype.size()], buf);
+    decode_f32(
+        view.dtype,
+        &view.data[start * view.dtype.size()..(start + len) * view.dtype.size()],
+        buf,
+    );
 }
 
 /// The statistics one SAFE-M tensor needs, checked by the planner.
@@ -254,7 +320,12 @@ struct SafeMLayer<'a> {
 
 impl<'a> SafeMLayer<'a> {
     fn gather(inputs: &'a Inputs, layer: &str, tensor: &TensorPlan) -> Result<SafeMLayer<'a>> {
-        let missing = || Error::new(ErrorKind::Stats, format!("statistics of layer `{layer}` vanished after planning"));
+        let missing = || {
+            Error::new(
+                ErrorKind::Stats,
+                format!("statistics of layer `{layer}` vanished after planning"),
+            )
+        };
         let get = |input: &'a crate::plan::Input, x: bool| -> Result<&'a [f32]> {
             let stats = input.stats.as_ref().ok_or_else(missing)?;
             let layer = stats.0.layer(layer).ok_or_else(missing)?;
@@ -263,7 +334,11 @@ impl<'a> SafeMLayer<'a> {
         };
         let base = inputs.base.as_ref().ok_or_else(missing)?;
         Ok(SafeMLayer {
-            x_mean: if tensor.shape.len() == 2 { get(&inputs.receiver, true)? } else { &[] },
+            x_mean: if tensor.shape.len() == 2 {
+                get(&inputs.receiver, true)?
+            } else {
+                &[]
+            },
             receiver_y: get(&inputs.receiver, false)?,
             ancestor_y: get(base, false)?,
             contributor_y: tensor
@@ -276,7 +351,12 @@ impl<'a> SafeMLayer<'a> {
 }
 
 /// Scores of one model over a whole tensor, computed in parallel row chunks.
-fn score_tensor(view: &TensorView<'_>, u: &[f32], v: Option<&[f32]>, params: ElectionParams) -> Vec<f32> {
+fn score_tensor(
+    view: &TensorView<'_>,
+    u: &[f32],
+    v: Option<&[f32]>,
+    params: ElectionParams,
+) -> Vec<f32> {
     let n = view.numel();
     let mut scores = vec![0f32; n];
     match v {
@@ -290,7 +370,13 @@ fn score_tensor(view: &TensorView<'_>, u: &[f32], v: Option<&[f32]>, params: Ele
                     let first_row = chunk * rows;
                     let block_rows = out.len() / cols;
                     read(view, first_row * cols, out.len(), w);
-                    score_matrix(w, &u[first_row..first_row + block_rows], v, params.form, out);
+                    score_matrix(
+                        w,
+                        &u[first_row..first_row + block_rows],
+                        v,
+                        params.form,
+                        out,
+                    );
                 });
         }
         None => {
@@ -344,7 +430,12 @@ fn safe_m_tensor(
 ) -> (Vec<u8>, TensorOutcome) {
     let is_weight = tensor.shape.len() == 2;
     let v = is_weight.then_some(layer.x_mean);
-    let receiver_scores = score_tensor(receiver, &output_shift(layer.receiver_y, layer.ancestor_y), v, settings.receiver);
+    let receiver_scores = score_tensor(
+        receiver,
+        &output_shift(layer.receiver_y, layer.ancestor_y),
+        v,
+        settings.receiver,
+    );
     let receiver_threshold = parallel_threshold(&receiver_scores, settings.receiver.density);
     let elections: Vec<(Vec<f32>, f32)> = tensor
         .contributors
@@ -358,7 +449,11 @@ fn safe_m_tensor(
             (scores, threshold)
         })
         .collect();
-    let cols = if is_weight { tensor.shape[1] } else { tensor.numel() };
+    let cols = if is_weight {
+        tensor.shape[1]
+    } else {
+        tensor.numel()
+    };
     let direction = v.map(|d| (d, reduce::sum_squares(d)));
     let chunk = rows_per_chunk(cols) * cols;
     let out_dtype = tensor.out_dtype;
@@ -373,7 +468,9 @@ fn safe_m_tensor(
             let range = start..start + len;
             read(receiver, start, len, &mut scratch.receiver);
             read(ancestor, start, len, &mut scratch.ancestor);
-            scratch.contributors.resize_with(contributors.len(), Vec::new);
+            scratch
+                .contributors
+                .resize_with(contributors.len(), Vec::new);
             for (buf, view) in scratch.contributors.iter_mut().zip(contributors) {
                 read(view, start, len, buf);
             }
@@ -384,7 +481,10 @@ fn safe_m_tensor(
                 .zip(&elections)
                 .map(|((&k, weight), (scores, threshold))| ContributorBlock {
                     weight,
-                    election: Election { scores: &scores[range.clone()], threshold: *threshold },
+                    election: Election {
+                        scores: &scores[range.clone()],
+                        threshold: *threshold,
+                    },
                     lambda_proj: settings.contributors[k].lambda_proj,
                     lambda_ortho: settings.contributors[k].lambda_ortho,
                 })
@@ -394,7 +494,10 @@ fn safe_m_tensor(
             fuse_block(
                 &scratch.receiver,
                 &scratch.ancestor,
-                Election { scores: &receiver_scores[range.clone()], threshold: receiver_threshold },
+                Election {
+                    scores: &receiver_scores[range.clone()],
+                    threshold: receiver_threshold,
+                },
                 &blocks,
                 direction,
                 settings.epsilon,
@@ -455,7 +558,11 @@ pub fn is_side_file(name: &str) -> bool {
 
 /// Copies the receiver's side files; `config.json` gets the output dtype
 /// when one was chosen, so loaders with `torch_dtype="auto"` pick it up.
-fn copy_side_files(writer: &mut ShardedWriter, dir: &Path, out_dtype: Option<Dtype>) -> Result<Vec<String>> {
+fn copy_side_files(
+    writer: &mut ShardedWriter,
+    dir: &Path,
+    out_dtype: Option<Dtype>,
+) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) => return Err(Error::io(dir, e)),

@@ -81,13 +81,21 @@ pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String
                 let mut problems = Vec::new();
                 match &l.y_mean {
                     Some(y) if y.len() == t.shape[0] => {}
-                    Some(y) => problems.push(format!("y_mean has width {}, needs {}", y.len(), t.shape[0])),
+                    Some(y) => problems.push(format!(
+                        "y_mean has width {}, needs {}",
+                        y.len(),
+                        t.shape[0]
+                    )),
                     None => problems.push("y_mean missing".to_string()),
                 }
                 if is_weight {
                     match &l.x_mean {
                         Some(x) if x.len() == t.shape[1] => {}
-                        Some(x) => problems.push(format!("x_mean has width {}, needs {}", x.len(), t.shape[1])),
+                        Some(x) => problems.push(format!(
+                            "x_mean has width {}, needs {}",
+                            x.len(),
+                            t.shape[1]
+                        )),
                         None => problems.push("x_mean missing".to_string()),
                     }
                 }

@@ -71,8 +71,12 @@ impl TensorRule {
         match self {
             TensorRule::SafeMWeight { .. } | TensorRule::SafeMBias { .. } => "safe_m",
             TensorRule::Fallback { .. } => "fallback",
-            TensorRule::Copy { reason: CopyReason::OnlyInReceiver } => "copied",
-            TensorRule::Copy { reason: CopyReason::ShapeMismatch } => "shape_mismatch",
+            TensorRule::Copy {
+                reason: CopyReason::OnlyInReceiver,
+            } => "copied",
+            TensorRule::Copy {
+                reason: CopyReason::ShapeMismatch,
+            } => "shape_mismatch",
         }
     }
 }
@@ -140,10 +144,19 @@ pub struct Plan {
 impl Plan {
     /// Number of tensors per rule label, in a fixed order.
     pub fn rule_counts(&self) -> Vec<(&'static str, usize)> {
-        let mut counts: Vec<(&'static str, usize)> = ["safe_m", "fallback", "copied", "shape_mismatch"]
-            .into_iter()
-            .map(|label| (label, self.tensors.iter().filter(|t| t.rule.label() == label).count()))
-            .collect();
+        let mut counts: Vec<(&'static str, usize)> =
+            ["safe_m", "fallback", "copied", "shape_mismatch"]
+                .into_iter()
+                .map(|label| {
+                    (
+                        label,
+                        self.tensors
+                            .iter()
+                            .filter(|t| t.rule.label() == label)
+                            .count(),
+                    )
+                })
+                .collect();
         counts.push(("dropped", self.dropped.len()));
         counts
     }
@@ -175,9 +188,17 @@ impl fmt::Display for Plan {
             )?;
         }
         for d in &self.dropped {
-            writeln!(f, "{:<60} dropped (only in contributor {})", d.name, d.contributor)?;
+            writeln!(
+                f,
+                "{:<60} dropped (only in contributor {})",
+                d.name, d.contributor
+            )?;
         }
-        let counts: Vec<String> = self.rule_counts().iter().map(|(l, n)| format!("{l} {n}")).collect();
+        let counts: Vec<String> = self
+            .rule_counts()
+            .iter()
+            .map(|(l, n)| format!("{l} {n}"))
+            .collect();
         write!(
             f,
             "{} tensors, {} bytes out: {}",
@@ -209,7 +230,10 @@ impl Input {
     }
 
     fn stats_path(&self) -> &Path {
-        self.stats.as_ref().map(|(_, p)| p.as_path()).unwrap_or(Path::new("<no statistics>"))
+        self.stats
+            .as_ref()
+            .map(|(_, p)| p.as_path())
+            .unwrap_or(Path::new("<no statistics>"))
     }
 }
 
@@ -252,7 +276,9 @@ impl Problems {
 pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
     let mut problems = Problems::default();
     let mut open = |model: &crate::config::ModelRef| -> Option<Input> {
-        let checkpoint = Checkpoint::open(&model.path).map_err(|e| problems.push(e)).ok();
+        let checkpoint = Checkpoint::open(&model.path)
+            .map_err(|e| problems.push(e))
+            .ok();
         let stats = match &model.stats {
             Some(path) => match ActivationStats::load(path) {
                 Ok(s) => Some((s, path.clone())),
@@ -283,7 +309,10 @@ fn float_check(problems: &mut Problems, checkpoint: &Checkpoint, info: &TensorIn
     problems.push(
         Error::new(
             ErrorKind::UnsupportedDtype,
-            format!("dtype {} cannot be merged; flatmerge merges BF16, F16 and F32 tensors", info.dtype),
+            format!(
+                "dtype {} cannot be merged; flatmerge merges BF16, F16 and F32 tensors",
+                info.dtype
+            ),
         )
         .with_file(checkpoint.root())
         .with_tensor(&info.name),
@@ -321,7 +350,10 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         let mut excluded = Vec::new();
         for (k, contributor) in inputs.contributors.iter().enumerate() {
             match contributor.checkpoint.info(&info.name) {
-                None => excluded.push(Excluded { contributor: k, why: "missing".into() }),
+                None => excluded.push(Excluded {
+                    contributor: k,
+                    why: "missing".into(),
+                }),
                 Some(other) if other.shape != info.shape => excluded.push(Excluded {
                     contributor: k,
                     why: format!("shape {:?}", other.shape),
@@ -361,7 +393,10 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
     for (k, contributor) in inputs.contributors.iter().enumerate() {
         for info in contributor.checkpoint.tensors() {
             if receiver.info(&info.name).is_none() {
-                dropped.push(DroppedTensor { contributor: k, name: info.name.clone() });
+                dropped.push(DroppedTensor {
+                    contributor: k,
+                    name: info.name.clone(),
+                });
             }
         }
     }
@@ -387,7 +422,11 @@ fn safe_m_rule(
     if !models.clone().any(|m| m.layer(layer).is_some()) {
         return fallback(FallbackReason::NoStatistics);
     }
-    let linear = if is_weight { info.shape.len() == 2 } else { info.shape.len() == 1 };
+    let linear = if is_weight {
+        info.shape.len() == 2
+    } else {
+        info.shape.len() == 1
+    };
     if !linear {
         return fallback(FallbackReason::NotLinear);
     }
@@ -403,7 +442,9 @@ fn safe_m_rule(
             _ => l.y_mean.as_ref(),
         });
         let problem = match found {
-            None => format!("statistics of layer `{layer}` are incomplete: {who}'s `{what}` is missing"),
+            None => {
+                format!("statistics of layer `{layer}` are incomplete: {who}'s `{what}` is missing")
+            }
             Some(v) if v.len() != width => format!(
                 "{who}'s `{layer}.{what}` has width {} but `{}` has shape {:?} (needs {width})",
                 v.len(),
@@ -424,7 +465,12 @@ fn safe_m_rule(
     }
     need(base, "the ancestor", "y_mean", out);
     for &k in present {
-        need(&inputs.contributors[k], &format!("contributor {k}"), "y_mean", out);
+        need(
+            &inputs.contributors[k],
+            &format!("contributor {k}"),
+            "y_mean",
+            out,
+        );
     }
     // Incomplete statistics were pushed as problems: the plan fails as a whole.
     let layer = layer.to_string();

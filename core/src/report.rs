@@ -104,7 +104,11 @@ pub struct MergeReport {
 
 /// An f32 parameter as the number a user wrote (`1e-8`, not the f64 widening `9.99999993922529e-9`).
 fn num(x: f32) -> Value {
-    x.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(Value::Null, Value::Number)
+    x.to_string()
+        .parse::<f64>()
+        .ok()
+        .and_then(serde_json::Number::from_f64)
+        .map_or(Value::Null, Value::Number)
 }
 
 fn form_json(form: ScoreForm) -> Value {
@@ -132,18 +136,27 @@ fn parameters(config: &MergeConfig) -> Value {
 
 impl MergeReport {
     /// The report of a planned merge, before any tensor is merged.
-    pub fn new(config: &MergeConfig, inputs: &Inputs, plan: &Plan, shards: &[ShardPlan]) -> MergeReport {
+    pub fn new(
+        config: &MergeConfig,
+        inputs: &Inputs,
+        plan: &Plan,
+        shards: &[ShardPlan],
+    ) -> MergeReport {
         let input = |role, i: &crate::plan::Input| InputReport {
             role,
             path: i.checkpoint.root().to_path_buf(),
             stats: i.stats.as_ref().map(|(_, p)| p.clone()),
             files: i.checkpoint.fingerprints().to_vec(),
         };
-        let mut input_reports: Vec<InputReport> = inputs.base.iter().map(|b| input("base", b)).collect();
+        let mut input_reports: Vec<InputReport> =
+            inputs.base.iter().map(|b| input("base", b)).collect();
         input_reports.push(input("receiver", &inputs.receiver));
         input_reports.extend(inputs.contributors.iter().map(|c| input("contributor", c)));
-        let summary: serde_json::Map<String, Value> =
-            plan.rule_counts().into_iter().map(|(label, n)| (label.to_string(), n.into())).collect();
+        let summary: serde_json::Map<String, Value> = plan
+            .rule_counts()
+            .into_iter()
+            .map(|(label, n)| (label.to_string(), n.into()))
+            .collect();
         MergeReport {
             tool: json!({"name": "flatmerge", "version": crate::VERSION}),
             method: config.method.as_str(),
@@ -159,7 +172,11 @@ impl MergeReport {
             tensors: plan
                 .tensors
                 .iter()
-                .map(|t| TensorReport { plan: t.clone(), receiver: None, masks: Vec::new() })
+                .map(|t| TensorReport {
+                    plan: t.clone(),
+                    receiver: None,
+                    masks: Vec::new(),
+                })
                 .collect(),
             dropped: plan.dropped.clone(),
             copied_files: Vec::new(),
@@ -169,8 +186,12 @@ impl MergeReport {
     /// Records what the kernels measured on tensor `index` of the plan.
     pub fn record(&mut self, index: usize, outcome: TensorOutcome) {
         let tensor = &mut self.tensors[index];
-        if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first()) {
-            tensor.receiver = Some(ReceiverMask { threshold, elected: first.receiver_elected });
+        if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first())
+        {
+            tensor.receiver = Some(ReceiverMask {
+                threshold,
+                elected: first.receiver_elected,
+            });
         }
         tensor.masks = tensor
             .plan
@@ -190,7 +211,11 @@ impl MergeReport {
     /// Totals over all SAFE-M tensors: their element count, and per
     /// contributor the summed mask counts.
     pub fn mask_totals(&self) -> (u64, Vec<MaskCounts>) {
-        let contributors = self.inputs.iter().filter(|i| i.role == "contributor").count();
+        let contributors = self
+            .inputs
+            .iter()
+            .filter(|i| i.role == "contributor")
+            .count();
         let mut totals = vec![MaskCounts::default(); contributors];
         let mut elements = 0u64;
         for t in self.tensors.iter().filter(|t| t.receiver.is_some()) {
@@ -198,7 +223,12 @@ impl MergeReport {
             let receiver_elected = t.receiver.map_or(0, |r| r.elected);
             for m in &t.masks {
                 if let Some(total) = totals.get_mut(m.contributor) {
-                    total.add(&MaskCounts { receiver_elected, elected: m.elected, conflicts: m.conflicts, kept: m.kept });
+                    total.add(&MaskCounts {
+                        receiver_elected,
+                        elected: m.elected,
+                        conflicts: m.conflicts,
+                        kept: m.kept,
+                    });
                 }
             }
         }
@@ -207,7 +237,8 @@ impl MergeReport {
 
     /// The report as pretty JSON with a final newline.
     pub fn to_json_bytes(&self) -> Vec<u8> {
-        let mut bytes = serde_json::to_vec_pretty(self).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
+        let mut bytes = serde_json::to_vec_pretty(self)
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}").into_bytes());
         bytes.push(b'\n');
         bytes
     }

@@ -49,7 +49,11 @@ pub fn safe_score(w: f32, g: f32, form: ScoreForm) -> f32 {
 /// `u = ȳ_model − ȳ_ancestor` (SPEC §1.2): the output factor of the
 /// rank-one pseudo-gradient `g' = u ⊗ x̄_A`.
 pub fn output_shift(y_model: &[f32], y_ancestor: &[f32]) -> Vec<f32> {
-    assert_eq!(y_model.len(), y_ancestor.len(), "output_shift: widths differ");
+    assert_eq!(
+        y_model.len(),
+        y_ancestor.len(),
+        "output_shift: widths differ"
+    );
     y_model.iter().zip(y_ancestor).map(|(y, c)| y - c).collect()
 }
 
@@ -63,7 +67,11 @@ pub fn score_matrix(weight: &[f32], u: &[f32], v: &[f32], form: ScoreForm, out: 
     if cols == 0 {
         return;
     }
-    for ((w_row, s_row), &u_r) in weight.chunks_exact(cols).zip(out.chunks_exact_mut(cols)).zip(u) {
+    for ((w_row, s_row), &u_r) in weight
+        .chunks_exact(cols)
+        .zip(out.chunks_exact_mut(cols))
+        .zip(u)
+    {
         for ((s, &w), &v_j) in s_row.iter_mut().zip(w_row).zip(v) {
             *s = safe_score(w, u_r * v_j, form);
         }
@@ -136,7 +144,10 @@ pub fn add_decoupled(
 /// of the contributors' tensors (summed in order, then divided).
 pub fn fallback_blend(receiver: &[f32], contributors: &[&[f32]], weight: f32, out: &mut [f32]) {
     assert_eq!(out.len(), receiver.len(), "fallback_blend: output size");
-    assert!(contributors.iter().all(|c| c.len() == receiver.len()), "fallback_blend: sizes");
+    assert!(
+        contributors.iter().all(|c| c.len() == receiver.len()),
+        "fallback_blend: sizes"
+    );
     if contributors.is_empty() {
         out.copy_from_slice(receiver);
         return;
@@ -218,7 +229,11 @@ pub fn fuse_block(
 ) {
     let n = receiver.len();
     assert!(ancestor.len() == n && out.len() == n && receiver_election.scores.len() == n);
-    assert_eq!(counts.len(), contributors.len(), "fuse_block: one count per contributor");
+    assert_eq!(
+        counts.len(),
+        contributors.len(),
+        "fuse_block: one count per contributor"
+    );
     let cols = match direction {
         Some((d, _)) => d.len(),
         None => n,
@@ -243,9 +258,12 @@ pub fn fuse_block(
             for (j, i) in row.clone().enumerate() {
                 let tau_a = receiver[i] - ancestor[i];
                 let tau_b = contributor.weight[i] - ancestor[i];
-                let elected_a = is_elected(receiver_election.scores[i], receiver_election.threshold);
-                let elected_b =
-                    is_elected(contributor.election.scores[i], contributor.election.threshold);
+                let elected_a =
+                    is_elected(receiver_election.scores[i], receiver_election.threshold);
+                let elected_b = is_elected(
+                    contributor.election.scores[i],
+                    contributor.election.threshold,
+                );
                 let conflict = is_conflict(elected_a, elected_b, tau_a, tau_b);
                 count.elected += elected_b as u64;
                 count.conflicts += conflict as u64;
@@ -253,7 +271,8 @@ pub fn fuse_block(
                 count.kept += keep as u64;
                 tau[j] = if keep { tau_b } else { 0.0 };
             }
-            let row_direction = direction.map(|(d, dd)| (d, projection_coefficient(tau, d, dd, epsilon)));
+            let row_direction =
+                direction.map(|(d, dd)| (d, projection_coefficient(tau, d, dd, epsilon)));
             add_decoupled(
                 &mut out[row],
                 tau,

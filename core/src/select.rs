@@ -133,7 +133,10 @@ impl RadixSelect {
 /// # Panics
 /// If `m == 0` or `m > scores.len()`.
 pub fn kth_largest(scores: &[f32], m: usize) -> f32 {
-    assert!(m <= scores.len(), "kth_largest: m exceeds the element count");
+    assert!(
+        m <= scores.len(),
+        "kth_largest: m exceeds the element count"
+    );
     let mut select = RadixSelect::new(m);
     while !select.is_done() {
         let mut hist = [0u64; RADIX_BUCKETS];

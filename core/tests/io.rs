@@ -832,7 +832,18 @@ fn extra_files() {
         std::fs::read(out.join("config.json")).unwrap(),
         std::fs::read(&src).unwrap()
     );
-    assert!(Checkpoint::open(&out).unwrap().tensors().is_empty());
+    let c = Checkpoint::open(&out).unwrap();
+    assert!(c.tensors().is_empty());
+    // transformers needs `format` in every shard's metadata.
+    assert_eq!(c.metadata(), &meta(&[("format", "pt")]));
+}
+
+#[test]
+fn checkpoints_can_be_shared_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Checkpoint>();
+    send_sync::<flatmerge::io::TensorView<'static>>();
+    send_sync::<ShardedWriter>();
 }
 
 #[test]

@@ -338,15 +338,20 @@ impl ShardedWriter {
     /// holds a model (`model.safetensors`, `model.safetensors.index.json`
     /// or `merge_report.json`); anything else stays an `OutputExists` error.
     ///
-    /// `metadata` goes into every shard's `__metadata__`; the index's
-    /// `metadata` holds `total_size` only, as Hugging Face writes it.
+    /// `metadata` goes into every shard's `__metadata__`, with
+    /// `"format": "pt"` added when it has no `format` key: `transformers`
+    /// refuses shards whose metadata lacks it. The index's `metadata` holds
+    /// `total_size` only, as Hugging Face writes it.
     pub fn create(
         out_dir: &Path,
         tensors: Vec<OutputTensor>,
         max_shard_bytes: Option<u64>,
-        metadata: BTreeMap<String, String>,
+        mut metadata: BTreeMap<String, String>,
         force: bool,
     ) -> Result<Self> {
+        metadata
+            .entry("format".to_string())
+            .or_insert_with(|| "pt".to_string());
         let name = dir_name(out_dir)?;
         checked_sizes(out_dir, &tensors)?;
         check_replaceable(out_dir, force)?;
