@@ -55,6 +55,9 @@ struct MergeArgs {
     /// Output dtype (bfloat16, float16, float32); overrides the config.
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<Dtype>,
+    /// Seed of DARE's and DELLA's random masks (default 0); masks depend only on the seed, the model and the tensor.
+    #[arg(long, value_name = "N")]
+    random_seed: Option<u64>,
     /// Check the inputs and print the plan (rule, shapes, bytes per tensor) without merging.
     #[arg(long)]
     dry_run: bool,
@@ -169,6 +172,9 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
     let mut config = MergeConfig::from_file(&args.config)?;
     if let Some(dtype) = args.dtype {
         config.out_dtype = Some(dtype);
+    }
+    if let Some(seed) = args.random_seed {
+        config.seed = seed;
     }
     let prepared = PreparedMerge::new(config)?;
     if args.dry_run {

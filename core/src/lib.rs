@@ -14,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod baselines;
 pub mod dtype;
 pub mod reduce;
 pub mod safe_m;

@@ -6,7 +6,8 @@
 //! finds, so that a user fixes a config in one round rather than one error
 //! at a time.
 
-use crate::config::{MergeConfig, MethodSettings};
+use crate::config::params::Params;
+use crate::config::{MergeConfig, MergeMethod, MethodSettings};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Checkpoint, TensorInfo};
@@ -58,6 +59,8 @@ pub enum TensorRule {
         /// Why.
         reason: FallbackReason,
     },
+    /// A baseline method over every input (SPEC §3).
+    Baseline,
     /// The receiver's values, unchanged.
     Copy {
         /// Why.
@@ -70,6 +73,7 @@ impl TensorRule {
     pub fn label(&self) -> &'static str {
         match self {
             TensorRule::SafeMWeight { .. } | TensorRule::SafeMBias { .. } => "safe_m",
+            TensorRule::Baseline => "method",
             TensorRule::Fallback { .. } => "fallback",
             TensorRule::Copy {
                 reason: CopyReason::OnlyInReceiver,
@@ -139,13 +143,15 @@ pub struct Plan {
     pub tensors: Vec<TensorPlan>,
     /// Contributor tensors the receiver lacks.
     pub dropped: Vec<DroppedTensor>,
+    /// Decoder layers of the output (gradients' `t = layer / (layers − 1)`).
+    pub layers: usize,
 }
 
 impl Plan {
     /// Number of tensors per rule label, in a fixed order.
     pub fn rule_counts(&self) -> Vec<(&'static str, usize)> {
         let mut counts: Vec<(&'static str, usize)> =
-            ["safe_m", "fallback", "copied", "shape_mismatch"]
+            ["safe_m", "method", "fallback", "copied", "shape_mismatch"]
                 .into_iter()
                 .map(|label| {
                     (
@@ -173,6 +179,7 @@ impl fmt::Display for Plan {
             let detail = match &t.rule {
                 TensorRule::SafeMWeight { .. } => "safe_m (weight)".to_string(),
                 TensorRule::SafeMBias { .. } => "safe_m (bias)".to_string(),
+                TensorRule::Baseline => "method".to_string(),
                 TensorRule::Fallback { reason } => format!("fallback ({})", snake(reason)),
                 TensorRule::Copy { reason } => format!("copied ({})", snake(reason)),
             };
@@ -241,10 +248,34 @@ impl Input {
 pub struct Inputs {
     /// The base model (SAFE-M: the common ancestor).
     pub base: Option<Input>,
-    /// The receiver (first model).
-    pub receiver: Input,
-    /// The contributors, in config order.
-    pub contributors: Vec<Input>,
+    /// The models, in config order.
+    pub models: Vec<Input>,
+    /// Indices into `models` of the contributors ([`MergeConfig::contributors`]).
+    pub contributors: Vec<usize>,
+    /// Whether the output takes its names, dtypes and side files from the
+    /// base (baselines with a base) rather than the first model (SAFE-M's
+    /// receiver, or a merge without a base).
+    pub names_from_base: bool,
+}
+
+impl Inputs {
+    /// SAFE-M's receiver `A`: the first model.
+    pub fn receiver(&self) -> &Input {
+        &self.models[0]
+    }
+
+    /// Contributor `k` (0-based among the contributors).
+    pub fn contributor(&self, k: usize) -> &Input {
+        &self.models[self.contributors[k]]
+    }
+
+    /// The model whose tensor names, dtypes and side files the output takes.
+    pub fn reference(&self) -> &Input {
+        match (&self.base, self.names_from_base) {
+            (Some(base), true) => base,
+            _ => &self.models[0],
+        }
+    }
 }
 
 /// Collects problems so that planning reports them all at once.
@@ -257,11 +288,15 @@ impl Problems {
     }
 
     fn into_result(self) -> Result<()> {
+        const SHOWN: usize = 25;
         match self.0.len() {
             0 => Ok(()),
             1 => Err(self.0.into_iter().next().expect("one problem")),
             n => {
-                let lines: Vec<String> = self.0.iter().map(|e| format!("  {e}")).collect();
+                let mut lines: Vec<String> = self.0.iter().take(SHOWN).map(|e| format!("  {e}")).collect();
+                if n > SHOWN {
+                    lines.push(format!("  … and {} more", n - SHOWN));
+                }
                 Err(Error::new(
                     ErrorKind::Plan,
                     format!("{n} problems with the inputs:\n{}", lines.join("\n")),
@@ -292,13 +327,13 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         checkpoint.map(|checkpoint| Input { checkpoint, stats })
     };
     let base = config.base.as_ref().map(&mut open);
-    let mut models: Vec<Option<Input>> = config.models.iter().map(&mut open).collect();
+    let models: Vec<Option<Input>> = config.models.iter().map(&mut open).collect();
     problems.into_result()?;
-    let receiver = models.remove(0).expect("opened");
     Ok(Inputs {
         base: base.map(|b| b.expect("opened")),
-        receiver,
-        contributors: models.into_iter().map(|m| m.expect("opened")).collect(),
+        models: models.into_iter().map(|m| m.expect("opened")).collect(),
+        contributors: config.contributors(),
+        names_from_base: config.method != MergeMethod::SafeM,
     })
 }
 
@@ -334,12 +369,13 @@ fn layer_of(name: &str) -> Option<(&str, bool)> {
 pub fn plan(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
     match &config.settings {
         MethodSettings::SafeM(_) => plan_safe_m(config, inputs),
+        MethodSettings::Baseline(params) => plan_baseline(config, params, inputs),
     }
 }
 
 fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
     let mut problems = Problems::default();
-    let receiver = &inputs.receiver.checkpoint;
+    let receiver = &inputs.receiver().checkpoint;
     let base = inputs.base.as_ref().map(|b| &b.checkpoint);
     let mut tensors = Vec::new();
     for info in receiver.tensors() {
@@ -348,7 +384,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         }
         let mut present = Vec::new();
         let mut excluded = Vec::new();
-        for (k, contributor) in inputs.contributors.iter().enumerate() {
+        for (k, contributor) in (0..inputs.contributors.len()).map(|k| (k, inputs.contributor(k))) {
             match contributor.checkpoint.info(&info.name) {
                 None => excluded.push(Excluded {
                     contributor: k,
@@ -390,7 +426,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         });
     }
     let mut dropped = Vec::new();
-    for (k, contributor) in inputs.contributors.iter().enumerate() {
+    for (k, contributor) in (0..inputs.contributors.len()).map(|k| (k, inputs.contributor(k))) {
         for info in contributor.checkpoint.tensors() {
             if receiver.info(&info.name).is_none() {
                 dropped.push(DroppedTensor {
@@ -401,7 +437,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         }
     }
     problems.into_result()?;
-    Ok(Plan { tensors, dropped })
+    Ok(Plan { tensors, dropped, layers: layer_count(receiver) })
 }
 
 fn safe_m_rule(
@@ -416,8 +452,8 @@ fn safe_m_rule(
         return fallback(FallbackReason::NoStatistics);
     };
     let base = inputs.base.as_ref().expect("safe_m has a base model");
-    let models = std::iter::once(&inputs.receiver)
-        .chain(present.iter().map(|&k| &inputs.contributors[k]))
+    let models = std::iter::once(inputs.receiver())
+        .chain(present.iter().map(|&k| inputs.contributor(k)))
         .chain(std::iter::once(base));
     if !models.clone().any(|m| m.layer(layer).is_some()) {
         return fallback(FallbackReason::NoStatistics);
@@ -459,14 +495,14 @@ fn safe_m_rule(
                 .with_tensor(format!("{layer}.{what}")),
         );
     };
-    need(&inputs.receiver, "the receiver", "y_mean", out);
+    need(inputs.receiver(), "the receiver", "y_mean", out);
     if is_weight {
-        need(&inputs.receiver, "the receiver", "x_mean", info.shape[1]);
+        need(inputs.receiver(), "the receiver", "x_mean", info.shape[1]);
     }
     need(base, "the ancestor", "y_mean", out);
     for &k in present {
         need(
-            &inputs.contributors[k],
+            inputs.contributor(k),
             &format!("contributor {k}"),
             "y_mean",
             out,
@@ -479,4 +515,100 @@ fn safe_m_rule(
     } else {
         TensorRule::SafeMBias { layer }
     }
+}
+
+/// Plans a baseline merge: every tensor of the reference model (the base,
+/// or the first model without one) must exist with the same shape in every
+/// input (mergekit 0.1.5 refuses mismatches too); tensors only some other
+/// input has are dropped and reported. Required per-tensor parameters are
+/// resolved here so that a filter list that misses a tensor fails early.
+fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Result<Plan> {
+    let mut problems = Problems::default();
+    let reference = &inputs.reference().checkpoint;
+    let mut others: Vec<(String, &Checkpoint)> = Vec::new();
+    let reference_is_model = !inputs.names_from_base || inputs.base.is_none();
+    for (k, &m) in inputs.contributors.iter().enumerate() {
+        if reference_is_model && m == 0 {
+            continue;
+        }
+        others.push((format!("contributor {k}"), &inputs.contributor(k).checkpoint));
+    }
+    let layers = layer_count(reference);
+    let mut tensors = Vec::new();
+    for info in reference.tensors() {
+        if !float_check(&mut problems, reference, info) {
+            continue;
+        }
+        for (who, other) in &others {
+            match other.info(&info.name) {
+                None => problems.push(
+                    Error::new(ErrorKind::Plan, format!("missing in {who}, which every tensor of this method needs"))
+                        .with_file(other.root())
+                        .with_tensor(&info.name),
+                ),
+                Some(o) if o.shape != info.shape => problems.push(
+                    Error::new(
+                        ErrorKind::Plan,
+                        format!(
+                            "shape {:?} in {who} but {:?} in {}{}",
+                            o.shape,
+                            info.shape,
+                            reference.root().display(),
+                            if info.name.contains("embed") || info.name.contains("lm_head") {
+                                " (a different vocabulary: flatmerge does not merge vocabularies)"
+                            } else {
+                                ""
+                            }
+                        ),
+                    )
+                    .with_file(other.root())
+                    .with_tensor(&info.name),
+                ),
+                Some(o) => {
+                    float_check(&mut problems, other, o);
+                }
+            }
+        }
+        let t = crate::config::params::layer_position(&info.name, layers);
+        for def in params.defs.iter().filter(|d| d.default == crate::config::params::Default::Required) {
+            let targets: Vec<Option<usize>> = match def.scope {
+                crate::config::params::Scope::Shared => vec![None],
+                crate::config::params::Scope::PerModel => inputs.contributors.iter().map(|&m| Some(m)).collect(),
+            };
+            for target in targets {
+                if let Err(e) = params.number(def.name, target, &info.name, t) {
+                    problems.push(e.with_file(config.source.clone().unwrap_or_default()));
+                }
+            }
+        }
+        tensors.push(TensorPlan {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            in_dtype: info.dtype,
+            out_dtype: config.out_dtype.unwrap_or(info.dtype),
+            rule: TensorRule::Baseline,
+            contributors: (0..inputs.contributors.len()).collect(),
+            excluded: Vec::new(),
+        });
+    }
+    let mut dropped = Vec::new();
+    for k in 0..inputs.contributors.len() {
+        for info in inputs.contributor(k).checkpoint.tensors() {
+            if reference.info(&info.name).is_none() {
+                dropped.push(DroppedTensor { contributor: k, name: info.name.clone() });
+            }
+        }
+    }
+    problems.into_result()?;
+    Ok(Plan { tensors, dropped, layers })
+}
+
+/// Decoder layers of a checkpoint: one more than the largest `layers.N` index.
+pub fn layer_count(checkpoint: &Checkpoint) -> usize {
+    checkpoint
+        .tensors()
+        .iter()
+        .filter_map(|t| crate::demo::layer_index(&t.name))
+        .max()
+        .map_or(0, |l| l + 1)
 }

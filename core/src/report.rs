@@ -3,7 +3,8 @@
 //! tensor the rule applied with its mask counts — enough to reproduce the
 //! merge and to see what each contributor actually gave.
 
-use crate::config::{MergeConfig, MethodSettings};
+use crate::config::params::{Default, Scalar, Setting};
+use crate::config::{MergeConfig, MergeMethod, MethodSettings};
 use crate::io::{FileFingerprint, ShardPlan};
 use crate::plan::{DroppedTensor, Inputs, Plan, TensorPlan};
 use crate::safe_m::{MaskCounts, ScoreForm};
@@ -11,9 +12,23 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 
+/// What a baseline's sparsification left of one contributor's task vector.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Sparsity {
+    /// Index among the contributors.
+    pub contributor: usize,
+    /// Non-zero entries kept (0: the tensor keeps nothing of this contributor).
+    pub kept: u64,
+    /// The L1 rescale factor applied (DARE, DELLA).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rescale: Option<f32>,
+}
+
 /// What the kernels of one tensor measured.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TensorOutcome {
+    /// Each contributor's sparsification (baselines).
+    pub sparsity: Vec<Sparsity>,
     /// The receiver's election threshold (SAFE-M tensors).
     pub receiver_threshold: Option<f32>,
     /// Each participating contributor's threshold, in plan order.
@@ -48,6 +63,9 @@ pub struct TensorReport {
     /// Each participating contributor's mask (SAFE-M tensors).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub masks: Vec<ContributorMask>,
+    /// Each contributor's sparsification (baselines that trim or drop).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sparsity: Vec<Sparsity>,
 }
 
 /// The receiver's election over one tensor.
@@ -131,6 +149,45 @@ fn parameters(config: &MergeConfig) -> Value {
             "fallback_weight": num(s.fallback_weight),
             "epsilon": num(s.epsilon),
         }),
+        MethodSettings::Baseline(p) => {
+            let block = |m: &std::collections::BTreeMap<String, Setting>| -> Value {
+                Value::Object(m.iter().map(|(k, v)| (k.clone(), setting_json(v))).collect())
+            };
+            let defaults: serde_json::Map<String, Value> = p
+                .defs
+                .iter()
+                .map(|d| {
+                    let v = match d.default {
+                        Default::Number(x) => json!(x),
+                        Default::Bool(b) => json!(b),
+                        Default::Text(t) => json!(t),
+                        Default::Required => json!("required"),
+                    };
+                    (d.name.to_string(), v)
+                })
+                .collect();
+            json!({
+                "global": block(&p.global),
+                "models": p.per_model.iter().map(block).collect::<Vec<_>>(),
+                "defaults": defaults,
+                "seed": config.seed,
+            })
+        }
+    }
+}
+
+fn setting_json(setting: &Setting) -> Value {
+    match setting {
+        Setting::Value(Scalar::Number(x)) => json!(x),
+        Setting::Value(Scalar::Bool(b)) => json!(b),
+        Setting::Value(Scalar::Text(t)) => json!(t),
+        Setting::Gradient(points) => json!(points),
+        Setting::Filtered(entries) => Value::Array(
+            entries
+                .iter()
+                .map(|(filter, value)| json!({"filter": filter, "value": setting_json(value)}))
+                .collect(),
+        ),
     }
 }
 
@@ -150,8 +207,16 @@ impl MergeReport {
         };
         let mut input_reports: Vec<InputReport> =
             inputs.base.iter().map(|b| input("base", b)).collect();
-        input_reports.push(input("receiver", &inputs.receiver));
-        input_reports.extend(inputs.contributors.iter().map(|c| input("contributor", c)));
+        for (i, model) in inputs.models.iter().enumerate() {
+            let role = if config.method == MergeMethod::SafeM && i == 0 {
+                "receiver"
+            } else if inputs.contributors.contains(&i) {
+                "contributor"
+            } else {
+                "base"
+            };
+            input_reports.push(input(role, model));
+        }
         let summary: serde_json::Map<String, Value> = plan
             .rule_counts()
             .into_iter()
@@ -176,6 +241,7 @@ impl MergeReport {
                     plan: t.clone(),
                     receiver: None,
                     masks: Vec::new(),
+                    sparsity: Vec::new(),
                 })
                 .collect(),
             dropped: plan.dropped.clone(),
@@ -186,6 +252,7 @@ impl MergeReport {
     /// Records what the kernels measured on tensor `index` of the plan.
     pub fn record(&mut self, index: usize, outcome: TensorOutcome) {
         let tensor = &mut self.tensors[index];
+        tensor.sparsity = outcome.sparsity;
         if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first())
         {
             tensor.receiver = Some(ReceiverMask {

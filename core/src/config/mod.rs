@@ -8,7 +8,10 @@
 //! (the current directory for a config given as a string), so a config and
 //! its models can move together.
 
+pub mod params;
+
 use crate::dtype::Dtype;
+use params::{Default as D, Kind, ParamDef, Params, Scope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::safe_m::{ElectionParams, ScoreForm, EPSILON};
 use serde::Deserialize;
@@ -86,6 +89,21 @@ pub struct RawConfig {
     /// Output dtype; wins over `dtype`.
     #[serde(default)]
     pub out_dtype: Option<Spanned<String>>,
+    /// mergekit's frankenmerge layout (refused with a clear message).
+    #[serde(default)]
+    pub slices: Option<Spanned<ParamValue>>,
+    /// mergekit's multi-module layout (refused with a clear message).
+    #[serde(default)]
+    pub modules: Option<Spanned<ParamValue>>,
+    /// mergekit's tokenizer donor: only the output-name model's own tokenizer is supported.
+    #[serde(default)]
+    pub tokenizer_source: Option<Spanned<ParamValue>>,
+    /// mergekit's vocabulary merging (refused with a clear message).
+    #[serde(default)]
+    pub tokenizer: Option<Spanned<ParamValue>>,
+    /// mergekit's chat template override (refused with a clear message).
+    #[serde(default)]
+    pub chat_template: Option<Spanned<ParamValue>>,
 }
 
 /// A merge method flatmerge runs.
@@ -94,13 +112,155 @@ pub struct RawConfig {
 pub enum MergeMethod {
     /// SAFE-M (SPEC §1).
     SafeM,
+    /// `Σ w_k W_k / Σ w_k` (SPEC §3).
+    Linear,
+    /// `W_base + λ Σ w_k τ_k`.
+    TaskArithmetic,
+    /// TIES: magnitude trim, sign vote, disjoint mean.
+    Ties,
+    /// DARE drop and rescale, then a linear sum of task vectors.
+    DareLinear,
+    /// DARE drop and rescale, then the TIES vote.
+    DareTies,
+    /// Model breadcrumbs: drop the smallest and the largest magnitudes.
+    Breadcrumbs,
+    /// Breadcrumbs with the TIES vote.
+    BreadcrumbsTies,
+    /// DELLA: magnitude-ranked random drop, rescale, TIES vote.
+    Della,
+    /// DELLA without the vote.
+    DellaLinear,
+    /// The original TIES paper code: one threshold over the whole model.
+    TiesReference,
+    /// Spherical interpolation between the base and one model.
+    Slerp,
+    /// Interpolation towards the base where the two models are close.
+    Nearswap,
+    /// Model Stock: the base pulled towards the mean by the angle between fine-tunes.
+    ModelStock,
+    /// One model, optionally scaled.
+    Passthrough,
 }
 
 impl MergeMethod {
+    /// Every method, in the order above.
+    pub const ALL: [MergeMethod; 15] = [
+        MergeMethod::SafeM,
+        MergeMethod::Linear,
+        MergeMethod::TaskArithmetic,
+        MergeMethod::Ties,
+        MergeMethod::DareLinear,
+        MergeMethod::DareTies,
+        MergeMethod::Breadcrumbs,
+        MergeMethod::BreadcrumbsTies,
+        MergeMethod::Della,
+        MergeMethod::DellaLinear,
+        MergeMethod::TiesReference,
+        MergeMethod::Slerp,
+        MergeMethod::Nearswap,
+        MergeMethod::ModelStock,
+        MergeMethod::Passthrough,
+    ];
+
+    /// mergekit methods flatmerge refuses by name (random sampling that
+    /// cannot be reproduced, or layouts it does not run).
+    pub const REFUSED: [&'static str; 9] = [
+        "sce",
+        "karcher",
+        "arcee_fusion",
+        "nuslerp",
+        "multislerp",
+        "ram",
+        "ramplus_tl",
+        "core_space",
+        "task_adapter",
+    ];
+
     /// The name used in configs.
     pub fn as_str(self) -> &'static str {
         match self {
             MergeMethod::SafeM => "safe_m",
+            MergeMethod::Linear => "linear",
+            MergeMethod::TaskArithmetic => "task_arithmetic",
+            MergeMethod::Ties => "ties",
+            MergeMethod::DareLinear => "dare_linear",
+            MergeMethod::DareTies => "dare_ties",
+            MergeMethod::Breadcrumbs => "breadcrumbs",
+            MergeMethod::BreadcrumbsTies => "breadcrumbs_ties",
+            MergeMethod::Della => "della",
+            MergeMethod::DellaLinear => "della_linear",
+            MergeMethod::TiesReference => "ties_reference",
+            MergeMethod::Slerp => "slerp",
+            MergeMethod::Nearswap => "nearswap",
+            MergeMethod::ModelStock => "model_stock",
+            MergeMethod::Passthrough => "passthrough",
+        }
+    }
+
+    /// Parses a config name.
+    pub fn parse(name: &str) -> Option<MergeMethod> {
+        MergeMethod::ALL.into_iter().find(|m| m.as_str() == name)
+    }
+
+    /// Whether the method adds task vectors `τ_k = W_k − W_base` of the
+    /// contributors (mergekit's generalized task arithmetic family).
+    pub fn is_task_arithmetic(self) -> bool {
+        matches!(
+            self,
+            MergeMethod::TaskArithmetic
+                | MergeMethod::Ties
+                | MergeMethod::DareLinear
+                | MergeMethod::DareTies
+                | MergeMethod::Breadcrumbs
+                | MergeMethod::BreadcrumbsTies
+                | MergeMethod::Della
+                | MergeMethod::DellaLinear
+        )
+    }
+
+    /// Whether `base_model` is required.
+    pub fn needs_base(self) -> bool {
+        !matches!(self, MergeMethod::Linear | MergeMethod::Passthrough)
+    }
+
+    /// The parameters the method accepts (mergekit 0.1.5 names and defaults).
+    pub fn params(self) -> Vec<ParamDef> {
+        let def = |name, scope, kind, default| ParamDef { name, scope, kind, default };
+        let weight = def("weight", Scope::PerModel, Kind::ANY, D::Required);
+        let flag = |name, default| def(name, Scope::Shared, Kind::Bool, D::Bool(default));
+        let gta = |normalize: bool, rescale: bool| {
+            vec![
+                weight,
+                def("density", Scope::PerModel, Kind::UNIT, D::Number(1.0)),
+                flag("normalize", normalize),
+                flag("rescale", rescale),
+                def("lambda", Scope::Shared, Kind::ANY, D::Number(1.0)),
+                flag("int8_mask", false),
+            ]
+        };
+        let with = |mut defs: Vec<ParamDef>, extra: ParamDef| {
+            defs.push(extra);
+            defs
+        };
+        let gamma = def("gamma", Scope::PerModel, Kind::UNIT, D::Number(0.01));
+        let della_eps = def("epsilon", Scope::PerModel, Kind::UNIT, D::Number(0.15));
+        match self {
+            MergeMethod::SafeM => Vec::new(),
+            MergeMethod::Linear => vec![weight, flag("normalize", true)],
+            MergeMethod::TaskArithmetic => gta(false, false),
+            MergeMethod::Ties => gta(true, false),
+            MergeMethod::DareLinear | MergeMethod::DareTies => gta(false, true),
+            MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies => with(gta(false, false), gamma),
+            MergeMethod::Della => with(gta(true, true), della_eps),
+            MergeMethod::DellaLinear => with(gta(false, true), della_eps),
+            MergeMethod::TiesReference => vec![
+                def("density", Scope::Shared, Kind::DENSITY, D::Number(0.2)),
+                def("lambda", Scope::Shared, Kind::ANY, D::Number(1.0)),
+            ],
+            MergeMethod::Slerp => vec![def("t", Scope::Shared, Kind::ANY, D::Required)],
+            MergeMethod::Nearswap => vec![def("t", Scope::Shared, Kind::POSITIVE, D::Required)],
+            MergeMethod::ModelStock => vec![flag("filter_wise", false)],
+            MergeMethod::Passthrough => vec![def("scale", Scope::PerModel, Kind::ANY, D::Number(1.0))],
         }
     }
 }
@@ -151,6 +311,8 @@ pub struct MergeConfig {
     pub out_dtype: Option<Dtype>,
     /// Method settings.
     pub settings: MethodSettings,
+    /// Seed of DARE's and DELLA's random masks (SPEC §3; default 0).
+    pub seed: u64,
     /// Where the config came from (for messages and the report).
     pub source: Option<PathBuf>,
 }
@@ -159,8 +321,10 @@ pub struct MergeConfig {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum MethodSettings {
-    /// SAFE-M.
+    /// SAFE-M: scalar parameters, resolved once.
     SafeM(SafeMSettings),
+    /// The baselines: mergekit-style parameters, resolved per tensor.
+    Baseline(Params),
 }
 
 impl MergeConfig {
@@ -186,7 +350,36 @@ impl MergeConfig {
     pub fn safe_m(&self) -> Option<&SafeMSettings> {
         match &self.settings {
             MethodSettings::SafeM(s) => Some(s),
+            MethodSettings::Baseline(_) => None,
         }
+    }
+
+    /// The baseline parameters.
+    pub fn baseline(&self) -> Option<&Params> {
+        match &self.settings {
+            MethodSettings::Baseline(p) => Some(p),
+            MethodSettings::SafeM(_) => None,
+        }
+    }
+
+    /// Indices (into `models`) of the contributors: SAFE-M's models after
+    /// the receiver; for the other methods with a base, the models that are
+    /// not the base (mergekit never treats the base as a contributor).
+    pub fn contributors(&self) -> Vec<usize> {
+        match self.method {
+            MergeMethod::SafeM => (1..self.models.len()).collect(),
+            _ => (0..self.models.len())
+                .filter(|&i| self.base.as_ref().is_none_or(|b| !same_model(&b.path, &self.models[i].path)))
+                .collect(),
+        }
+    }
+}
+
+/// Whether two paths name the same checkpoint (after resolving links).
+pub fn same_model(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
     }
 }
 
@@ -199,7 +392,7 @@ fn yaml_error(err: &serde_saphyr::Error) -> Error {
     Error::new(ErrorKind::Config, first.to_string())
 }
 
-fn config_error(
+pub(crate) fn config_error(
     value_at: Option<&serde_saphyr::Location>,
     key: &str,
     problem: impl fmt::Display,
@@ -343,17 +536,52 @@ fn out_dtype(raw: &RawConfig) -> Result<Option<Dtype>> {
     })
 }
 
-fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
-    let method = match raw.merge_method.as_str() {
-        "safe_m" => MergeMethod::SafeM,
-        other => {
-            return Err(config_error(
-                None,
-                "merge_method",
-                format!("unknown merge method `{other}`; flatmerge runs: safe_m"),
-            ))
-        }
+fn refuse_layouts(raw: &RawConfig) -> Result<()> {
+    let refuse = |value: &Option<Spanned<ParamValue>>, key: &str, why: &str| match value {
+        Some(v) => Err(config_error(Some(&v.referenced), key, why)),
+        None => Ok(()),
     };
+    refuse(
+        &raw.slices,
+        "slices",
+        "`slices` / `layer_range` (frankenmerges) are not supported by flatmerge; list whole models under `models:`",
+    )?;
+    refuse(&raw.modules, "modules", "`modules` (multi-module merges) are not supported by flatmerge; use `models:`")?;
+    refuse(
+        &raw.tokenizer,
+        "tokenizer",
+        "vocabulary merging (`tokenizer:`) is not supported; the output keeps the tokenizer of the model its tensor names come from",
+    )?;
+    refuse(
+        &raw.chat_template,
+        "chat_template",
+        "`chat_template` is not supported; the output keeps the chat template files of the model its tensor names come from",
+    )?;
+    match &raw.tokenizer_source {
+        Some(v) if !matches!(&v.value, ParamValue::Text(t) if t == "base") => Err(config_error(
+            Some(&v.referenced),
+            "tokenizer_source",
+            "only `tokenizer_source: base` is supported (the tokenizer files of the model the tensor names come from are copied)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
+    let method = MergeMethod::parse(&raw.merge_method).ok_or_else(|| {
+        let supported: Vec<&str> = MergeMethod::ALL.iter().map(|m| m.as_str()).collect();
+        let why = if MergeMethod::REFUSED.contains(&raw.merge_method.as_str()) {
+            "is a mergekit method flatmerge does not run"
+        } else {
+            "is unknown"
+        };
+        config_error(
+            None,
+            "merge_method",
+            format!("merge method `{}` {why}; flatmerge runs: {}", raw.merge_method, supported.join(", ")),
+        )
+    })?;
+    refuse_layouts(&raw)?;
     let models: Vec<ModelRef> = raw
         .models
         .iter()
@@ -364,20 +592,14 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         .collect();
     let base = raw.base_model.as_deref().map(|b| ModelRef {
         path: resolve(base_dir, b),
-        stats: raw
-            .base_model_stats
-            .as_deref()
-            .map(|s| resolve(base_dir, s)),
+        stats: raw.base_model_stats.as_deref().map(|s| resolve(base_dir, s)),
     });
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
-        return Err(config_error(
-            None,
-            "base_model_stats",
-            "given without `base_model`",
-        ));
+        return Err(config_error(None, "base_model_stats", "given without `base_model`"));
     }
     let settings = match method {
         MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
+        _ => MethodSettings::Baseline(baseline_params(method, &raw, &models, base.as_ref())?),
     };
     Ok(MergeConfig {
         method,
@@ -385,8 +607,46 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         models,
         out_dtype: out_dtype(&raw)?,
         settings,
+        seed: 0,
         source: source.map(Path::to_path_buf),
     })
+}
+
+fn baseline_params(method: MergeMethod, raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>) -> Result<Params> {
+    let name = method.as_str();
+    if method.needs_base() && base.is_none() {
+        return Err(config_error(None, "base_model", format!("{name} needs `base_model`")));
+    }
+    if models.is_empty() {
+        return Err(config_error(None, "models", format!("{name} needs at least one model under `models:`")));
+    }
+    for (i, m) in raw.models.iter().enumerate() {
+        if let Some(stats) = &m.stats {
+            return Err(config_error(None, &format!("models[{i}].stats"), format!("{name} uses no activation statistics (`{stats}`)")));
+        }
+    }
+    if raw.base_model_stats.is_some() {
+        return Err(config_error(None, "base_model_stats", format!("{name} uses no activation statistics")));
+    }
+    let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();
+    let params = Params::validate(name, &method.params(), &raw.parameters, &per_model)?;
+    let is_base = |i: usize| base.is_some_and(|b| same_model(&b.path, &models[i].path));
+    let contributors: Vec<usize> = (0..models.len()).filter(|&i| !is_base(i)).collect();
+    let count_error = |what: &str| Err(config_error(None, "models", format!("{name} {what}")));
+    match method {
+        MergeMethod::Slerp | MergeMethod::Nearswap if contributors.len() != 1 => {
+            return count_error("merges the base with exactly one other model");
+        }
+        MergeMethod::ModelStock if contributors.len() < 2 => {
+            return count_error("needs at least two models besides the base");
+        }
+        MergeMethod::Passthrough if models.len() != 1 => return count_error("takes exactly one model"),
+        _ if contributors.is_empty() => return count_error("needs at least one model besides the base"),
+        _ => {}
+    }
+    let weighted: Vec<usize> = if method == MergeMethod::Linear { (0..models.len()).collect() } else { contributors };
+    params.check_required(&weighted, |i| format!("models[{i}] ({})", models[i].path.display()))?;
+    Ok(params)
 }
 
 fn safe_m_settings(

@@ -1,0 +1,531 @@
+//! The baseline methods (SPEC §3) on tensors read from the checkpoints.
+//! Each tensor's task vectors are decoded once, sparsified in parallel
+//! chunks with exact, thread-independent selections, and combined in one
+//! output pass. Kernels live in [`crate::baselines`].
+
+use super::chunks::{add_histograms, par_encode, parallel_select, read, read_all, rows_per_chunk};
+use super::CHUNK_ELEMENTS;
+use crate::baselines::{
+    breadcrumbs_window, count_above, count_equal, dare_drop, dare_keep, dare_rescale, dare_stream, keep_rank_window,
+    linear_combine, magnitude_key, ties_vote, trim_count, TopK,
+};
+use crate::config::params::{layer_position, Params};
+use crate::config::MergeMethod;
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::TensorView;
+use crate::plan::TensorPlan;
+use crate::report::{Sparsity, TensorOutcome};
+use crate::select::{RadixSelect, RADIX_BUCKETS};
+use rayon::prelude::*;
+
+/// What a baseline tensor is merged from.
+pub(super) struct BaselineTensor<'a> {
+    /// The method.
+    pub method: MergeMethod,
+    /// Its parameters.
+    pub params: &'a Params,
+    /// Seed of random masks.
+    pub seed: u64,
+    /// Decoder layers (for gradients).
+    pub layers: usize,
+    /// The plan of the tensor.
+    pub plan: &'a TensorPlan,
+    /// The base model's tensor, when the method has a base.
+    pub base: Option<TensorView<'a>>,
+    /// Whether the base is also an input of a linear merge (listed only as `base_model`).
+    pub base_is_input: bool,
+    /// Each contributor's tensor.
+    pub contributors: Vec<TensorView<'a>>,
+    /// Each contributor's index in the config's `models` (for per-model parameters).
+    pub model_index: Vec<usize>,
+    /// Whole-model quantities of `ties_reference`.
+    pub ties_reference: Option<&'a TiesReference>,
+}
+
+impl BaselineTensor<'_> {
+    fn t(&self) -> f64 {
+        layer_position(&self.plan.name, self.layers)
+    }
+
+    fn number(&self, key: &str, k: Option<usize>) -> Result<f64> {
+        self.params.number(key, k.map(|k| self.model_index[k]), &self.plan.name, self.t())
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.params.flag(key, &self.plan.name, self.t())
+    }
+
+    fn base(&self) -> Result<&TensorView<'_>> {
+        self.base.as_ref().ok_or_else(|| Error::new(ErrorKind::Plan, "this method needs the base model's tensor"))
+    }
+
+    /// Merges the tensor.
+    pub fn merge(&self) -> Result<(Vec<u8>, TensorOutcome)> {
+        let out = self.plan.out_dtype;
+        match self.method {
+            MergeMethod::Linear => self.linear(out),
+            MergeMethod::Passthrough => {
+                let scale = self.number("scale", Some(0))? as f32;
+                let view = &self.contributors[0];
+                let bytes = par_encode(view.numel(), out, CHUNK_ELEMENTS, |start, values, buf: &mut Vec<f32>| {
+                    read(view, start, values.len(), buf);
+                    for (v, x) in values.iter_mut().zip(buf.iter()) {
+                        *v = scale * x;
+                    }
+                });
+                Ok((bytes, TensorOutcome::default()))
+            }
+            MergeMethod::Slerp => self.slerp(out),
+            MergeMethod::Nearswap => self.nearswap(out),
+            MergeMethod::ModelStock => self.model_stock(out),
+            MergeMethod::TiesReference => self.ties_reference(out),
+            MergeMethod::SafeM => Err(Error::new(ErrorKind::Plan, "safe_m is not a baseline")),
+            _ => self.task_arithmetic(out),
+        }
+    }
+
+    fn linear(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let mut views: Vec<&TensorView<'_>> = Vec::new();
+        let mut weights = Vec::new();
+        if let (true, Some(base)) = (self.base_is_input, &self.base) {
+            views.push(base);
+            weights.push(self.number("weight", None)? as f32);
+        }
+        for (k, view) in self.contributors.iter().enumerate() {
+            views.push(view);
+            weights.push(self.number("weight", Some(k))? as f32);
+        }
+        let normalize = self.flag("normalize");
+        let n = self.plan.numel();
+        let bytes = par_encode(n, out, CHUNK_ELEMENTS, |start, values, bufs: &mut Vec<Vec<f32>>| {
+            bufs.resize_with(views.len(), Vec::new);
+            for (buf, view) in bufs.iter_mut().zip(&views) {
+                read(view, start, values.len(), buf);
+            }
+            let refs: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
+            linear_combine(&refs, &weights, normalize, values);
+        });
+        Ok((bytes, TensorOutcome::default()))
+    }
+
+    /// `τ_k = W_k − W_base` for every contributor, decoded in parallel.
+    fn task_vectors(&self) -> Result<Vec<Vec<f32>>> {
+        let base = self.base()?;
+        Ok(self
+            .contributors
+            .iter()
+            .map(|view| {
+                let mut tau = read_all(view);
+                tau.par_chunks_mut(CHUNK_ELEMENTS).enumerate().for_each_init(Vec::new, |b, (chunk, values)| {
+                    read(base, chunk * CHUNK_ELEMENTS, values.len(), b);
+                    for (t, x) in values.iter_mut().zip(b.iter()) {
+                        *t -= x;
+                    }
+                });
+                tau
+            })
+            .collect())
+    }
+
+    /// mergekit's generalized task arithmetic: sparsify each `τ_k`, weight,
+    /// vote (or sum), normalise, scale by `λ`, add to the base.
+    fn task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let mut taus = self.task_vectors()?;
+        let rescale = self.flag("rescale");
+        let mut sparsity = Vec::new();
+        for (k, tau) in taus.iter_mut().enumerate() {
+            let density = self.number("density", Some(k))?;
+            let rescaled = match self.method {
+                MergeMethod::TaskArithmetic => None,
+                MergeMethod::Ties => {
+                    let keep = trim_count(density, tau.len());
+                    keep_top(tau, keep, 0);
+                    None
+                }
+                MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies if density < 1.0 => {
+                    let gamma = self.number("gamma", Some(k))?;
+                    let (a, b) = breadcrumbs_window(density, gamma, tau.len());
+                    keep_top(tau, b, a);
+                    None
+                }
+                MergeMethod::DareLinear | MergeMethod::DareTies if density < 1.0 => {
+                    let key = dare_stream(self.seed, k, &self.plan.name);
+                    Some(drop_and_rescale(tau, CHUNK_ELEMENTS, rescale, |start, values| {
+                        let mut kept = vec![0f32; values.len()];
+                        let norms = dare_drop(values, key, start as u64, density, &mut kept);
+                        values.copy_from_slice(&kept);
+                        norms
+                    }))
+                }
+                MergeMethod::Della | MergeMethod::DellaLinear if density < 1.0 => {
+                    let epsilon = self.number("epsilon", Some(k))?;
+                    if !(density - epsilon > 0.0 && density + epsilon < 1.0) {
+                        return Err(Error::new(
+                            ErrorKind::Config,
+                            format!("della needs 0 < density − epsilon and density + epsilon < 1; got density {density}, epsilon {epsilon} for models[{}]", self.model_index[k]),
+                        )
+                        .with_tensor(&self.plan.name));
+                    }
+                    let key = dare_stream(self.seed, k, &self.plan.name);
+                    Some(della(tau, &self.plan.shape, key, density, epsilon, rescale))
+                }
+                _ => None,
+            };
+            sparsity.push(Sparsity {
+                contributor: k,
+                kept: tau.par_iter().filter(|x| **x != 0.0).count() as u64,
+                rescale: rescaled,
+            });
+        }
+        let weights: Vec<f32> =
+            (0..taus.len()).map(|k| self.number("weight", Some(k)).map(|w| w as f32)).collect::<Result<_>>()?;
+        let consensus = matches!(
+            self.method,
+            MergeMethod::Ties | MergeMethod::DareTies | MergeMethod::BreadcrumbsTies | MergeMethod::Della
+        );
+        let normalize = self.flag("normalize");
+        let lambda = self.number("lambda", None)? as f32;
+        let weight_sum: f32 = weights.iter().sum();
+        let base = self.base()?;
+        type Scratch = (Vec<f32>, Vec<f32>);
+        let bytes = par_encode(self.plan.numel(), out, CHUNK_ELEMENTS, |start, values, (b, weighted): &mut Scratch| {
+            read(base, start, values.len(), b);
+            weighted.resize(taus.len(), 0.0);
+            for (j, v) in values.iter_mut().enumerate() {
+                for ((w, tau), &wk) in weighted.iter_mut().zip(&taus).zip(&weights) {
+                    *w = wk * tau[start + j];
+                }
+                let mixed = if consensus {
+                    ties_vote(weighted, &weights, normalize)
+                } else {
+                    let sum: f32 = weighted.iter().sum();
+                    if normalize {
+                        sum / if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum }
+                    } else {
+                        sum
+                    }
+                };
+                *v = b[j] + lambda * mixed;
+            }
+        });
+        Ok((bytes, TensorOutcome { sparsity, ..TensorOutcome::default() }))
+    }
+
+    fn slerp(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let t = self.number("t", None)?;
+        let (a, b) = (self.base()?, &self.contributors[0]);
+        let [aa, bb, ab] = chunk_products(a, b);
+        let norm = |x: f64| if x.sqrt() <= 1e-8 { 1.0 } else { x.sqrt() };
+        let dot = (ab / (norm(aa) * norm(bb))).clamp(-1.0, 1.0);
+        let (s0, s1) = if dot.abs() > 0.9995 {
+            (1.0 - t, t)
+        } else {
+            let theta = dot.acos();
+            let sin = theta.sin();
+            (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
+        };
+        let (s0, s1) = (s0 as f32, s1 as f32);
+        let bytes = par_encode(a.numel(), out, CHUNK_ELEMENTS, |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
+            read(a, start, values.len(), x);
+            read(b, start, values.len(), y);
+            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
+                *v = s0 * p + s1 * q;
+            }
+        });
+        Ok((bytes, TensorOutcome::default()))
+    }
+
+    fn nearswap(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let t = self.number("t", None)? as f32;
+        let (a, b) = (self.base()?, &self.contributors[0]);
+        let bytes = par_encode(a.numel(), out, CHUNK_ELEMENTS, |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
+            read(a, start, values.len(), x);
+            read(b, start, values.len(), y);
+            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
+                let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
+                *v = w * q + (1.0 - w) * p;
+            }
+        });
+        Ok((bytes, TensorOutcome::default()))
+    }
+
+    /// Model Stock: `t = N·cos / (1 + (N − 1)·cos)` from the mean pairwise
+    /// cosine of the offsets, over the whole tensor or per row (`filter_wise`).
+    fn model_stock(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let base = read_all(self.base()?);
+        let models: Vec<Vec<f32>> = self.contributors.iter().map(read_all).collect();
+        let n_models = models.len();
+        let cols = if self.flag("filter_wise") { *self.plan.shape.last().unwrap_or(&1) } else { base.len() };
+        let rows = base.len() / cols.max(1);
+        let ratio = |row: usize| -> f32 {
+            let range = row * cols..(row + 1) * cols;
+            let offsets: Vec<Vec<f32>> =
+                models.iter().map(|m| m[range.clone()].iter().zip(&base[range.clone()]).map(|(x, b)| x - b).collect()).collect();
+            let norms: Vec<f64> = offsets.iter().map(|d| crate::reduce::sum_squares(d).sqrt()).collect();
+            let (mut sum, mut pairs) = (0f64, 0usize);
+            for i in 0..n_models {
+                for j in i + 1..n_models {
+                    let cos = crate::reduce::dot(&offsets[i], &offsets[j]) / (norms[i] * norms[j]).max(1e-6);
+                    sum += cos.clamp(-1.0, 1.0);
+                    pairs += 1;
+                }
+            }
+            let cos = sum / pairs.max(1) as f64;
+            let n = n_models as f64;
+            let denominator = 1.0 + (n - 1.0) * cos;
+            if denominator.abs() < 1e-6 {
+                0.0
+            } else {
+                (n * cos / denominator) as f32
+            }
+        };
+        let ratios: Vec<f32> = (0..rows).into_par_iter().map(ratio).collect();
+        let bytes = par_encode(base.len(), out, cols.max(1), |start, values, _: &mut ()| {
+            let t = ratios[start / cols.max(1)];
+            for (j, v) in values.iter_mut().enumerate() {
+                let i = start + j;
+                let mean = models.iter().map(|m| m[i]).sum::<f32>() / n_models as f32;
+                *v = t * mean + (1.0 - t) * base[i];
+            }
+        });
+        Ok((bytes, TensorOutcome::default()))
+    }
+
+    fn ties_reference(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let globals = self
+            .ties_reference
+            .ok_or_else(|| Error::new(ErrorKind::Plan, "ties_reference needs its whole-model pass"))?;
+        let lambda = self.number("lambda", None)? as f32;
+        let base = self.base()?;
+        let taus = self.task_vectors()?;
+        let bytes = par_encode(base.numel(), out, CHUNK_ELEMENTS, |start, values, (b, trimmed): &mut (Vec<f32>, Vec<f32>)| {
+            read(base, start, values.len(), b);
+            trimmed.resize(taus.len(), 0.0);
+            for (j, v) in values.iter_mut().enumerate() {
+                for ((t, tau), &threshold) in trimmed.iter_mut().zip(&taus).zip(&globals.thresholds) {
+                    let x = tau[start + j];
+                    *t = if magnitude_key(x) >= threshold { x } else { 0.0 };
+                }
+                *v = b[j] + lambda * globals.disjoint_mean(trimmed);
+            }
+        });
+        Ok((bytes, TensorOutcome::default()))
+    }
+}
+
+/// Keeps the entries of descending magnitude rank `[skip, keep)` (ties by
+/// lower index), in parallel chunks with exact tie accounting.
+fn keep_top(tau: &mut [f32], keep: usize, skip: usize) {
+    let top = |k: usize| -> TopK {
+        if k == 0 {
+            return TopK::NONE;
+        }
+        let threshold = parallel_select(tau, k, magnitude_key);
+        let above = tau.par_chunks(CHUNK_ELEMENTS).map(|c| count_above(c, threshold)).sum();
+        TopK::from_threshold(threshold, above, k)
+    };
+    let (top_keep, top_skip) = (top(keep), (skip > 0).then(|| top(skip)));
+    // Ties before each chunk, for both thresholds, as prefix sums in chunk order.
+    let ties: Vec<(u64, u64)> = tau
+        .par_chunks(CHUNK_ELEMENTS)
+        .map(|c| (count_equal(c, top_keep.threshold), top_skip.map_or(0, |s| count_equal(c, s.threshold))))
+        .collect();
+    let mut before = Vec::with_capacity(ties.len());
+    let mut acc = (0u64, 0u64);
+    for t in &ties {
+        before.push(acc);
+        acc = (acc.0 + t.0, acc.1 + t.1);
+    }
+    tau.par_chunks_mut(CHUNK_ELEMENTS).zip(before).for_each(|(chunk, before)| {
+        keep_rank_window(chunk, &top_keep, top_skip.as_ref(), before);
+    });
+}
+
+/// Runs a random drop over chunks of `chunk` elements (`drop(start,
+/// values)` zeroes what it drops and returns the chunk's `(‖τ‖₁,
+/// ‖τ_kept‖₁)`), then the L1 rescale of SPEC §3 when `rescale`. Returns the
+/// factor applied.
+fn drop_and_rescale(
+    tau: &mut [f32],
+    chunk: usize,
+    rescale: bool,
+    drop: impl Fn(usize, &mut [f32]) -> (f64, f64) + Sync,
+) -> f32 {
+    let norms: Vec<(f64, f64)> = tau
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(index, values)| drop(index * chunk, values))
+        .collect();
+    let (all, kept) = norms.iter().fold((0f64, 0f64), |(a, k), (x, y)| (a + x, k + y));
+    let factor = if rescale { dare_rescale(all, kept) } else { 1.0 };
+    if factor != 1.0 {
+        tau.par_iter_mut().for_each(|x| *x *= factor);
+    }
+    factor
+}
+
+/// DELLA's drop (mergekit 0.1.5 `della_magprune`): per row, ranks by
+/// ascending magnitude (ties by index) give keep probabilities from
+/// `density − ε` (smallest) to `density + ε` (largest); the draw uses the
+/// DARE stream of SPEC §3 at the element's flat index.
+fn della(tau: &mut [f32], shape: &[usize], key: u64, density: f64, epsilon: f64, rescale: bool) -> f32 {
+    let cols = if shape.len() >= 2 { *shape.last().unwrap_or(&1) } else { tau.len() }.max(1);
+    drop_and_rescale(tau, rows_per_chunk(cols) * cols, rescale, |start, values| {
+        let mut order: Vec<usize> = Vec::with_capacity(cols);
+        let mut keep = Vec::with_capacity(cols);
+        let (mut all, mut kept) = (0f64, 0f64);
+        for (r, row) in values.chunks_mut(cols).enumerate() {
+            order.clear();
+            order.extend(0..row.len());
+            order.sort_by(|&i, &j| row[i].abs().total_cmp(&row[j].abs()).then(i.cmp(&j)));
+            // mergekit normalises ranks to [0, 1]; a one-element row gets 0.
+            let span = (row.len().max(2) - 1) as f64;
+            let row_start = start + r * cols;
+            keep.clear();
+            keep.resize(row.len(), false);
+            for (rank, &i) in order.iter().enumerate() {
+                let p = density - epsilon + 2.0 * epsilon * (rank as f64 / span);
+                keep[i] = dare_keep(key, (row_start + i) as u64, p);
+            }
+            for (x, &k) in row.iter_mut().zip(&keep) {
+                all += x.abs() as f64;
+                if k {
+                    kept += x.abs() as f64;
+                } else {
+                    *x = 0.0;
+                }
+            }
+        }
+        (all, kept)
+    })
+}
+
+/// `[⟨a,a⟩, ⟨b,b⟩, ⟨a,b⟩]` over two whole tensors, in f64, summed per chunk
+/// and then in chunk order.
+fn chunk_products(a: &TensorView<'_>, b: &TensorView<'_>) -> [f64; 3] {
+    let n = a.numel();
+    let parts: Vec<[f64; 3]> = (0..n.div_ceil(CHUNK_ELEMENTS))
+        .into_par_iter()
+        .map_init(
+            || (Vec::new(), Vec::new()),
+            |(x, y), chunk| {
+                let start = chunk * CHUNK_ELEMENTS;
+                let len = CHUNK_ELEMENTS.min(n - start);
+                read(a, start, len, x);
+                read(b, start, len, y);
+                [crate::reduce::sum_squares(x), crate::reduce::sum_squares(y), crate::reduce::dot(x, y)]
+            },
+        )
+        .collect();
+    parts.iter().fold([0.0; 3], |acc, p| [acc[0] + p[0], acc[1] + p[1], acc[2] + p[2]])
+}
+
+/// Whole-model quantities of `ties_reference` (SPEC §3): each contributor's
+/// magnitude threshold over all its task-vector entries, and the sign of
+/// the sum of all elected signs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TiesReference {
+    /// Magnitude keys: entries with `|τ_k| ≥` the threshold are kept.
+    pub thresholds: Vec<u32>,
+    /// −1, 0 or +1: the sign a zero vote takes.
+    pub majority: i8,
+}
+
+impl TiesReference {
+    /// The disjoint mean of one element's trimmed task vectors: the vote is
+    /// `sign(Σ_k τ_k)` (the majority sign when that is 0); the entries of
+    /// the voted sign are averaged.
+    pub fn disjoint_mean(&self, trimmed: &[f32]) -> f32 {
+        let sum: f32 = trimmed.iter().sum();
+        let sign = if sum > 0.0 {
+            1
+        } else if sum < 0.0 {
+            -1
+        } else {
+            self.majority
+        };
+        let (mut total, mut count) = (0f32, 0u32);
+        for &x in trimmed {
+            if (sign > 0 && x > 0.0) || (sign < 0 && x < 0.0) {
+                total += x;
+                count += 1;
+            }
+        }
+        total / count.max(1) as f32
+    }
+
+    /// Runs the whole-model passes over every tensor of the plan: three
+    /// radix-select passes for the thresholds, one for the majority sign.
+    pub fn compute(
+        density: f64,
+        tensors: &[(TensorView<'_>, Vec<TensorView<'_>>)],
+    ) -> TiesReference {
+        let m = tensors.first().map_or(0, |(_, c)| c.len());
+        let total: usize = tensors.iter().map(|(b, _)| b.numel()).sum();
+        if total == 0 || m == 0 {
+            return TiesReference { thresholds: vec![0; m], majority: 0 };
+        }
+        // Keep ⌊density·K⌋ + 1 entries: the (K − ⌊density·K⌋)-th smallest and above.
+        let rank = (trim_count(density, total) + 1).min(total);
+        let mut selects = vec![RadixSelect::new(rank); m];
+        let chunks: Vec<(usize, usize)> = tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(t, (b, _))| (0..b.numel()).step_by(CHUNK_ELEMENTS).map(move |s| (t, s)))
+            .collect();
+        let task_chunk = |t: usize, start: usize, k: usize, base: &mut Vec<f32>, tau: &mut Vec<f32>| {
+            let (b, contributors) = &tensors[t];
+            let len = CHUNK_ELEMENTS.min(b.numel() - start);
+            read(b, start, len, base);
+            read(&contributors[k], start, len, tau);
+            for (x, y) in tau.iter_mut().zip(base.iter()) {
+                *x -= y;
+            }
+        };
+        while !selects[0].is_done() {
+            let hists: Vec<Box<[u64; RADIX_BUCKETS]>> = (0..m)
+                .map(|k| {
+                    chunks
+                        .par_iter()
+                        .map_init(
+                            || (Vec::new(), Vec::new()),
+                            |(base, tau), &(t, start)| {
+                                task_chunk(t, start, k, base, tau);
+                                let mut hist = Box::new([0u64; RADIX_BUCKETS]);
+                                selects[k].count_keys(tau.iter().map(|&x| magnitude_key(x)), &mut hist);
+                                hist
+                            },
+                        )
+                        .reduce(|| Box::new([0u64; RADIX_BUCKETS]), add_histograms)
+                })
+                .collect();
+            for (select, hist) in selects.iter_mut().zip(&hists) {
+                select.advance(hist);
+            }
+        }
+        let thresholds: Vec<u32> = selects.iter().map(RadixSelect::key).collect();
+        let signs: i64 = chunks
+            .par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new(), Vec::new()),
+                |(base, tau, sums): &mut (Vec<f32>, Vec<f32>, Vec<f32>), &(t, start)| {
+                    for k in 0..m {
+                        task_chunk(t, start, k, base, tau);
+                        if k == 0 {
+                            sums.clear();
+                            sums.resize(tau.len(), 0.0);
+                        }
+                        for (s, &x) in sums.iter_mut().zip(tau.iter()) {
+                            if magnitude_key(x) >= thresholds[k] {
+                                *s += x;
+                            }
+                        }
+                    }
+                    sums.iter().map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64).sum::<i64>()
+                },
+            )
+            .sum();
+        TiesReference { thresholds, majority: signs.signum() as i8 }
+    }
+}

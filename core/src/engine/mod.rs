@@ -1,0 +1,355 @@
+//! The streaming merge engine: opens the inputs, plans, runs the per-tensor
+//! kernels of [`crate::safe_m`] on memory-mapped data in parallel, and
+//! streams the result through the sharded writer, tensor by tensor.
+//!
+//! Memory: one tensor at a time is held — its output bytes and, for SAFE-M,
+//! one f32 score per element and model — plus a few rows of scratch per
+//! thread. Determinism: every element's value depends only on its own row
+//! (row dot products use [`crate::reduce`]) and on the tensor's thresholds,
+//! which are exact integer-count radix selections; chunk boundaries are
+//! fixed by the shape alone. Any thread count gives the same bytes.
+
+mod baselines;
+mod chunks;
+mod safe_m;
+
+use crate::config::{MergeConfig, MergeMethod, MethodSettings};
+use baselines::TiesReference;
+use chunks::{blend, convert};
+use safe_m::{safe_m_tensor, SafeMLayer};
+use crate::dtype::Dtype;
+use crate::error::{Error, ErrorKind, Result};
+use crate::io::{OutputTensor, ShardedWriter, TensorView};
+use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
+use crate::report::{MergeReport, TensorOutcome};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Elements per work item; rows are never split.
+const CHUNK_ELEMENTS: usize = 1 << 16;
+
+/// Where a merge is, for progress bars.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress<'a> {
+    /// Tensors written so far.
+    pub tensors_done: usize,
+    /// Tensors in all.
+    pub tensors_total: usize,
+    /// Output bytes written so far.
+    pub bytes_done: u64,
+    /// Output bytes in all.
+    pub bytes_total: u64,
+    /// The tensor just written.
+    pub tensor: &'a str,
+}
+
+/// How to run a merge (what the config does not say).
+#[derive(Default)]
+pub struct MergeOptions<'a> {
+    /// The output directory (created; replaced only with `force`).
+    pub out_dir: PathBuf,
+    /// Largest shard, in bytes of tensor data; `None` writes one file.
+    pub max_shard_bytes: Option<u64>,
+    /// Worker threads; `None` uses every core.
+    pub threads: Option<usize>,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Called after each tensor is written.
+    pub progress: Option<&'a (dyn Fn(&Progress<'_>) + Sync)>,
+    /// Set to stop the merge between tensors (nothing is left behind).
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+/// What a finished merge did.
+#[derive(Debug, Clone)]
+pub struct MergeSummary {
+    /// The output directory.
+    pub out_dir: PathBuf,
+    /// The report written to `merge_report.json`.
+    pub report: MergeReport,
+}
+
+/// A merge whose inputs are open and whose plan is checked; no tensor
+/// data has been read yet.
+pub struct PreparedMerge {
+    config: MergeConfig,
+    inputs: Inputs,
+    plan: Plan,
+}
+
+impl PreparedMerge {
+    /// Opens the inputs of `config` and plans the merge; fails listing every problem found.
+    pub fn new(config: MergeConfig) -> Result<PreparedMerge> {
+        let inputs = open_inputs(&config)?;
+        let plan = plan(&config, &inputs)?;
+        Ok(PreparedMerge {
+            config,
+            inputs,
+            plan,
+        })
+    }
+
+    /// The plan (what `--dry-run` prints).
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The config.
+    pub fn config(&self) -> &MergeConfig {
+        &self.config
+    }
+
+    /// Runs the merge into `options.out_dir`.
+    pub fn run(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(options.threads.unwrap_or(0))
+            .build()
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("cannot start worker threads: {e}"),
+                )
+            })?;
+        pool.install(|| self.run_in_pool(options))
+    }
+
+    fn run_in_pool(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
+        let outputs: Vec<OutputTensor> = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| OutputTensor {
+                name: t.name.clone(),
+                dtype: t.out_dtype,
+                shape: t.shape.clone(),
+            })
+            .collect();
+        let metadata = BTreeMap::from([
+            ("format".to_string(), "pt".to_string()),
+            (
+                "merged_by".to_string(),
+                format!("flatmerge {}", crate::VERSION),
+            ),
+            (
+                "merge_method".to_string(),
+                self.config.method.as_str().to_string(),
+            ),
+        ]);
+        let mut writer = ShardedWriter::create(
+            &options.out_dir,
+            outputs,
+            options.max_shard_bytes,
+            metadata,
+            options.force,
+        )?;
+        let mut report = MergeReport::new(&self.config, &self.inputs, &self.plan, writer.shards());
+        let bytes_total = self.plan.out_bytes();
+        let mut bytes_done = 0;
+        let ties_reference = self.ties_reference()?;
+        for (index, tensor) in self.plan.tensors.iter().enumerate() {
+            if options.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(Error::new(
+                    ErrorKind::Cancelled,
+                    "merge cancelled; nothing was written",
+                )
+                .with_file(&options.out_dir));
+            }
+            let (bytes, outcome) = self.merge_tensor(tensor, ties_reference.as_ref()).map_err(|e| {
+                if e.tensor().is_some() {
+                    e
+                } else {
+                    e.with_tensor(&tensor.name)
+                }
+            })?;
+            writer.write_tensor(&tensor.name, &bytes)?;
+            report.record(index, outcome);
+            bytes_done += bytes.len() as u64;
+            if let Some(progress) = options.progress {
+                progress(&Progress {
+                    tensors_done: index + 1,
+                    tensors_total: self.plan.tensors.len(),
+                    bytes_done,
+                    bytes_total,
+                    tensor: &tensor.name,
+                });
+            }
+        }
+        let out_dtype = self.config.out_dtype;
+        report.copied_files = copy_side_files(
+            &mut writer,
+            self.inputs.reference().checkpoint.dir(),
+            out_dtype,
+        )?;
+        writer.write_file("merge_report.json", &report.to_json_bytes())?;
+        let out_dir = writer.finish()?;
+        Ok(MergeSummary { out_dir, report })
+    }
+
+    fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
+        let checkpoint = match model {
+            Model::Base => &self.inputs.base.as_ref().expect("planned with a base").checkpoint,
+            Model::Receiver => &self.inputs.receiver().checkpoint,
+            Model::Contributor(k) => &self.inputs.contributor(k).checkpoint,
+        };
+        checkpoint.view(name).ok_or_else(|| {
+            Error::new(ErrorKind::Plan, "tensor vanished after planning")
+                .with_file(checkpoint.root())
+                .with_tensor(name)
+        })
+    }
+
+    /// The whole-model pass of `ties_reference` (SPEC §3), before any tensor is written.
+    fn ties_reference(&self) -> Result<Option<TiesReference>> {
+        let Some(params) = self.config.baseline().filter(|_| self.config.method == MergeMethod::TiesReference) else {
+            return Ok(None);
+        };
+        let density = params.number("density", None, "", 0.0)?;
+        let tensors = self
+            .plan
+            .tensors
+            .iter()
+            .map(|t| {
+                let contributors = (0..self.inputs.contributors.len())
+                    .map(|k| self.view(Model::Contributor(k), &t.name))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok((self.view(Model::Base, &t.name)?, contributors))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(TiesReference::compute(density, &tensors)))
+    }
+
+    fn merge_tensor(&self, tensor: &TensorPlan, ties_reference: Option<&TiesReference>) -> Result<(Vec<u8>, TensorOutcome)> {
+        let contributors = tensor
+            .contributors
+            .iter()
+            .map(|&k| self.view(Model::Contributor(k), &tensor.name))
+            .collect::<Result<Vec<_>>>()?;
+        match (&tensor.rule, &self.config.settings) {
+            (TensorRule::Baseline, MethodSettings::Baseline(params)) => {
+                let base = match &self.inputs.base {
+                    Some(_) => Some(self.view(Model::Base, &tensor.name)?),
+                    None => None,
+                };
+                let base_is_input = self.config.method == MergeMethod::Linear
+                    && self.config.base.as_ref().is_some_and(|b| {
+                        !self.config.models.iter().any(|m| crate::config::same_model(&m.path, &b.path))
+                    });
+                baselines::BaselineTensor {
+                    method: self.config.method,
+                    params,
+                    seed: self.config.seed,
+                    layers: self.plan.layers,
+                    plan: tensor,
+                    base,
+                    base_is_input,
+                    contributors,
+                    model_index: tensor.contributors.iter().map(|&k| self.inputs.contributors[k]).collect(),
+                    ties_reference,
+                }
+                .merge()
+            }
+            (TensorRule::Copy { .. }, _) => {
+                Ok((convert(&self.view(Model::Receiver, &tensor.name)?, tensor.out_dtype), TensorOutcome::default()))
+            }
+            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => Ok((
+                blend(&self.view(Model::Receiver, &tensor.name)?, &contributors, s.fallback_weight, tensor.out_dtype),
+                TensorOutcome::default(),
+            )),
+            (TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer }, MethodSettings::SafeM(s)) => {
+                let receiver = self.view(Model::Receiver, &tensor.name)?;
+                let ancestor = self.view(Model::Base, &tensor.name)?;
+                let layers = SafeMLayer::gather(&self.inputs, layer, tensor)?;
+                Ok(safe_m_tensor(tensor, s, &receiver, &ancestor, &contributors, &layers))
+            }
+            (rule, _) => Err(Error::new(
+                ErrorKind::Plan,
+                format!("rule {} does not apply to {}", rule.label(), self.config.method.as_str()),
+            )),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Model {
+    Base,
+    Receiver,
+    Contributor(usize),
+}
+
+/// Opens, plans and runs a merge in one call.
+pub fn merge(config: MergeConfig, options: &MergeOptions<'_>) -> Result<MergeSummary> {
+    PreparedMerge::new(config)?.run(options)
+}
+
+/// Files of the receiver's directory that a Hugging Face loader needs
+/// beside the weights: model config, tokenizer, processor, chat template.
+pub fn is_side_file(name: &str) -> bool {
+    const EXACT: [&str; 10] = [
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "processor_config.json",
+        "video_preprocessor_config.json",
+        "image_processor_config.json",
+        "chat_template.json",
+    ];
+    EXACT.contains(&name)
+        || name.starts_with("tokenizer")
+        || name.starts_with("vocab.")
+        || name.starts_with("chat_template")
+        || name.ends_with(".tiktoken")
+        || name == "spiece.model"
+        || name == "sentencepiece.bpe.model"
+}
+
+/// Copies the receiver's side files; `config.json` gets the output dtype
+/// when one was chosen, so loaders with `torch_dtype="auto"` pick it up.
+fn copy_side_files(
+    writer: &mut ShardedWriter,
+    dir: &Path,
+    out_dtype: Option<Dtype>,
+) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|name| is_side_file(name))
+        .collect();
+    names.sort();
+    for name in &names {
+        let path = dir.join(name);
+        match (name.as_str(), out_dtype) {
+            ("config.json", Some(dtype)) => {
+                let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+                let bytes = with_torch_dtype(&text, dtype).unwrap_or(text);
+                writer.write_file(name, &bytes)?;
+            }
+            _ => writer.copy_file(&path, name)?,
+        }
+    }
+    Ok(names)
+}
+
+/// `config.json` with `torch_dtype` set; `None` when it is not a JSON object
+/// (then it is copied as it is).
+fn with_torch_dtype(text: &[u8], dtype: Dtype) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(text).ok()?;
+    let object = value.as_object_mut()?;
+    let name = match dtype {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    };
+    object.insert("torch_dtype".into(), name.into());
+    let mut bytes = serde_json::to_vec_pretty(&value).ok()?;
+    bytes.push(b'\n');
+    Some(bytes)
+}
