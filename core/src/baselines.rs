@@ -13,10 +13,21 @@ use crate::select::{RadixSelect, RADIX_BUCKETS};
 /// `Σ w_k x_k`, then divided by `Σ w_k` when `normalize` (a zero sum is
 /// left undivided), element by element; the sum runs over `k` in order.
 pub fn linear_combine(inputs: &[&[f32]], weights: &[f32], normalize: bool, out: &mut [f32]) {
-    assert_eq!(inputs.len(), weights.len(), "linear_combine: one weight per input");
-    assert!(inputs.iter().all(|x| x.len() == out.len()), "linear_combine: sizes");
+    assert_eq!(
+        inputs.len(),
+        weights.len(),
+        "linear_combine: one weight per input"
+    );
+    assert!(
+        inputs.iter().all(|x| x.len() == out.len()),
+        "linear_combine: sizes"
+    );
     let total: f32 = weights.iter().sum();
-    let divisor = if normalize && total != 0.0 { total } else { 1.0 };
+    let divisor = if normalize && total != 0.0 {
+        total
+    } else {
+        1.0
+    };
     for (j, o) in out.iter_mut().enumerate() {
         let mut acc = 0.0f32;
         for (x, &w) in inputs.iter().zip(weights) {
@@ -65,7 +76,11 @@ pub struct TopK {
 
 impl TopK {
     /// Keeps nothing.
-    pub const NONE: TopK = TopK { threshold: u32::MAX, ties_kept: 0, empty: true };
+    pub const NONE: TopK = TopK {
+        threshold: u32::MAX,
+        ties_kept: 0,
+        empty: true,
+    };
 
     /// Finds the top-`k` over `chunks` (the whole tensor, split any way, in
     /// index order); each chunk is visited four times.
@@ -84,13 +99,21 @@ impl TopK {
             }
             select.advance(&hist);
         }
-        TopK::from_threshold(select.key(), chunks.map(|c| count_above(c, select.key())).sum(), k)
+        TopK::from_threshold(
+            select.key(),
+            chunks.map(|c| count_above(c, select.key())).sum(),
+            k,
+        )
     }
 
     /// The top-`k` given its threshold key and the number of entries strictly
     /// above it (for callers that count in parallel).
     pub fn from_threshold(threshold: u32, above: u64, k: usize) -> TopK {
-        TopK { threshold, ties_kept: (k as u64).saturating_sub(above), empty: k == 0 }
+        TopK {
+            threshold,
+            ties_kept: (k as u64).saturating_sub(above),
+            empty: k == 0,
+        }
     }
 
     /// Whether an entry with magnitude key `key` is in the top-`k`, where
@@ -98,7 +121,8 @@ impl TopK {
     /// and including this one, in index order.
     #[inline]
     pub fn contains(&self, key: u32, tie_rank: u64) -> bool {
-        !self.empty && (key > self.threshold || (key == self.threshold && tie_rank <= self.ties_kept))
+        !self.empty
+            && (key > self.threshold || (key == self.threshold && tie_rank <= self.ties_kept))
     }
 
     /// Zeroes the entries of a chunk that are not in the top-`k` and returns
@@ -115,7 +139,12 @@ impl TopK {
 /// top-`a` — and zeroes the rest. `ties_before` counts, for `top` and
 /// `skip`, the threshold ties in earlier chunks; the counts for this chunk
 /// are returned.
-pub fn keep_rank_window(values: &mut [f32], top: &TopK, skip: Option<&TopK>, ties_before: (u64, u64)) -> (u64, u64) {
+pub fn keep_rank_window(
+    values: &mut [f32],
+    top: &TopK,
+    skip: Option<&TopK>,
+    ties_before: (u64, u64),
+) -> (u64, u64) {
     let (mut ties_top, mut ties_skip) = (0u64, 0u64);
     for x in values.iter_mut() {
         let key = magnitude_key(*x);
@@ -149,12 +178,18 @@ pub fn breadcrumbs_window(density: f64, gamma: f64, n: usize) -> (usize, usize) 
 
 /// Entries of `chunk` whose magnitude key is above `threshold`.
 pub fn count_above(chunk: &[f32], threshold: u32) -> u64 {
-    chunk.iter().filter(|&&x| magnitude_key(x) > threshold).count() as u64
+    chunk
+        .iter()
+        .filter(|&&x| magnitude_key(x) > threshold)
+        .count() as u64
 }
 
 /// Entries of `chunk` whose magnitude key equals `threshold`.
 pub fn count_equal(chunk: &[f32], threshold: u32) -> u64 {
-    chunk.iter().filter(|&&x| magnitude_key(x) == threshold).count() as u64
+    chunk
+        .iter()
+        .filter(|&&x| magnitude_key(x) == threshold)
+        .count() as u64
 }
 
 /// FNV-1a, 64-bit (offset basis 0xCBF29CE484222325, prime 0x100000001B3).
@@ -257,7 +292,11 @@ mod tests {
         let top = TopK::find(core::iter::once(&x[..]), 3);
         let mut out = x;
         top.apply(&mut out, 0);
-        assert_eq!(out, [0.0, -3.0, 2.0, -2.0, 0.0, 0.0], "|−2| at index 3 wins over 2 at index 4");
+        assert_eq!(
+            out,
+            [0.0, -3.0, 2.0, -2.0, 0.0, 0.0],
+            "|−2| at index 3 wins over 2 at index 4"
+        );
         // The same with the tensor split in two chunks.
         let top2 = TopK::find([&x[..2], &x[2..]].into_iter(), 3);
         assert_eq!(top, top2);

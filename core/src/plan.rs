@@ -293,7 +293,12 @@ impl Problems {
             0 => Ok(()),
             1 => Err(self.0.into_iter().next().expect("one problem")),
             n => {
-                let mut lines: Vec<String> = self.0.iter().take(SHOWN).map(|e| format!("  {e}")).collect();
+                let mut lines: Vec<String> = self
+                    .0
+                    .iter()
+                    .take(SHOWN)
+                    .map(|e| format!("  {e}"))
+                    .collect();
                 if n > SHOWN {
                     lines.push(format!("  … and {} more", n - SHOWN));
                 }
@@ -437,7 +442,11 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         }
     }
     problems.into_result()?;
-    Ok(Plan { tensors, dropped, layers: layer_count(receiver) })
+    Ok(Plan {
+        tensors,
+        dropped,
+        layers: layer_count(receiver),
+    })
 }
 
 fn safe_m_rule(
@@ -531,7 +540,10 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
         if reference_is_model && m == 0 {
             continue;
         }
-        others.push((format!("contributor {k}"), &inputs.contributor(k).checkpoint));
+        others.push((
+            format!("contributor {k}"),
+            &inputs.contributor(k).checkpoint,
+        ));
     }
     let layers = layer_count(reference);
     let mut tensors = Vec::new();
@@ -542,9 +554,12 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
         for (who, other) in &others {
             match other.info(&info.name) {
                 None => problems.push(
-                    Error::new(ErrorKind::Plan, format!("missing in {who}, which every tensor of this method needs"))
-                        .with_file(other.root())
-                        .with_tensor(&info.name),
+                    Error::new(
+                        ErrorKind::Plan,
+                        format!("missing in {who}, which every tensor of this method needs"),
+                    )
+                    .with_file(other.root())
+                    .with_tensor(&info.name),
                 ),
                 Some(o) if o.shape != info.shape => problems.push(
                     Error::new(
@@ -570,10 +585,16 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
             }
         }
         let t = crate::config::params::layer_position(&info.name, layers);
-        for def in params.defs.iter().filter(|d| d.default == crate::config::params::Default::Required) {
+        for def in params
+            .defs
+            .iter()
+            .filter(|d| d.default == crate::config::params::Default::Required)
+        {
             let targets: Vec<Option<usize>> = match def.scope {
                 crate::config::params::Scope::Shared => vec![None],
-                crate::config::params::Scope::PerModel => inputs.contributors.iter().map(|&m| Some(m)).collect(),
+                crate::config::params::Scope::PerModel => {
+                    inputs.contributors.iter().map(|&m| Some(m)).collect()
+                }
             };
             for target in targets {
                 if let Err(e) = params.number(def.name, target, &info.name, t) {
@@ -595,12 +616,19 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
     for k in 0..inputs.contributors.len() {
         for info in inputs.contributor(k).checkpoint.tensors() {
             if reference.info(&info.name).is_none() {
-                dropped.push(DroppedTensor { contributor: k, name: info.name.clone() });
+                dropped.push(DroppedTensor {
+                    contributor: k,
+                    name: info.name.clone(),
+                });
             }
         }
     }
     problems.into_result()?;
-    Ok(Plan { tensors, dropped, layers })
+    Ok(Plan {
+        tensors,
+        dropped,
+        layers,
+    })
 }
 
 /// Decoder layers of a checkpoint: one more than the largest `layers.N` index.

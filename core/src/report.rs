@@ -151,7 +151,11 @@ fn parameters(config: &MergeConfig) -> Value {
         }),
         MethodSettings::Baseline(p) => {
             let block = |m: &std::collections::BTreeMap<String, Setting>| -> Value {
-                Value::Object(m.iter().map(|(k, v)| (k.clone(), setting_json(v))).collect())
+                Value::Object(
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), setting_json(v)))
+                        .collect(),
+                )
             };
             let defaults: serde_json::Map<String, Value> = p
                 .defs

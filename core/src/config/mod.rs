@@ -11,9 +11,9 @@
 pub mod params;
 
 use crate::dtype::Dtype;
-use params::{Default as D, Kind, ParamDef, Params, Scope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::safe_m::{ElectionParams, ScoreForm, EPSILON};
+use params::{Default as D, Kind, ParamDef, Params, Scope};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -225,7 +225,12 @@ impl MergeMethod {
 
     /// The parameters the method accepts (mergekit 0.1.5 names and defaults).
     pub fn params(self) -> Vec<ParamDef> {
-        let def = |name, scope, kind, default| ParamDef { name, scope, kind, default };
+        let def = |name, scope, kind, default| ParamDef {
+            name,
+            scope,
+            kind,
+            default,
+        };
         let weight = def("weight", Scope::PerModel, Kind::ANY, D::Required);
         let flag = |name, default| def(name, Scope::Shared, Kind::Bool, D::Bool(default));
         let gta = |normalize: bool, rescale: bool| {
@@ -250,7 +255,9 @@ impl MergeMethod {
             MergeMethod::TaskArithmetic => gta(false, false),
             MergeMethod::Ties => gta(true, false),
             MergeMethod::DareLinear | MergeMethod::DareTies => gta(false, true),
-            MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies => with(gta(false, false), gamma),
+            MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies => {
+                with(gta(false, false), gamma)
+            }
             MergeMethod::Della => with(gta(true, true), della_eps),
             MergeMethod::DellaLinear => with(gta(false, true), della_eps),
             MergeMethod::TiesReference => vec![
@@ -260,7 +267,9 @@ impl MergeMethod {
             MergeMethod::Slerp => vec![def("t", Scope::Shared, Kind::ANY, D::Required)],
             MergeMethod::Nearswap => vec![def("t", Scope::Shared, Kind::POSITIVE, D::Required)],
             MergeMethod::ModelStock => vec![flag("filter_wise", false)],
-            MergeMethod::Passthrough => vec![def("scale", Scope::PerModel, Kind::ANY, D::Number(1.0))],
+            MergeMethod::Passthrough => {
+                vec![def("scale", Scope::PerModel, Kind::ANY, D::Number(1.0))]
+            }
         }
     }
 }
@@ -369,7 +378,11 @@ impl MergeConfig {
         match self.method {
             MergeMethod::SafeM => (1..self.models.len()).collect(),
             _ => (0..self.models.len())
-                .filter(|&i| self.base.as_ref().is_none_or(|b| !same_model(&b.path, &self.models[i].path)))
+                .filter(|&i| {
+                    self.base
+                        .as_ref()
+                        .is_none_or(|b| !same_model(&b.path, &self.models[i].path))
+                })
                 .collect(),
         }
     }
@@ -546,7 +559,11 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         "slices",
         "`slices` / `layer_range` (frankenmerges) are not supported by flatmerge; list whole models under `models:`",
     )?;
-    refuse(&raw.modules, "modules", "`modules` (multi-module merges) are not supported by flatmerge; use `models:`")?;
+    refuse(
+        &raw.modules,
+        "modules",
+        "`modules` (multi-module merges) are not supported by flatmerge; use `models:`",
+    )?;
     refuse(
         &raw.tokenizer,
         "tokenizer",
@@ -578,7 +595,11 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         config_error(
             None,
             "merge_method",
-            format!("merge method `{}` {why}; flatmerge runs: {}", raw.merge_method, supported.join(", ")),
+            format!(
+                "merge method `{}` {why}; flatmerge runs: {}",
+                raw.merge_method,
+                supported.join(", ")
+            ),
         )
     })?;
     refuse_layouts(&raw)?;
@@ -592,10 +613,17 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         .collect();
     let base = raw.base_model.as_deref().map(|b| ModelRef {
         path: resolve(base_dir, b),
-        stats: raw.base_model_stats.as_deref().map(|s| resolve(base_dir, s)),
+        stats: raw
+            .base_model_stats
+            .as_deref()
+            .map(|s| resolve(base_dir, s)),
     });
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
-        return Err(config_error(None, "base_model_stats", "given without `base_model`"));
+        return Err(config_error(
+            None,
+            "base_model_stats",
+            "given without `base_model`",
+        ));
     }
     let settings = match method {
         MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
@@ -612,21 +640,42 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
     })
 }
 
-fn baseline_params(method: MergeMethod, raw: &RawConfig, models: &[ModelRef], base: Option<&ModelRef>) -> Result<Params> {
+fn baseline_params(
+    method: MergeMethod,
+    raw: &RawConfig,
+    models: &[ModelRef],
+    base: Option<&ModelRef>,
+) -> Result<Params> {
     let name = method.as_str();
     if method.needs_base() && base.is_none() {
-        return Err(config_error(None, "base_model", format!("{name} needs `base_model`")));
+        return Err(config_error(
+            None,
+            "base_model",
+            format!("{name} needs `base_model`"),
+        ));
     }
     if models.is_empty() {
-        return Err(config_error(None, "models", format!("{name} needs at least one model under `models:`")));
+        return Err(config_error(
+            None,
+            "models",
+            format!("{name} needs at least one model under `models:`"),
+        ));
     }
     for (i, m) in raw.models.iter().enumerate() {
         if let Some(stats) = &m.stats {
-            return Err(config_error(None, &format!("models[{i}].stats"), format!("{name} uses no activation statistics (`{stats}`)")));
+            return Err(config_error(
+                None,
+                &format!("models[{i}].stats"),
+                format!("{name} uses no activation statistics (`{stats}`)"),
+            ));
         }
     }
     if raw.base_model_stats.is_some() {
-        return Err(config_error(None, "base_model_stats", format!("{name} uses no activation statistics")));
+        return Err(config_error(
+            None,
+            "base_model_stats",
+            format!("{name} uses no activation statistics"),
+        ));
     }
     let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();
     let params = Params::validate(name, &method.params(), &raw.parameters, &per_model)?;
@@ -640,12 +689,22 @@ fn baseline_params(method: MergeMethod, raw: &RawConfig, models: &[ModelRef], ba
         MergeMethod::ModelStock if contributors.len() < 2 => {
             return count_error("needs at least two models besides the base");
         }
-        MergeMethod::Passthrough if models.len() != 1 => return count_error("takes exactly one model"),
-        _ if contributors.is_empty() => return count_error("needs at least one model besides the base"),
+        MergeMethod::Passthrough if models.len() != 1 => {
+            return count_error("takes exactly one model")
+        }
+        _ if contributors.is_empty() => {
+            return count_error("needs at least one model besides the base")
+        }
         _ => {}
     }
-    let weighted: Vec<usize> = if method == MergeMethod::Linear { (0..models.len()).collect() } else { contributors };
-    params.check_required(&weighted, |i| format!("models[{i}] ({})", models[i].path.display()))?;
+    let weighted: Vec<usize> = if method == MergeMethod::Linear {
+        (0..models.len()).collect()
+    } else {
+        contributors
+    };
+    params.check_required(&weighted, |i| {
+        format!("models[{i}] ({})", models[i].path.display())
+    })?;
     Ok(params)
 }
 

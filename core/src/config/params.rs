@@ -50,7 +50,11 @@ impl Setting {
             Setting::Gradient(points) => Some(Scalar::Number(interpolate(points, t))),
             Setting::Filtered(entries) => entries
                 .iter()
-                .find(|(filter, _)| filter.as_deref().is_none_or(|f| f == "*" || name.contains(f)))
+                .find(|(filter, _)| {
+                    filter
+                        .as_deref()
+                        .is_none_or(|f| f == "*" || name.contains(f))
+                })
                 .and_then(|(_, s)| s.at(name, t)),
         }
     }
@@ -122,22 +126,45 @@ pub enum Kind {
 
 impl Kind {
     /// Any finite number.
-    pub const ANY: Kind = Kind::Number { min: f64::MIN, max: f64::MAX, min_open: false };
+    pub const ANY: Kind = Kind::Number {
+        min: f64::MIN,
+        max: f64::MAX,
+        min_open: false,
+    };
     /// `[0, 1]`.
-    pub const UNIT: Kind = Kind::Number { min: 0.0, max: 1.0, min_open: false };
+    pub const UNIT: Kind = Kind::Number {
+        min: 0.0,
+        max: 1.0,
+        min_open: false,
+    };
     /// `(0, 1]`.
-    pub const DENSITY: Kind = Kind::Number { min: 0.0, max: 1.0, min_open: true };
+    pub const DENSITY: Kind = Kind::Number {
+        min: 0.0,
+        max: 1.0,
+        min_open: true,
+    };
     /// `≥ 0`.
-    pub const NON_NEGATIVE: Kind = Kind::Number { min: 0.0, max: f64::MAX, min_open: false };
+    pub const NON_NEGATIVE: Kind = Kind::Number {
+        min: 0.0,
+        max: f64::MAX,
+        min_open: false,
+    };
     /// `> 0`.
-    pub const POSITIVE: Kind = Kind::Number { min: 0.0, max: f64::MAX, min_open: true };
+    pub const POSITIVE: Kind = Kind::Number {
+        min: 0.0,
+        max: f64::MAX,
+        min_open: true,
+    };
 
     fn describe(&self) -> String {
         match self {
             Kind::Number { min, max, min_open } => match (*min == f64::MIN, *max == f64::MAX) {
                 (true, true) => "a finite number".to_string(),
                 (false, true) => format!("a number {} {min}", if *min_open { ">" } else { "≥" }),
-                _ => format!("a number in {}{min}, {max}]", if *min_open { "(" } else { "[" }),
+                _ => format!(
+                    "a number in {}{min}, {max}]",
+                    if *min_open { "(" } else { "[" }
+                ),
             },
             Kind::Bool => "true or false".to_string(),
             Kind::Choice(words) => format!("one of {}", words.join(", ")),
@@ -197,17 +224,29 @@ fn param_error(at: &Spanned<ParamValue>, key: &str, problem: impl std::fmt::Disp
 
 /// Converts a raw value into a setting of `kind`, checking every number.
 fn setting(raw: &Spanned<ParamValue>, key: &str, kind: Kind, nested: bool) -> Result<Setting> {
-    let bad = |found: &ParamValue| param_error(raw, key, format!("expected {}, found {found}", kind.describe()));
+    let bad = |found: &ParamValue| {
+        param_error(
+            raw,
+            key,
+            format!("expected {}, found {found}", kind.describe()),
+        )
+    };
     let scalar = |v: &ParamValue| -> Result<Scalar> {
         match (v, kind) {
-            (ParamValue::Number(x), Kind::Number { .. }) if kind.accepts_number(*x) => Ok(Scalar::Number(*x)),
+            (ParamValue::Number(x), Kind::Number { .. }) if kind.accepts_number(*x) => {
+                Ok(Scalar::Number(*x))
+            }
             (ParamValue::Bool(b), Kind::Bool) => Ok(Scalar::Bool(*b)),
-            (ParamValue::Text(t), Kind::Choice(words)) if words.contains(&t.as_str()) => Ok(Scalar::Text(t.clone())),
+            (ParamValue::Text(t), Kind::Choice(words)) if words.contains(&t.as_str()) => {
+                Ok(Scalar::Text(t.clone()))
+            }
             (other, _) => Err(bad(other)),
         }
     };
     match &raw.value {
-        ParamValue::List(items) if items.iter().all(|i| matches!(i, ParamValue::Number(_))) && !items.is_empty() => {
+        ParamValue::List(items)
+            if items.iter().all(|i| matches!(i, ParamValue::Number(_))) && !items.is_empty() =>
+        {
             if !matches!(kind, Kind::Number { .. }) {
                 return Err(bad(&raw.value));
             }
@@ -238,7 +277,9 @@ fn setting(raw: &Spanned<ParamValue>, key: &str, kind: Kind, nested: bool) -> Re
             }
             Ok(Setting::Filtered(entries))
         }
-        ParamValue::Map(map) if !nested => Ok(Setting::Filtered(vec![filter_entry(raw, key, kind, map)?])),
+        ParamValue::Map(map) if !nested => {
+            Ok(Setting::Filtered(vec![filter_entry(raw, key, kind, map)?]))
+        }
         other => Ok(Setting::Value(scalar(other)?)),
     }
 }
@@ -250,12 +291,22 @@ fn filter_entry(
     map: &BTreeMap<String, ParamValue>,
 ) -> Result<(Option<String>, Setting)> {
     if let Some(unknown) = map.keys().find(|k| *k != "filter" && *k != "value") {
-        return Err(param_error(raw, key, format!("unknown key `{unknown}` in a filter entry; expected `filter` and `value`")));
+        return Err(param_error(
+            raw,
+            key,
+            format!("unknown key `{unknown}` in a filter entry; expected `filter` and `value`"),
+        ));
     }
     let filter = match map.get("filter") {
         None => None,
         Some(ParamValue::Text(f)) => Some(f.clone()),
-        Some(other) => return Err(param_error(raw, key, format!("`filter` must be a string, found {other}"))),
+        Some(other) => {
+            return Err(param_error(
+                raw,
+                key,
+                format!("`filter` must be a string, found {other}"),
+            ))
+        }
     };
     let value = map
         .get("value")
@@ -276,18 +327,37 @@ impl Params {
     ) -> Result<Params> {
         let find = |key: &str| defs.iter().find(|d| d.name == key);
         let names = || defs.iter().map(|d| d.name).collect::<Vec<_>>().join(", ");
-        let mut params = Params { defs: defs.to_vec(), ..Params::default() };
+        let mut params = Params {
+            defs: defs.to_vec(),
+            ..Params::default()
+        };
         for (key, raw) in global {
             let def = find(key).ok_or_else(|| {
-                param_error(raw, key, format!("unknown parameter for {method}; expected one of: {}", names()))
+                param_error(
+                    raw,
+                    key,
+                    format!(
+                        "unknown parameter for {method}; expected one of: {}",
+                        names()
+                    ),
+                )
             })?;
-            params.global.insert(key.clone(), setting(raw, key, def.kind, false)?);
+            params
+                .global
+                .insert(key.clone(), setting(raw, key, def.kind, false)?);
         }
         for (i, block) in per_model.iter().enumerate() {
             let mut map = BTreeMap::new();
             for (key, raw) in block.iter() {
                 let def = find(key).ok_or_else(|| {
-                    param_error(raw, key, format!("unknown parameter for {method} in models[{i}]; expected one of: {}", names()))
+                    param_error(
+                        raw,
+                        key,
+                        format!(
+                            "unknown parameter for {method} in models[{i}]; expected one of: {}",
+                            names()
+                        ),
+                    )
                 })?;
                 if def.scope == Scope::Shared {
                     return Err(param_error(
@@ -313,13 +383,17 @@ impl Params {
     /// The value of `key` for `model` (`None`: a shared parameter) on tensor
     /// `name` at layer position `t`: per-model, then global, then default.
     pub fn get(&self, key: &str, model: Option<usize>, name: &str, t: f64) -> Option<Scalar> {
-        let own = model.and_then(|m| self.per_model.get(m)).and_then(|p| p.get(key)).and_then(|s| s.at(name, t));
-        own.or_else(|| self.global.get(key).and_then(|s| s.at(name, t))).or_else(|| match self.def(key).default {
-            Default::Number(x) => Some(Scalar::Number(x)),
-            Default::Bool(b) => Some(Scalar::Bool(b)),
-            Default::Text(t) => Some(Scalar::Text(t.to_string())),
-            Default::Required => None,
-        })
+        let own = model
+            .and_then(|m| self.per_model.get(m))
+            .and_then(|p| p.get(key))
+            .and_then(|s| s.at(name, t));
+        own.or_else(|| self.global.get(key).and_then(|s| s.at(name, t)))
+            .or_else(|| match self.def(key).default {
+                Default::Number(x) => Some(Scalar::Number(x)),
+                Default::Bool(b) => Some(Scalar::Bool(b)),
+                Default::Text(t) => Some(Scalar::Text(t.to_string())),
+                Default::Required => None,
+            })
     }
 
     /// A number parameter; an error naming the tensor and model when a
@@ -346,16 +420,24 @@ impl Params {
     /// Checks that every required parameter has a value for each model in
     /// `models` wherever a tensor could ask (a filter list without a
     /// catch-all is checked per tensor when merging).
-    pub fn check_required(&self, models: &[usize], describe: impl Fn(usize) -> String) -> Result<()> {
+    pub fn check_required(
+        &self,
+        models: &[usize],
+        describe: impl Fn(usize) -> String,
+    ) -> Result<()> {
         for def in self.defs.iter().filter(|d| d.default == Default::Required) {
             let targets: Vec<Option<usize>> = match def.scope {
                 Scope::Shared => vec![None],
                 Scope::PerModel => models.iter().map(|&m| Some(m)).collect(),
             };
             for target in targets {
-                let own = target.and_then(|m| self.per_model.get(m)).and_then(|p| p.get(def.name));
+                let own = target
+                    .and_then(|m| self.per_model.get(m))
+                    .and_then(|p| p.get(def.name));
                 if own.is_none() && !self.global.contains_key(def.name) {
-                    let whom = target.map(&describe).unwrap_or_else(|| "the method".to_string());
+                    let whom = target
+                        .map(&describe)
+                        .unwrap_or_else(|| "the method".to_string());
                     return Err(super::config_error(
                         None,
                         def.name,
@@ -394,20 +476,35 @@ mod tests {
         assert_eq!(layer_position("model.layers.1.mlp.up_proj.weight", 5), 0.25);
         assert_eq!(layer_position("model.norm.weight", 5), 0.0);
         assert_eq!(layer_position("lm_head.weight", 5), 0.0);
-        assert_eq!(layer_position("model.layers.0.self_attn.q_proj.weight", 1), 1.0);
+        assert_eq!(
+            layer_position("model.layers.0.self_attn.q_proj.weight", 1),
+            1.0
+        );
     }
 
     #[test]
     fn filters_take_the_first_match() {
         let s = Setting::Filtered(vec![
-            (Some("self_attn".into()), Setting::Value(Scalar::Number(0.1))),
+            (
+                Some("self_attn".into()),
+                Setting::Value(Scalar::Number(0.1)),
+            ),
             (Some("mlp".into()), Setting::Gradient(vec![0.0, 1.0])),
             (None, Setting::Value(Scalar::Number(0.5))),
         ]);
-        assert_eq!(s.at("model.layers.0.self_attn.q_proj.weight", 0.3), Some(Scalar::Number(0.1)));
-        assert_eq!(s.at("model.layers.0.mlp.up_proj.weight", 0.25), Some(Scalar::Number(0.25)));
+        assert_eq!(
+            s.at("model.layers.0.self_attn.q_proj.weight", 0.3),
+            Some(Scalar::Number(0.1))
+        );
+        assert_eq!(
+            s.at("model.layers.0.mlp.up_proj.weight", 0.25),
+            Some(Scalar::Number(0.25))
+        );
         assert_eq!(s.at("model.norm.weight", 0.0), Some(Scalar::Number(0.5)));
-        let partial = Setting::Filtered(vec![(Some("mlp".into()), Setting::Value(Scalar::Number(1.0)))]);
+        let partial = Setting::Filtered(vec![(
+            Some("mlp".into()),
+            Setting::Value(Scalar::Number(1.0)),
+        )]);
         assert_eq!(partial.at("model.norm.weight", 0.0), None);
     }
 }

@@ -6,8 +6,8 @@
 use super::chunks::{add_histograms, par_encode, parallel_select, read, read_all, rows_per_chunk};
 use super::CHUNK_ELEMENTS;
 use crate::baselines::{
-    breadcrumbs_window, count_above, count_equal, dare_drop, dare_keep, dare_rescale, dare_stream, keep_rank_window,
-    linear_combine, magnitude_key, ties_vote, trim_count, TopK,
+    breadcrumbs_window, count_above, count_equal, dare_drop, dare_keep, dare_rescale, dare_stream,
+    keep_rank_window, linear_combine, magnitude_key, ties_vote, trim_count, TopK,
 };
 use crate::config::params::{layer_position, Params};
 use crate::config::MergeMethod;
@@ -49,7 +49,12 @@ impl BaselineTensor<'_> {
     }
 
     fn number(&self, key: &str, k: Option<usize>) -> Result<f64> {
-        self.params.number(key, k.map(|k| self.model_index[k]), &self.plan.name, self.t())
+        self.params.number(
+            key,
+            k.map(|k| self.model_index[k]),
+            &self.plan.name,
+            self.t(),
+        )
     }
 
     fn flag(&self, key: &str) -> bool {
@@ -57,7 +62,9 @@ impl BaselineTensor<'_> {
     }
 
     fn base(&self) -> Result<&TensorView<'_>> {
-        self.base.as_ref().ok_or_else(|| Error::new(ErrorKind::Plan, "this method needs the base model's tensor"))
+        self.base
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::Plan, "this method needs the base model's tensor"))
     }
 
     /// Merges the tensor.
@@ -68,12 +75,17 @@ impl BaselineTensor<'_> {
             MergeMethod::Passthrough => {
                 let scale = self.number("scale", Some(0))? as f32;
                 let view = &self.contributors[0];
-                let bytes = par_encode(view.numel(), out, CHUNK_ELEMENTS, |start, values, buf: &mut Vec<f32>| {
-                    read(view, start, values.len(), buf);
-                    for (v, x) in values.iter_mut().zip(buf.iter()) {
-                        *v = scale * x;
-                    }
-                });
+                let bytes = par_encode(
+                    view.numel(),
+                    out,
+                    CHUNK_ELEMENTS,
+                    |start, values, buf: &mut Vec<f32>| {
+                        read(view, start, values.len(), buf);
+                        for (v, x) in values.iter_mut().zip(buf.iter()) {
+                            *v = scale * x;
+                        }
+                    },
+                );
                 Ok((bytes, TensorOutcome::default()))
             }
             MergeMethod::Slerp => self.slerp(out),
@@ -98,14 +110,19 @@ impl BaselineTensor<'_> {
         }
         let normalize = self.flag("normalize");
         let n = self.plan.numel();
-        let bytes = par_encode(n, out, CHUNK_ELEMENTS, |start, values, bufs: &mut Vec<Vec<f32>>| {
-            bufs.resize_with(views.len(), Vec::new);
-            for (buf, view) in bufs.iter_mut().zip(&views) {
-                read(view, start, values.len(), buf);
-            }
-            let refs: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
-            linear_combine(&refs, &weights, normalize, values);
-        });
+        let bytes = par_encode(
+            n,
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, bufs: &mut Vec<Vec<f32>>| {
+                bufs.resize_with(views.len(), Vec::new);
+                for (buf, view) in bufs.iter_mut().zip(&views) {
+                    read(view, start, values.len(), buf);
+                }
+                let refs: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
+                linear_combine(&refs, &weights, normalize, values);
+            },
+        );
         Ok((bytes, TensorOutcome::default()))
     }
 
@@ -117,12 +134,14 @@ impl BaselineTensor<'_> {
             .iter()
             .map(|view| {
                 let mut tau = read_all(view);
-                tau.par_chunks_mut(CHUNK_ELEMENTS).enumerate().for_each_init(Vec::new, |b, (chunk, values)| {
-                    read(base, chunk * CHUNK_ELEMENTS, values.len(), b);
-                    for (t, x) in values.iter_mut().zip(b.iter()) {
-                        *t -= x;
-                    }
-                });
+                tau.par_chunks_mut(CHUNK_ELEMENTS)
+                    .enumerate()
+                    .for_each_init(Vec::new, |b, (chunk, values)| {
+                        read(base, chunk * CHUNK_ELEMENTS, values.len(), b);
+                        for (t, x) in values.iter_mut().zip(b.iter()) {
+                            *t -= x;
+                        }
+                    });
                 tau
             })
             .collect())
@@ -151,12 +170,17 @@ impl BaselineTensor<'_> {
                 }
                 MergeMethod::DareLinear | MergeMethod::DareTies if density < 1.0 => {
                     let key = dare_stream(self.seed, k, &self.plan.name);
-                    Some(drop_and_rescale(tau, CHUNK_ELEMENTS, rescale, |start, values| {
-                        let mut kept = vec![0f32; values.len()];
-                        let norms = dare_drop(values, key, start as u64, density, &mut kept);
-                        values.copy_from_slice(&kept);
-                        norms
-                    }))
+                    Some(drop_and_rescale(
+                        tau,
+                        CHUNK_ELEMENTS,
+                        rescale,
+                        |start, values| {
+                            let mut kept = vec![0f32; values.len()];
+                            let norms = dare_drop(values, key, start as u64, density, &mut kept);
+                            values.copy_from_slice(&kept);
+                            norms
+                        },
+                    ))
                 }
                 MergeMethod::Della | MergeMethod::DellaLinear if density < 1.0 => {
                     let epsilon = self.number("epsilon", Some(k))?;
@@ -178,38 +202,57 @@ impl BaselineTensor<'_> {
                 rescale: rescaled,
             });
         }
-        let weights: Vec<f32> =
-            (0..taus.len()).map(|k| self.number("weight", Some(k)).map(|w| w as f32)).collect::<Result<_>>()?;
+        let weights: Vec<f32> = (0..taus.len())
+            .map(|k| self.number("weight", Some(k)).map(|w| w as f32))
+            .collect::<Result<_>>()?;
         let consensus = matches!(
             self.method,
-            MergeMethod::Ties | MergeMethod::DareTies | MergeMethod::BreadcrumbsTies | MergeMethod::Della
+            MergeMethod::Ties
+                | MergeMethod::DareTies
+                | MergeMethod::BreadcrumbsTies
+                | MergeMethod::Della
         );
         let normalize = self.flag("normalize");
         let lambda = self.number("lambda", None)? as f32;
         let weight_sum: f32 = weights.iter().sum();
         let base = self.base()?;
         type Scratch = (Vec<f32>, Vec<f32>);
-        let bytes = par_encode(self.plan.numel(), out, CHUNK_ELEMENTS, |start, values, (b, weighted): &mut Scratch| {
-            read(base, start, values.len(), b);
-            weighted.resize(taus.len(), 0.0);
-            for (j, v) in values.iter_mut().enumerate() {
-                for ((w, tau), &wk) in weighted.iter_mut().zip(&taus).zip(&weights) {
-                    *w = wk * tau[start + j];
-                }
-                let mixed = if consensus {
-                    ties_vote(weighted, &weights, normalize)
-                } else {
-                    let sum: f32 = weighted.iter().sum();
-                    if normalize {
-                        sum / if weight_sum.abs() < 1e-8 { 1.0 } else { weight_sum }
-                    } else {
-                        sum
+        let bytes = par_encode(
+            self.plan.numel(),
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, (b, weighted): &mut Scratch| {
+                read(base, start, values.len(), b);
+                weighted.resize(taus.len(), 0.0);
+                for (j, v) in values.iter_mut().enumerate() {
+                    for ((w, tau), &wk) in weighted.iter_mut().zip(&taus).zip(&weights) {
+                        *w = wk * tau[start + j];
                     }
-                };
-                *v = b[j] + lambda * mixed;
-            }
-        });
-        Ok((bytes, TensorOutcome { sparsity, ..TensorOutcome::default() }))
+                    let mixed = if consensus {
+                        ties_vote(weighted, &weights, normalize)
+                    } else {
+                        let sum: f32 = weighted.iter().sum();
+                        if normalize {
+                            sum / if weight_sum.abs() < 1e-8 {
+                                1.0
+                            } else {
+                                weight_sum
+                            }
+                        } else {
+                            sum
+                        }
+                    };
+                    *v = b[j] + lambda * mixed;
+                }
+            },
+        );
+        Ok((
+            bytes,
+            TensorOutcome {
+                sparsity,
+                ..TensorOutcome::default()
+            },
+        ))
     }
 
     fn slerp(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -226,27 +269,37 @@ impl BaselineTensor<'_> {
             (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
         };
         let (s0, s1) = (s0 as f32, s1 as f32);
-        let bytes = par_encode(a.numel(), out, CHUNK_ELEMENTS, |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
-            read(a, start, values.len(), x);
-            read(b, start, values.len(), y);
-            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
-                *v = s0 * p + s1 * q;
-            }
-        });
+        let bytes = par_encode(
+            a.numel(),
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
+                read(a, start, values.len(), x);
+                read(b, start, values.len(), y);
+                for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
+                    *v = s0 * p + s1 * q;
+                }
+            },
+        );
         Ok((bytes, TensorOutcome::default()))
     }
 
     fn nearswap(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
         let t = self.number("t", None)? as f32;
         let (a, b) = (self.base()?, &self.contributors[0]);
-        let bytes = par_encode(a.numel(), out, CHUNK_ELEMENTS, |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
-            read(a, start, values.len(), x);
-            read(b, start, values.len(), y);
-            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
-                let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
-                *v = w * q + (1.0 - w) * p;
-            }
-        });
+        let bytes = par_encode(
+            a.numel(),
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
+                read(a, start, values.len(), x);
+                read(b, start, values.len(), y);
+                for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
+                    let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
+                    *v = w * q + (1.0 - w) * p;
+                }
+            },
+        );
         Ok((bytes, TensorOutcome::default()))
     }
 
@@ -256,17 +309,33 @@ impl BaselineTensor<'_> {
         let base = read_all(self.base()?);
         let models: Vec<Vec<f32>> = self.contributors.iter().map(read_all).collect();
         let n_models = models.len();
-        let cols = if self.flag("filter_wise") { *self.plan.shape.last().unwrap_or(&1) } else { base.len() };
+        let cols = if self.flag("filter_wise") {
+            *self.plan.shape.last().unwrap_or(&1)
+        } else {
+            base.len()
+        };
         let rows = base.len() / cols.max(1);
         let ratio = |row: usize| -> f32 {
             let range = row * cols..(row + 1) * cols;
-            let offsets: Vec<Vec<f32>> =
-                models.iter().map(|m| m[range.clone()].iter().zip(&base[range.clone()]).map(|(x, b)| x - b).collect()).collect();
-            let norms: Vec<f64> = offsets.iter().map(|d| crate::reduce::sum_squares(d).sqrt()).collect();
+            let offsets: Vec<Vec<f32>> = models
+                .iter()
+                .map(|m| {
+                    m[range.clone()]
+                        .iter()
+                        .zip(&base[range.clone()])
+                        .map(|(x, b)| x - b)
+                        .collect()
+                })
+                .collect();
+            let norms: Vec<f64> = offsets
+                .iter()
+                .map(|d| crate::reduce::sum_squares(d).sqrt())
+                .collect();
             let (mut sum, mut pairs) = (0f64, 0usize);
             for i in 0..n_models {
                 for j in i + 1..n_models {
-                    let cos = crate::reduce::dot(&offsets[i], &offsets[j]) / (norms[i] * norms[j]).max(1e-6);
+                    let cos = crate::reduce::dot(&offsets[i], &offsets[j])
+                        / (norms[i] * norms[j]).max(1e-6);
                     sum += cos.clamp(-1.0, 1.0);
                     pairs += 1;
                 }
@@ -293,23 +362,34 @@ impl BaselineTensor<'_> {
     }
 
     fn ties_reference(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let globals = self
-            .ties_reference
-            .ok_or_else(|| Error::new(ErrorKind::Plan, "ties_reference needs its whole-model pass"))?;
+        let globals = self.ties_reference.ok_or_else(|| {
+            Error::new(ErrorKind::Plan, "ties_reference needs its whole-model pass")
+        })?;
         let lambda = self.number("lambda", None)? as f32;
         let base = self.base()?;
         let taus = self.task_vectors()?;
-        let bytes = par_encode(base.numel(), out, CHUNK_ELEMENTS, |start, values, (b, trimmed): &mut (Vec<f32>, Vec<f32>)| {
-            read(base, start, values.len(), b);
-            trimmed.resize(taus.len(), 0.0);
-            for (j, v) in values.iter_mut().enumerate() {
-                for ((t, tau), &threshold) in trimmed.iter_mut().zip(&taus).zip(&globals.thresholds) {
-                    let x = tau[start + j];
-                    *t = if magnitude_key(x) >= threshold { x } else { 0.0 };
+        let bytes = par_encode(
+            base.numel(),
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, (b, trimmed): &mut (Vec<f32>, Vec<f32>)| {
+                read(base, start, values.len(), b);
+                trimmed.resize(taus.len(), 0.0);
+                for (j, v) in values.iter_mut().enumerate() {
+                    for ((t, tau), &threshold) in
+                        trimmed.iter_mut().zip(&taus).zip(&globals.thresholds)
+                    {
+                        let x = tau[start + j];
+                        *t = if magnitude_key(x) >= threshold {
+                            x
+                        } else {
+                            0.0
+                        };
+                    }
+                    *v = b[j] + lambda * globals.disjoint_mean(trimmed);
                 }
-                *v = b[j] + lambda * globals.disjoint_mean(trimmed);
-            }
-        });
+            },
+        );
         Ok((bytes, TensorOutcome::default()))
     }
 }
@@ -322,14 +402,22 @@ fn keep_top(tau: &mut [f32], keep: usize, skip: usize) {
             return TopK::NONE;
         }
         let threshold = parallel_select(tau, k, magnitude_key);
-        let above = tau.par_chunks(CHUNK_ELEMENTS).map(|c| count_above(c, threshold)).sum();
+        let above = tau
+            .par_chunks(CHUNK_ELEMENTS)
+            .map(|c| count_above(c, threshold))
+            .sum();
         TopK::from_threshold(threshold, above, k)
     };
     let (top_keep, top_skip) = (top(keep), (skip > 0).then(|| top(skip)));
     // Ties before each chunk, for both thresholds, as prefix sums in chunk order.
     let ties: Vec<(u64, u64)> = tau
         .par_chunks(CHUNK_ELEMENTS)
-        .map(|c| (count_equal(c, top_keep.threshold), top_skip.map_or(0, |s| count_equal(c, s.threshold))))
+        .map(|c| {
+            (
+                count_equal(c, top_keep.threshold),
+                top_skip.map_or(0, |s| count_equal(c, s.threshold)),
+            )
+        })
         .collect();
     let mut before = Vec::with_capacity(ties.len());
     let mut acc = (0u64, 0u64);
@@ -337,9 +425,11 @@ fn keep_top(tau: &mut [f32], keep: usize, skip: usize) {
         before.push(acc);
         acc = (acc.0 + t.0, acc.1 + t.1);
     }
-    tau.par_chunks_mut(CHUNK_ELEMENTS).zip(before).for_each(|(chunk, before)| {
-        keep_rank_window(chunk, &top_keep, top_skip.as_ref(), before);
-    });
+    tau.par_chunks_mut(CHUNK_ELEMENTS)
+        .zip(before)
+        .for_each(|(chunk, before)| {
+            keep_rank_window(chunk, &top_keep, top_skip.as_ref(), before);
+        });
 }
 
 /// Runs a random drop over chunks of `chunk` elements (`drop(start,
@@ -357,8 +447,14 @@ fn drop_and_rescale(
         .enumerate()
         .map(|(index, values)| drop(index * chunk, values))
         .collect();
-    let (all, kept) = norms.iter().fold((0f64, 0f64), |(a, k), (x, y)| (a + x, k + y));
-    let factor = if rescale { dare_rescale(all, kept) } else { 1.0 };
+    let (all, kept) = norms
+        .iter()
+        .fold((0f64, 0f64), |(a, k), (x, y)| (a + x, k + y));
+    let factor = if rescale {
+        dare_rescale(all, kept)
+    } else {
+        1.0
+    };
     if factor != 1.0 {
         tau.par_iter_mut().for_each(|x| *x *= factor);
     }
@@ -369,36 +465,53 @@ fn drop_and_rescale(
 /// ascending magnitude (ties by index) give keep probabilities from
 /// `density − ε` (smallest) to `density + ε` (largest); the draw uses the
 /// DARE stream of SPEC §3 at the element's flat index.
-fn della(tau: &mut [f32], shape: &[usize], key: u64, density: f64, epsilon: f64, rescale: bool) -> f32 {
-    let cols = if shape.len() >= 2 { *shape.last().unwrap_or(&1) } else { tau.len() }.max(1);
-    drop_and_rescale(tau, rows_per_chunk(cols) * cols, rescale, |start, values| {
-        let mut order: Vec<usize> = Vec::with_capacity(cols);
-        let mut keep = Vec::with_capacity(cols);
-        let (mut all, mut kept) = (0f64, 0f64);
-        for (r, row) in values.chunks_mut(cols).enumerate() {
-            order.clear();
-            order.extend(0..row.len());
-            order.sort_by(|&i, &j| row[i].abs().total_cmp(&row[j].abs()).then(i.cmp(&j)));
-            // mergekit normalises ranks to [0, 1]; a one-element row gets 0.
-            let span = (row.len().max(2) - 1) as f64;
-            let row_start = start + r * cols;
-            keep.clear();
-            keep.resize(row.len(), false);
-            for (rank, &i) in order.iter().enumerate() {
-                let p = density - epsilon + 2.0 * epsilon * (rank as f64 / span);
-                keep[i] = dare_keep(key, (row_start + i) as u64, p);
-            }
-            for (x, &k) in row.iter_mut().zip(&keep) {
-                all += x.abs() as f64;
-                if k {
-                    kept += x.abs() as f64;
-                } else {
-                    *x = 0.0;
+fn della(
+    tau: &mut [f32],
+    shape: &[usize],
+    key: u64,
+    density: f64,
+    epsilon: f64,
+    rescale: bool,
+) -> f32 {
+    let cols = if shape.len() >= 2 {
+        *shape.last().unwrap_or(&1)
+    } else {
+        tau.len()
+    }
+    .max(1);
+    drop_and_rescale(
+        tau,
+        rows_per_chunk(cols) * cols,
+        rescale,
+        |start, values| {
+            let mut order: Vec<usize> = Vec::with_capacity(cols);
+            let mut keep = Vec::with_capacity(cols);
+            let (mut all, mut kept) = (0f64, 0f64);
+            for (r, row) in values.chunks_mut(cols).enumerate() {
+                order.clear();
+                order.extend(0..row.len());
+                order.sort_by(|&i, &j| row[i].abs().total_cmp(&row[j].abs()).then(i.cmp(&j)));
+                // mergekit normalises ranks to [0, 1]; a one-element row gets 0.
+                let span = (row.len().max(2) - 1) as f64;
+                let row_start = start + r * cols;
+                keep.clear();
+                keep.resize(row.len(), false);
+                for (rank, &i) in order.iter().enumerate() {
+                    let p = density - epsilon + 2.0 * epsilon * (rank as f64 / span);
+                    keep[i] = dare_keep(key, (row_start + i) as u64, p);
+                }
+                for (x, &k) in row.iter_mut().zip(&keep) {
+                    all += x.abs() as f64;
+                    if k {
+                        kept += x.abs() as f64;
+                    } else {
+                        *x = 0.0;
+                    }
                 }
             }
-        }
-        (all, kept)
-    })
+            (all, kept)
+        },
+    )
 }
 
 /// `[⟨a,a⟩, ⟨b,b⟩, ⟨a,b⟩]` over two whole tensors, in f64, summed per chunk
@@ -414,11 +527,17 @@ fn chunk_products(a: &TensorView<'_>, b: &TensorView<'_>) -> [f64; 3] {
                 let len = CHUNK_ELEMENTS.min(n - start);
                 read(a, start, len, x);
                 read(b, start, len, y);
-                [crate::reduce::sum_squares(x), crate::reduce::sum_squares(y), crate::reduce::dot(x, y)]
+                [
+                    crate::reduce::sum_squares(x),
+                    crate::reduce::sum_squares(y),
+                    crate::reduce::dot(x, y),
+                ]
             },
         )
         .collect();
-    parts.iter().fold([0.0; 3], |acc, p| [acc[0] + p[0], acc[1] + p[1], acc[2] + p[2]])
+    parts.iter().fold([0.0; 3], |acc, p| {
+        [acc[0] + p[0], acc[1] + p[1], acc[2] + p[2]]
+    })
 }
 
 /// Whole-model quantities of `ties_reference` (SPEC §3): each contributor's
@@ -464,7 +583,10 @@ impl TiesReference {
         let m = tensors.first().map_or(0, |(_, c)| c.len());
         let total: usize = tensors.iter().map(|(b, _)| b.numel()).sum();
         if total == 0 || m == 0 {
-            return TiesReference { thresholds: vec![0; m], majority: 0 };
+            return TiesReference {
+                thresholds: vec![0; m],
+                majority: 0,
+            };
         }
         // Keep ⌊density·K⌋ + 1 entries: the (K − ⌊density·K⌋)-th smallest and above.
         let rank = (trim_count(density, total) + 1).min(total);
@@ -474,15 +596,16 @@ impl TiesReference {
             .enumerate()
             .flat_map(|(t, (b, _))| (0..b.numel()).step_by(CHUNK_ELEMENTS).map(move |s| (t, s)))
             .collect();
-        let task_chunk = |t: usize, start: usize, k: usize, base: &mut Vec<f32>, tau: &mut Vec<f32>| {
-            let (b, contributors) = &tensors[t];
-            let len = CHUNK_ELEMENTS.min(b.numel() - start);
-            read(b, start, len, base);
-            read(&contributors[k], start, len, tau);
-            for (x, y) in tau.iter_mut().zip(base.iter()) {
-                *x -= y;
-            }
-        };
+        let task_chunk =
+            |t: usize, start: usize, k: usize, base: &mut Vec<f32>, tau: &mut Vec<f32>| {
+                let (b, contributors) = &tensors[t];
+                let len = CHUNK_ELEMENTS.min(b.numel() - start);
+                read(b, start, len, base);
+                read(&contributors[k], start, len, tau);
+                for (x, y) in tau.iter_mut().zip(base.iter()) {
+                    *x -= y;
+                }
+            };
         while !selects[0].is_done() {
             let hists: Vec<Box<[u64; RADIX_BUCKETS]>> = (0..m)
                 .map(|k| {
@@ -493,7 +616,8 @@ impl TiesReference {
                             |(base, tau), &(t, start)| {
                                 task_chunk(t, start, k, base, tau);
                                 let mut hist = Box::new([0u64; RADIX_BUCKETS]);
-                                selects[k].count_keys(tau.iter().map(|&x| magnitude_key(x)), &mut hist);
+                                selects[k]
+                                    .count_keys(tau.iter().map(|&x| magnitude_key(x)), &mut hist);
                                 hist
                             },
                         )
@@ -510,22 +634,27 @@ impl TiesReference {
             .map_init(
                 || (Vec::new(), Vec::new(), Vec::new()),
                 |(base, tau, sums): &mut (Vec<f32>, Vec<f32>, Vec<f32>), &(t, start)| {
-                    for k in 0..m {
+                    for (k, &threshold) in thresholds.iter().enumerate() {
                         task_chunk(t, start, k, base, tau);
                         if k == 0 {
                             sums.clear();
                             sums.resize(tau.len(), 0.0);
                         }
                         for (s, &x) in sums.iter_mut().zip(tau.iter()) {
-                            if magnitude_key(x) >= thresholds[k] {
+                            if magnitude_key(x) >= threshold {
                                 *s += x;
                             }
                         }
                     }
-                    sums.iter().map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64).sum::<i64>()
+                    sums.iter()
+                        .map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64)
+                        .sum::<i64>()
                 },
             )
             .sum();
-        TiesReference { thresholds, majority: signs.signum() as i8 }
+        TiesReference {
+            thresholds,
+            majority: signs.signum() as i8,
+        }
     }
 }

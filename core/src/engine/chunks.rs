@@ -22,17 +22,27 @@ pub(super) fn rows_per_chunk(cols: usize) -> usize {
 pub(super) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Vec<f32>) {
     buf.resize(len, 0.0);
     let size = view.dtype.size();
-    decode_f32(view.dtype, &view.data[start * size..(start + len) * size], buf);
+    decode_f32(
+        view.dtype,
+        &view.data[start * size..(start + len) * size],
+        buf,
+    );
 }
 
 /// The whole tensor as f32, decoded in parallel.
 pub(super) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
     let mut out = vec![0f32; view.numel()];
-    out.par_chunks_mut(CHUNK_ELEMENTS).enumerate().for_each(|(chunk, values)| {
-        let size = view.dtype.size();
-        let start = chunk * CHUNK_ELEMENTS;
-        decode_f32(view.dtype, &view.data[start * size..(start + values.len()) * size], values);
-    });
+    out.par_chunks_mut(CHUNK_ELEMENTS)
+        .enumerate()
+        .for_each(|(chunk, values)| {
+            let size = view.dtype.size();
+            let start = chunk * CHUNK_ELEMENTS;
+            decode_f32(
+                view.dtype,
+                &view.data[start * size..(start + values.len()) * size],
+                values,
+            );
+        });
     out
 }
 
@@ -69,17 +79,27 @@ pub(super) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
 }
 
 /// SPEC §1.4 on a whole tensor: `(1 − w)·A + w·mean(B)`.
-pub(super) fn blend(receiver: &TensorView<'_>, contributors: &[TensorView<'_>], weight: f32, out_dtype: Dtype) -> Vec<u8> {
+pub(super) fn blend(
+    receiver: &TensorView<'_>,
+    contributors: &[TensorView<'_>],
+    weight: f32,
+    out_dtype: Dtype,
+) -> Vec<u8> {
     type Scratch = (Vec<f32>, Vec<Vec<f32>>);
-    par_encode(receiver.numel(), out_dtype, CHUNK_ELEMENTS, |start, merged, (a, bs): &mut Scratch| {
-        read(receiver, start, merged.len(), a);
-        bs.resize_with(contributors.len(), Vec::new);
-        for (b, view) in bs.iter_mut().zip(contributors) {
-            read(view, start, merged.len(), b);
-        }
-        let refs: Vec<&[f32]> = bs.iter().map(Vec::as_slice).collect();
-        fallback_blend(a, &refs, weight, merged);
-    })
+    par_encode(
+        receiver.numel(),
+        out_dtype,
+        CHUNK_ELEMENTS,
+        |start, merged, (a, bs): &mut Scratch| {
+            read(receiver, start, merged.len(), a);
+            bs.resize_with(contributors.len(), Vec::new);
+            for (b, view) in bs.iter_mut().zip(contributors) {
+                read(view, start, merged.len(), b);
+            }
+            let refs: Vec<&[f32]> = bs.iter().map(Vec::as_slice).collect();
+            fallback_blend(a, &refs, weight, merged);
+        },
+    )
 }
 
 /// The `m`-th largest key (1-based) of `key(x)` over `data`: a radix select
@@ -101,7 +121,10 @@ pub(super) fn parallel_select(data: &[f32], m: usize, key: impl Fn(f32) -> u32 +
 }
 
 /// Adds two radix histograms.
-pub(super) fn add_histograms(mut a: Box<[u64; RADIX_BUCKETS]>, b: Box<[u64; RADIX_BUCKETS]>) -> Box<[u64; RADIX_BUCKETS]> {
+pub(super) fn add_histograms(
+    mut a: Box<[u64; RADIX_BUCKETS]>,
+    b: Box<[u64; RADIX_BUCKETS]>,
+) -> Box<[u64; RADIX_BUCKETS]> {
     for (x, y) in a.iter_mut().zip(b.iter()) {
         *x += y;
     }

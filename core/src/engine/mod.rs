@@ -14,14 +14,14 @@ mod chunks;
 mod safe_m;
 
 use crate::config::{MergeConfig, MergeMethod, MethodSettings};
-use baselines::TiesReference;
-use chunks::{blend, convert};
-use safe_m::{safe_m_tensor, SafeMLayer};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{OutputTensor, ShardedWriter, TensorView};
 use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
 use crate::report::{MergeReport, TensorOutcome};
+use baselines::TiesReference;
+use chunks::{blend, convert};
+use safe_m::{safe_m_tensor, SafeMLayer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,13 +155,15 @@ impl PreparedMerge {
                 )
                 .with_file(&options.out_dir));
             }
-            let (bytes, outcome) = self.merge_tensor(tensor, ties_reference.as_ref()).map_err(|e| {
-                if e.tensor().is_some() {
-                    e
-                } else {
-                    e.with_tensor(&tensor.name)
-                }
-            })?;
+            let (bytes, outcome) =
+                self.merge_tensor(tensor, ties_reference.as_ref())
+                    .map_err(|e| {
+                        if e.tensor().is_some() {
+                            e
+                        } else {
+                            e.with_tensor(&tensor.name)
+                        }
+                    })?;
             writer.write_tensor(&tensor.name, &bytes)?;
             report.record(index, outcome);
             bytes_done += bytes.len() as u64;
@@ -188,7 +190,14 @@ impl PreparedMerge {
 
     fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
         let checkpoint = match model {
-            Model::Base => &self.inputs.base.as_ref().expect("planned with a base").checkpoint,
+            Model::Base => {
+                &self
+                    .inputs
+                    .base
+                    .as_ref()
+                    .expect("planned with a base")
+                    .checkpoint
+            }
             Model::Receiver => &self.inputs.receiver().checkpoint,
             Model::Contributor(k) => &self.inputs.contributor(k).checkpoint,
         };
@@ -201,7 +210,11 @@ impl PreparedMerge {
 
     /// The whole-model pass of `ties_reference` (SPEC §3), before any tensor is written.
     fn ties_reference(&self) -> Result<Option<TiesReference>> {
-        let Some(params) = self.config.baseline().filter(|_| self.config.method == MergeMethod::TiesReference) else {
+        let Some(params) = self
+            .config
+            .baseline()
+            .filter(|_| self.config.method == MergeMethod::TiesReference)
+        else {
             return Ok(None);
         };
         let density = params.number("density", None, "", 0.0)?;
@@ -219,7 +232,11 @@ impl PreparedMerge {
         Ok(Some(TiesReference::compute(density, &tensors)))
     }
 
-    fn merge_tensor(&self, tensor: &TensorPlan, ties_reference: Option<&TiesReference>) -> Result<(Vec<u8>, TensorOutcome)> {
+    fn merge_tensor(
+        &self,
+        tensor: &TensorPlan,
+        ties_reference: Option<&TiesReference>,
+    ) -> Result<(Vec<u8>, TensorOutcome)> {
         let contributors = tensor
             .contributors
             .iter()
@@ -233,7 +250,11 @@ impl PreparedMerge {
                 };
                 let base_is_input = self.config.method == MergeMethod::Linear
                     && self.config.base.as_ref().is_some_and(|b| {
-                        !self.config.models.iter().any(|m| crate::config::same_model(&m.path, &b.path))
+                        !self
+                            .config
+                            .models
+                            .iter()
+                            .any(|m| crate::config::same_model(&m.path, &b.path))
                     });
                 baselines::BaselineTensor {
                     method: self.config.method,
@@ -244,27 +265,51 @@ impl PreparedMerge {
                     base,
                     base_is_input,
                     contributors,
-                    model_index: tensor.contributors.iter().map(|&k| self.inputs.contributors[k]).collect(),
+                    model_index: tensor
+                        .contributors
+                        .iter()
+                        .map(|&k| self.inputs.contributors[k])
+                        .collect(),
                     ties_reference,
                 }
                 .merge()
             }
-            (TensorRule::Copy { .. }, _) => {
-                Ok((convert(&self.view(Model::Receiver, &tensor.name)?, tensor.out_dtype), TensorOutcome::default()))
-            }
-            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => Ok((
-                blend(&self.view(Model::Receiver, &tensor.name)?, &contributors, s.fallback_weight, tensor.out_dtype),
+            (TensorRule::Copy { .. }, _) => Ok((
+                convert(&self.view(Model::Receiver, &tensor.name)?, tensor.out_dtype),
                 TensorOutcome::default(),
             )),
-            (TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer }, MethodSettings::SafeM(s)) => {
+            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => Ok((
+                blend(
+                    &self.view(Model::Receiver, &tensor.name)?,
+                    &contributors,
+                    s.fallback_weight,
+                    tensor.out_dtype,
+                ),
+                TensorOutcome::default(),
+            )),
+            (
+                TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer },
+                MethodSettings::SafeM(s),
+            ) => {
                 let receiver = self.view(Model::Receiver, &tensor.name)?;
                 let ancestor = self.view(Model::Base, &tensor.name)?;
                 let layers = SafeMLayer::gather(&self.inputs, layer, tensor)?;
-                Ok(safe_m_tensor(tensor, s, &receiver, &ancestor, &contributors, &layers))
+                Ok(safe_m_tensor(
+                    tensor,
+                    s,
+                    &receiver,
+                    &ancestor,
+                    &contributors,
+                    &layers,
+                ))
             }
             (rule, _) => Err(Error::new(
                 ErrorKind::Plan,
-                format!("rule {} does not apply to {}", rule.label(), self.config.method.as_str()),
+                format!(
+                    "rule {} does not apply to {}",
+                    rule.label(),
+                    self.config.method.as_str()
+                ),
             )),
         }
     }

@@ -11,7 +11,8 @@ use crate::plan::{Inputs, TensorPlan};
 use crate::reduce;
 use crate::report::TensorOutcome;
 use crate::safe_m::{
-    fuse_block, output_shift, score_matrix, score_vector, ContributorBlock, Election, ElectionParams, MaskCounts,
+    fuse_block, output_shift, score_matrix, score_vector, ContributorBlock, Election,
+    ElectionParams, MaskCounts,
 };
 use rayon::prelude::*;
 
@@ -24,7 +25,11 @@ pub(super) struct SafeMLayer<'a> {
 }
 
 impl<'a> SafeMLayer<'a> {
-    pub(super) fn gather(inputs: &'a Inputs, layer: &str, tensor: &TensorPlan) -> Result<SafeMLayer<'a>> {
+    pub(super) fn gather(
+        inputs: &'a Inputs,
+        layer: &str,
+        tensor: &TensorPlan,
+    ) -> Result<SafeMLayer<'a>> {
         let missing = || {
             Error::new(
                 ErrorKind::Stats,
