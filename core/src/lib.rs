@@ -16,6 +16,7 @@ extern crate alloc;
 
 pub mod baselines;
 pub mod dtype;
+pub mod fam;
 pub mod reduce;
 pub mod safe_m;
 pub mod select;
