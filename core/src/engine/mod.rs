@@ -102,6 +102,7 @@ impl PreparedMerge {
 
     /// Runs the merge into `options.out_dir`.
     pub fn run(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
+        self.check_output_is_not_an_input(&options.out_dir)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.unwrap_or(0))
             .build()
@@ -112,6 +113,27 @@ impl PreparedMerge {
                 )
             })?;
         pool.install(|| self.run_in_pool(options))
+    }
+
+    /// Refuses an output directory that is, or holds, one of the inputs:
+    /// `--force` would otherwise replace a model the merge is reading.
+    fn check_output_is_not_an_input(&self, out_dir: &Path) -> Result<()> {
+        let Ok(out) = out_dir.canonicalize() else {
+            return Ok(());
+        };
+        let inputs = self.inputs.base.iter().chain(&self.inputs.models);
+        for input in inputs {
+            for shard in input.checkpoint.shard_paths() {
+                if shard.canonicalize().is_ok_and(|p| p.starts_with(&out)) {
+                    return Err(Error::new(
+                        ErrorKind::OutputExists,
+                        format!("the output directory holds an input of this merge ({}); choose another output", shard.display()),
+                    )
+                    .with_file(out_dir));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn run_in_pool(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
@@ -364,7 +386,8 @@ fn copy_side_files(
     };
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        // Follows links: Hugging Face cache snapshots are links into a blob store.
+        .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|name| is_side_file(name))
         .collect();
