@@ -15,6 +15,8 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod probe;
+
 #[derive(Parser)]
 #[command(
     name = "flatmerge",
@@ -32,6 +34,13 @@ enum Command {
     Merge(MergeArgs),
     /// Show the tensors of a checkpoint, or the layers of a statistics file.
     Inspect(InspectArgs),
+    /// FAM's neuron mapping between two models, without writing a model.
+    Map(MapArgs),
+    /// Run a model flatmerge can execute itself (MLP family) on a probe set and write its activation statistics.
+    Probe(probe::ProbeArgs),
+    /// Probe sets (JSON Lines): build the meta-probe mixture.
+    #[command(subcommand)]
+    ProbeSet(probe::ProbeSetCommand),
     /// Build a small LLaMA-shaped family with statistics and merge it with SAFE-M (no downloads).
     Demo(DemoArgs),
 }
@@ -55,6 +64,9 @@ struct MergeArgs {
     /// Output dtype (bfloat16, float16, float32); overrides the config.
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<Dtype>,
+    /// FAM: tensors of A without a counterpart and dropped tensors of B are errors.
+    #[arg(long)]
+    strict: bool,
     /// Seed of DARE's and DELLA's random masks (default 0); masks depend only on the seed, the model and the tensor.
     #[arg(long, value_name = "N")]
     random_seed: Option<u64>,
@@ -77,6 +89,29 @@ struct RunArgs {
     /// No progress bar and no summary.
     #[arg(short, long)]
     quiet: bool,
+}
+
+#[derive(Args)]
+struct MapArgs {
+    /// The receiver A.
+    a: PathBuf,
+    /// The contributor B.
+    b: PathBuf,
+    /// A's activation statistics (with per-example rows).
+    #[arg(long)]
+    stats_a: PathBuf,
+    /// B's activation statistics (with per-example rows).
+    #[arg(long)]
+    stats_b: PathBuf,
+    /// A built-in name map (`llava-1.5-to-mplug-owl2`) or a rules file.
+    #[arg(long)]
+    name_map: Option<String>,
+    /// Group template: auto, llama_mlp, sequential, none.
+    #[arg(long)]
+    groups: Option<String>,
+    /// Parameter preset: default or sketch.
+    #[arg(long)]
+    preset: Option<String>,
 }
 
 #[derive(Args)]
@@ -111,6 +146,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => merge(args),
         Command::Inspect(args) => inspect(args),
+        Command::Map(args) => map(args),
+        Command::Probe(args) => probe::probe(args),
+        Command::ProbeSet(command) => probe::probe_set(command),
         Command::Demo(args) => demo(args),
     };
     match result {
@@ -176,6 +214,7 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
     if let Some(seed) = args.random_seed {
         config.seed = seed;
     }
+    config.strict = args.strict;
     let prepared = PreparedMerge::new(config)?;
     if args.dry_run {
         println!("{}", prepared.plan());
@@ -225,6 +264,35 @@ fn print_summary(plan: &Plan, summary: &MergeSummary) {
         "report: {}",
         summary.out_dir.join("merge_report.json").display()
     );
+}
+
+fn map(args: MapArgs) -> Result<(), Error> {
+    let config = MergeConfig::fam_pair(
+        (&args.a, &args.stats_a),
+        (&args.b, &args.stats_b),
+        args.name_map.as_deref(),
+        args.groups.as_deref(),
+        args.preset.as_deref(),
+    )?;
+    let prepared = PreparedMerge::new(config)?;
+    let plan = prepared.plan();
+    let without = plan.tensors.iter().filter(|t| t.source.is_none()).count();
+    println!(
+        "{} tensors of A: {} with a counterpart in B, {} without; {} tensors of B dropped",
+        plan.tensors.len(),
+        plan.tensors.len() - without,
+        without,
+        plan.dropped.len()
+    );
+    for a in prepared.align()? {
+        let s = a.summary();
+        println!(
+            "{:<40} A {:>6} B {:>6}  candidates {:>6}/{:<6} matched {:>6} dropped {:>5} fused {:>6}  mean corr {:.3}  mean FOS {:.3}",
+            a.name, a.neurons_a, a.neurons_b, a.candidates.0, a.candidates.1, a.matched(),
+            s["dropped_from_b"], s["fused"], s["mean_correlation"].as_f64().unwrap_or(0.0), s["mean_fos"].as_f64().unwrap_or(0.0)
+        );
+    }
+    Ok(())
 }
 
 fn demo(args: DemoArgs) -> Result<(), Error> {

@@ -320,3 +320,302 @@ pub fn prepare(dir: &Path) -> Result<(DemoFamily, crate::engine::PreparedMerge)>
     let config = crate::config::MergeConfig::from_file(&family.config)?;
     Ok((family, crate::engine::PreparedMerge::new(config)?))
 }
+
+/// Sizes of the small checkpoints that imitate the LLaVA-1.5 → mPLUG-Owl2
+/// pair of `heterogeneous-pairs.md` (same tensor names, scaled-down widths).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairShape {
+    /// The shared language model's sizes.
+    pub llm: LlamaShape,
+    /// Width of the vision features (ViT hidden size).
+    pub vision: usize,
+    /// Probe examples recorded per model (half text, half image).
+    pub examples: usize,
+}
+
+impl PairShape {
+    /// A shape small enough for tests.
+    pub const SMALL: PairShape = PairShape {
+        llm: LlamaShape {
+            vocab: 64,
+            hidden: 32,
+            intermediate: 48,
+            layers: 2,
+        },
+        vision: 16,
+        examples: 96,
+    };
+}
+
+/// Paths of a generated heterogeneous pair.
+#[derive(Debug, Clone)]
+pub struct HeterogeneousPair {
+    /// The receiver, mPLUG-Owl2-like (modality-adaptive k/v and norms, vision modules).
+    pub receiver: PathBuf,
+    /// The contributor, LLaVA-like (single k/v and norms, an MLP projector).
+    pub contributor: PathBuf,
+    /// The receiver's statistics (means and per-example rows).
+    pub receiver_stats: PathBuf,
+    /// The contributor's statistics.
+    pub contributor_stats: PathBuf,
+    /// A FAM config merging them with the built-in map.
+    pub config: PathBuf,
+    /// For each MLP group, the permutation applied to the contributor's
+    /// neurons: contributor neuron `permutation[i]` is receiver neuron `i`.
+    pub permutations: Vec<Vec<usize>>,
+}
+
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// Writes an mPLUG-Owl2-like receiver and a LLaVA-like contributor whose
+/// language models are siblings: the contributor's MLP neurons are the
+/// receiver's, permuted per layer (consistently across gate, up and down),
+/// plus noise of relative size `noise`. Statistics with per-example rows
+/// are computed from a shared probe (the same examples through both models:
+/// the residual-stream inputs of every layer are shared, the MLP hidden
+/// activations follow each model's own weights).
+pub fn write_heterogeneous_pair(
+    dir: &Path,
+    shape: &PairShape,
+    noise: f32,
+    seed: u64,
+) -> Result<HeterogeneousPair> {
+    let (h, m, n) = (shape.llm.hidden, shape.llm.intermediate, shape.examples);
+    let mut receiver: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut contributor: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut stats_a = ActivationStats::new("mplug-owl2 imitation", "shared synthetic probe");
+    let mut stats_b = ActivationStats::new("llava-1.5 imitation", "shared synthetic probe");
+    let modality: Vec<u8> = (0..n).map(|i| (i % 2) as u8).collect();
+    stats_a.examples = n as u64;
+    stats_b.examples = n as u64;
+    stats_a.modality = Some(modality.clone());
+    stats_b.modality = Some(modality.clone());
+    let normal = |name: &str, count: usize, scale: f32| Rng::new(seed, name).normals(count, scale);
+    let perturb = |w: &[f32], name: &str| -> Vec<f32> {
+        let mut rng = Rng::new(seed ^ 0xb, name);
+        w.iter().map(|x| x + noise * 0.1 * rng.normal()).collect()
+    };
+    // Per-example rows of a linear layer: x [n, in] → y = x Wᵀ [n, out].
+    let record =
+        |stats: &mut ActivationStats, layer: &str, x: &[f32], w: &[f32], out: usize| -> Vec<f32> {
+            let inn = x.len() / n;
+            let y: Vec<f32> = x.chunks_exact(inn).flat_map(|row| matvec(w, row)).collect();
+            let mean = |rows: &[f32], width: usize| -> Vec<f32> {
+                (0..width)
+                    .map(|i| {
+                        (0..n).map(|s| rows[s * width + i] as f64).sum::<f64>() as f32 / n as f32
+                    })
+                    .collect()
+            };
+            stats.layers.insert(
+                layer.to_string(),
+                LayerStats {
+                    x_mean: Some(mean(x, inn)),
+                    y_mean: Some(mean(&y, out)),
+                    count: Some(n as u64),
+                    x_rows: Some(crate::stats::Rows {
+                        rows: n,
+                        width: inn,
+                        data: x.to_vec(),
+                    }),
+                    y_rows: Some(crate::stats::Rows {
+                        rows: n,
+                        width: out,
+                        data: y.clone(),
+                    }),
+                },
+            );
+            y
+        };
+    let lm = |p: &str, s: &str| format!("model.layers.{p}.{s}");
+    let embed = "model.embed_tokens.weight";
+    let w = normal(embed, shape.llm.vocab * h, 0.02);
+    contributor.push((
+        embed.to_string(),
+        vec![shape.llm.vocab, h],
+        perturb(&w, embed),
+    ));
+    receiver.push((embed.to_string(), vec![shape.llm.vocab, h], w));
+    let mut permutations = Vec::new();
+    for l in 0..shape.llm.layers {
+        let p = l.to_string();
+        // The residual stream entering the layer, shared by both models.
+        let x: Vec<f32> = {
+            let mut rng = Rng::new(seed, &format!("probe {l}"));
+            (0..n)
+                .flat_map(|s| {
+                    let shift = if modality[s] == 1 { 0.5 } else { -0.5 };
+                    (0..h).map(|_| rng.normal() + shift).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            let w: Vec<f32> = normal(&lm(&p, norm), h, 0.02)
+                .into_iter()
+                .map(|v| 1.0 + v)
+                .collect();
+            contributor.push((
+                lm(&p, &format!("{norm}.weight")),
+                vec![h],
+                perturb(&w, norm),
+            ));
+            for copy in 0..2 {
+                let wa = perturb(&w, &format!("{norm}.{copy}"));
+                receiver.push((
+                    lm(&p, &format!("{norm}.multiway.{copy}.weight")),
+                    vec![h],
+                    wa,
+                ));
+            }
+        }
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            let name = lm(&p, &format!("self_attn.{proj}"));
+            let w = normal(&name, h * h, 0.1);
+            let wb = perturb(&w, &name);
+            record(&mut stats_b, &name, &x, &wb, h);
+            contributor.push((format!("{name}.weight"), vec![h, h], wb));
+            if proj == "k_proj" || proj == "v_proj" {
+                for copy in 0..2 {
+                    let a_name = format!("{name}.multiway.{copy}");
+                    let wa = perturb(&w, &a_name);
+                    record(&mut stats_a, &a_name, &x, &wa, h);
+                    receiver.push((format!("{a_name}.weight"), vec![h, h], wa));
+                }
+            } else {
+                record(&mut stats_a, &name, &x, &w, h);
+                receiver.push((format!("{name}.weight"), vec![h, h], w));
+            }
+        }
+        // The MLP: B's neurons are A's permuted, plus noise.
+        let mut rng = Rng::new(seed, &format!("permutation {l}"));
+        let mut perm: Vec<usize> = (0..m).collect();
+        for i in (1..m).rev() {
+            perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+        }
+        let gate = normal(&lm(&p, "mlp.gate_proj"), m * h, 0.2);
+        let up = normal(&lm(&p, "mlp.up_proj"), m * h, 0.2);
+        let down = normal(&lm(&p, "mlp.down_proj"), h * m, 0.1);
+        // B row perm[i] = A row i (rows of gate/up), B column perm[i] = A column i (down).
+        let mut gate_b = vec![0f32; m * h];
+        let mut up_b = vec![0f32; m * h];
+        let mut down_b = vec![0f32; h * m];
+        for i in 0..m {
+            gate_b[perm[i] * h..(perm[i] + 1) * h].copy_from_slice(&gate[i * h..(i + 1) * h]);
+            up_b[perm[i] * h..(perm[i] + 1) * h].copy_from_slice(&up[i * h..(i + 1) * h]);
+            for r in 0..h {
+                down_b[r * m + perm[i]] = down[r * m + i];
+            }
+        }
+        let (gate_b, up_b, down_b) = (
+            perturb(&gate_b, "gate"),
+            perturb(&up_b, "up"),
+            perturb(&down_b, "down"),
+        );
+        for (stats, tensors, (g, u, d)) in [
+            (&mut stats_a, &mut receiver, (&gate, &up, &down)),
+            (&mut stats_b, &mut contributor, (&gate_b, &up_b, &down_b)),
+        ] {
+            let yg = record(stats, &lm(&p, "mlp.gate_proj"), &x, g, m);
+            let yu = record(stats, &lm(&p, "mlp.up_proj"), &x, u, m);
+            let hidden: Vec<f32> = yg.iter().zip(&yu).map(|(g, u)| silu(*g) * u).collect();
+            record(stats, &lm(&p, "mlp.down_proj"), &hidden, d, h);
+            tensors.push((lm(&p, "mlp.gate_proj.weight"), vec![m, h], g.clone()));
+            tensors.push((lm(&p, "mlp.up_proj.weight"), vec![m, h], u.clone()));
+            tensors.push((lm(&p, "mlp.down_proj.weight"), vec![h, m], d.clone()));
+        }
+        permutations.push(perm);
+    }
+    for (name, s) in [
+        ("model.norm.weight", vec![h]),
+        ("lm_head.weight", vec![shape.llm.vocab, h]),
+    ] {
+        let w = normal(name, s.iter().product(), 0.02);
+        contributor.push((name.to_string(), s.clone(), perturb(&w, name)));
+        receiver.push((name.to_string(), s, w));
+    }
+    let v = shape.vision;
+    for (name, s) in [
+        (
+            "model.vision_model.embeddings.patch_embed.weight",
+            vec![v, 48],
+        ),
+        (
+            "model.vision_model.encoder.layers.0.mlp.fc1.weight",
+            vec![4 * v, v],
+        ),
+        (
+            "model.vision_model.encoder.layers.0.mlp.fc2.weight",
+            vec![v, 4 * v],
+        ),
+        ("model.visual_abstractor.visual_fc.weight", vec![h, v]),
+    ] {
+        receiver.push((
+            name.to_string(),
+            s.clone(),
+            normal(name, s.iter().product(), 0.02),
+        ));
+    }
+    for (name, s) in [
+        ("model.mm_projector.0.weight", vec![h, v]),
+        ("model.mm_projector.0.bias", vec![h]),
+        ("model.mm_projector.2.weight", vec![h, h]),
+        ("model.mm_projector.2.bias", vec![h]),
+    ] {
+        contributor.push((
+            name.to_string(),
+            s.clone(),
+            normal(name, s.iter().product(), 0.02),
+        ));
+    }
+    let write = |model_dir: &Path,
+                 tensors: &[(String, Vec<usize>, Vec<f32>)],
+                 arch: &str|
+     -> Result<()> {
+        std::fs::create_dir_all(model_dir).map_err(|e| Error::io(model_dir, e))?;
+        let outputs: Vec<OutputTensor> = tensors
+            .iter()
+            .map(|(n, s, _)| OutputTensor {
+                name: n.clone(),
+                dtype: Dtype::F32,
+                shape: s.clone(),
+            })
+            .collect();
+        let path = model_dir.join("model.safetensors");
+        let mut writer = SafetensorsWriter::create(
+            &path,
+            &outputs,
+            &BTreeMap::from([("format".into(), "pt".into())]),
+        )?;
+        for (name, _, w) in tensors {
+            let mut bytes = vec![0u8; w.len() * 4];
+            encode_f32(Dtype::F32, w, &mut bytes);
+            writer.write_tensor(name, &bytes)?;
+        }
+        writer.finish()?;
+        let config = model_dir.join("config.json");
+        let text = format!("{{\n  \"architectures\": [\"{arch}\"],\n  \"hidden_size\": {h},\n  \"num_hidden_layers\": {}\n}}\n", shape.llm.layers);
+        std::fs::write(&config, text).map_err(|e| Error::io(&config, e))
+    };
+    let (a_dir, b_dir) = (dir.join("mplug-owl2"), dir.join("llava-1.5"));
+    write(&a_dir, &receiver, "MPLUGOwl2LlamaForCausalLM")?;
+    write(&b_dir, &contributor, "LlavaLlamaForCausalLM")?;
+    let (sa, sb) = (
+        dir.join("mplug-owl2.stats.safetensors"),
+        dir.join("llava-1.5.stats.safetensors"),
+    );
+    stats_a.save(&sa)?;
+    stats_b.save(&sb)?;
+    let config = dir.join("fam.yaml");
+    let text = "merge_method: fam\nname_map: llava-1.5-to-mplug-owl2\nmodels:\n  - model: ./mplug-owl2\n    stats: ./mplug-owl2.stats.safetensors\n  - model: ./llava-1.5\n    stats: ./llava-1.5.stats.safetensors\n";
+    std::fs::write(&config, text).map_err(|e| Error::io(&config, e))?;
+    Ok(HeterogeneousPair {
+        receiver: a_dir,
+        contributor: b_dir,
+        receiver_stats: sa,
+        contributor_stats: sb,
+        config,
+        permutations,
+    })
+}

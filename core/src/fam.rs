@@ -24,13 +24,19 @@ pub fn salience(y_rows: &[f32], width: usize) -> Vec<f32> {
 /// `h_i = (1/N) Σ_n y_{n,i}² · ‖x_n‖² / in` (SPEC §2.2): an empirical-Fisher
 /// proxy of the loss curvature along neuron `i`.
 pub fn sharpness(y_rows: &[f32], out_width: usize, x_rows: &[f32], in_width: usize) -> Vec<f32> {
-    let rows = if out_width == 0 { 0 } else { y_rows.len() / out_width };
-    assert_eq!(x_rows.len(), rows * in_width, "sharpness: x and y rows differ in count");
+    let rows = y_rows.len().checked_div(out_width).unwrap_or(0);
+    assert_eq!(
+        x_rows.len(),
+        rows * in_width,
+        "sharpness: x and y rows differ in count"
+    );
     let x_scale: Vec<f64> = x_rows
         .chunks_exact(in_width.max(1))
         .map(|x| reduce::sum_squares(x) / in_width.max(1) as f64)
         .collect();
-    column_means(y_rows, out_width, |y, n| (y as f64) * (y as f64) * x_scale.get(n).copied().unwrap_or(0.0))
+    column_means(y_rows, out_width, |y, n| {
+        (y as f64) * (y as f64) * x_scale.get(n).copied().unwrap_or(0.0)
+    })
 }
 
 /// The mean over rows of `f(y_{n,i}, n)` per column, in f64, as f32.
@@ -45,7 +51,9 @@ fn column_means(rows: &[f32], width: usize, f: impl Fn(f32, usize) -> f64) -> Ve
             *s += f(y, r);
         }
     }
-    sums.into_iter().map(|s| (s / n.max(1) as f64) as f32).collect()
+    sums.into_iter()
+        .map(|s| (s / n.max(1) as f64) as f32)
+        .collect()
 }
 
 /// `ĥ_i = h_i / mean_j h_j` (SPEC §2.2); all ones when the mean is 0.
@@ -61,9 +69,18 @@ pub fn normalise_mean(h: &[f32]) -> Vec<f32> {
 /// `I_i = max(0, ½ ln σ²_i − Σ_m p_m · ½ ln σ²_{m,i})` with population
 /// variances plus `ε`, `p_m` the share of rows of modality `m`. With one
 /// modality every `I_i = 0`. `modality[n]` is row `n`'s modality.
-pub fn cross_modal_information(y_rows: &[f32], width: usize, modality: &[u8], epsilon: f32) -> Vec<f32> {
-    let n = if width == 0 { 0 } else { y_rows.len() / width };
-    assert_eq!(modality.len(), n, "cross_modal_information: one modality per row");
+pub fn cross_modal_information(
+    y_rows: &[f32],
+    width: usize,
+    modality: &[u8],
+    epsilon: f32,
+) -> Vec<f32> {
+    let n = y_rows.len().checked_div(width).unwrap_or(0);
+    assert_eq!(
+        modality.len(),
+        n,
+        "cross_modal_information: one modality per row"
+    );
     let mut kinds: Vec<u8> = modality.to_vec();
     kinds.sort_unstable();
     kinds.dedup();
@@ -76,11 +93,18 @@ pub fn cross_modal_information(y_rows: &[f32], width: usize, modality: &[u8], ep
     for kind in &kinds {
         let rows: Vec<usize> = (0..n).filter(|&r| modality[r] == *kind).collect();
         let share = rows.len() as f64 / n as f64;
-        for (c, v) in conditional.iter_mut().zip(variance(y_rows, width, &rows, epsilon)) {
+        for (c, v) in conditional
+            .iter_mut()
+            .zip(variance(y_rows, width, &rows, epsilon))
+        {
             *c += share * 0.5 * libm::log(v);
         }
     }
-    total.iter().zip(&conditional).map(|(&v, &c)| (0.5 * libm::log(v) - c).max(0.0) as f32).collect()
+    total
+        .iter()
+        .zip(&conditional)
+        .map(|(&v, &c)| (0.5 * libm::log(v) - c).max(0.0) as f32)
+        .collect()
 }
 
 /// Population variance per column over `rows`, plus `ε`, in f64.
@@ -95,16 +119,27 @@ fn variance(y_rows: &[f32], width: usize, rows: &[usize], epsilon: f32) -> Vec<f
     mean.iter_mut().for_each(|m| *m /= count);
     let mut var = vec![0f64; width];
     for &r in rows {
-        for ((v, &y), m) in var.iter_mut().zip(&y_rows[r * width..(r + 1) * width]).zip(&mean) {
+        for ((v, &y), m) in var
+            .iter_mut()
+            .zip(&y_rows[r * width..(r + 1) * width])
+            .zip(&mean)
+        {
             let d = y as f64 - m;
             *v += d * d;
         }
     }
-    var.into_iter().map(|v| v / count + epsilon as f64).collect()
+    var.into_iter()
+        .map(|v| v / count + epsilon as f64)
+        .collect()
 }
 
 /// `FAI_i = a_i · (1 + I_i) / (ĥ_i + ε)` (SPEC §2.2).
-pub fn flatness_activation_importance(salience: &[f32], information: &[f32], sharpness_normalised: &[f32], epsilon: f32) -> Vec<f32> {
+pub fn flatness_activation_importance(
+    salience: &[f32],
+    information: &[f32],
+    sharpness_normalised: &[f32],
+    epsilon: f32,
+) -> Vec<f32> {
     salience
         .iter()
         .zip(information)
@@ -125,11 +160,15 @@ pub fn candidates(fai: &[f32], density: f64) -> Vec<bool> {
 /// (only centring is skipped when `centre` is false); constant columns
 /// become zero. Returned column-major, `[width, N]`, ready for [`correlation`].
 pub fn standardise_columns(rows: &[f32], width: usize, centre: bool) -> Vec<f32> {
-    let n = if width == 0 { 0 } else { rows.len() / width };
+    let n = rows.len().checked_div(width).unwrap_or(0);
     let mut out = vec![0f32; width * n];
     for i in 0..width {
         let column = || (0..n).map(|r| rows[r * width + i] as f64);
-        let mean = if centre { column().sum::<f64>() / n.max(1) as f64 } else { 0.0 };
+        let mean = if centre {
+            column().sum::<f64>() / n.max(1) as f64
+        } else {
+            0.0
+        };
         let norm = libm::sqrt(column().map(|y| (y - mean) * (y - mean)).sum::<f64>());
         let scale = if norm > 0.0 { 1.0 / norm } else { 0.0 };
         for (r, y) in column().enumerate() {
@@ -143,8 +182,12 @@ pub fn standardise_columns(rows: &[f32], width: usize, centre: bool) -> Vec<f32>
 /// [`standardise_columns`] outputs (`[n_a, N]` and `[n_b, N]`): one matrix
 /// product `Â Bᵀ`, `[n_a, n_b]` row-major (SPEC §2.3: Pearson when centred).
 pub fn correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
-    let rows = if n_a == 0 { 0 } else { a.len() / n_a };
-    assert_eq!(b.len(), n_b * rows, "correlation: A and B differ in probe rows");
+    let rows = a.len().checked_div(n_a).unwrap_or(0);
+    assert_eq!(
+        b.len(),
+        n_b * rows,
+        "correlation: A and B differ in probe rows"
+    );
     let mut out = vec![0f32; n_a * n_b];
     if n_a == 0 || n_b == 0 || rows == 0 {
         return out;
@@ -176,7 +219,12 @@ pub fn correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
 
 /// `FOS_i = corr_{i,π(i)} · exp(−|ĥ_{A,i} − ĥ_{B,π(i)}| / σ)` (SPEC §2.3).
 #[inline]
-pub fn flat_oriented_score(correlation: f32, sharpness_a: f32, sharpness_b: f32, sigma: f32) -> f32 {
+pub fn flat_oriented_score(
+    correlation: f32,
+    sharpness_a: f32,
+    sharpness_b: f32,
+    sigma: f32,
+) -> f32 {
     correlation * libm::expf(-libm::fabsf(sharpness_a - sharpness_b) / sigma)
 }
 
@@ -232,13 +280,20 @@ mod tests {
         assert_eq!(normalise_mean(&[9.5, 2.0, 0.5]), [2.375, 0.5, 0.125]);
         let fai = flatness_activation_importance(&[2.0, 1.0], &[0.0, 1.0], &[1.0, 0.5], 0.0);
         assert_eq!(fai, [2.0, 4.0]);
-        assert_eq!(candidates(&[2.0, 4.0, 0.0, 4.0], 0.25), [false, true, false, true], "ties kept");
+        assert_eq!(
+            candidates(&[2.0, 4.0, 0.0, 4.0], 0.25),
+            [false, true, false, true],
+            "ties kept"
+        );
     }
 
     #[test]
     fn information_is_zero_with_one_modality_and_positive_when_modalities_separate() {
         let y = [0.0f32, 1.0, 0.0, 1.0, 10.0, 1.0, 10.0, 1.0];
-        assert_eq!(cross_modal_information(&y, 2, &[0, 0, 0, 0], 1e-8), [0.0, 0.0]);
+        assert_eq!(
+            cross_modal_information(&y, 2, &[0, 0, 0, 0], 1e-8),
+            [0.0, 0.0]
+        );
         let i = cross_modal_information(&y, 2, &[0, 0, 1, 1], 1e-8);
         // Neuron 0: total variance 25, within each modality 0 (+ε): large information.
         assert!(i[0] > 5.0, "{i:?}");
@@ -252,7 +307,10 @@ mod tests {
         let a = standardise_columns(&[1.0, 3.0, 2.0, 2.0, 3.0, 1.0], 2, true);
         let b = standardise_columns(&[10.0, 20.0, 30.0], 1, true);
         let c = correlation(&a, 2, &b, 1);
-        assert!((c[0] - 1.0).abs() < 1e-6 && (c[1] + 1.0).abs() < 1e-6, "{c:?}");
+        assert!(
+            (c[0] - 1.0).abs() < 1e-6 && (c[1] + 1.0).abs() < 1e-6,
+            "{c:?}"
+        );
     }
 
     #[test]
@@ -262,11 +320,24 @@ mod tests {
         let mut a = [1.0f32, 1.0];
         let mut tau = Vec::new();
         // τ = [2, 4]: P = [2, 0], O = [0, 4]; λ_p·f = 0.5·0.5, λ_o = 0.5.
-        fuse_row(&mut a, &[3.0, 5.0], Some((&d, dd)), 0.5, 0.5, 0.5, 0.0, &mut tau);
+        fuse_row(
+            &mut a,
+            &[3.0, 5.0],
+            Some((&d, dd)),
+            0.5,
+            0.5,
+            0.5,
+            0.0,
+            &mut tau,
+        );
         assert_eq!(a, [1.5, 3.0]);
         assert_eq!(flatness_factor(0.5, 3.0), 0.0);
         assert_eq!(flatness_factor(0.5, 1.0), 0.5);
         assert!((flat_oriented_score(0.8, 1.0, 1.1, 0.1) - 0.8 * (-1.0f32).exp()).abs() < 1e-6);
-        assert!(is_fused(0.5, 0.5, false, true) && !is_fused(0.49, 0.5, true, true) && !is_fused(0.9, 0.5, false, false));
+        assert!(
+            is_fused(0.5, 0.5, false, true)
+                && !is_fused(0.49, 0.5, true, true)
+                && !is_fused(0.9, 0.5, false, false)
+        );
     }
 }

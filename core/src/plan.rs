@@ -7,12 +7,15 @@
 //! at a time.
 
 use crate::config::params::Params;
+use crate::config::{FamSettings, GroupsSpec};
 use crate::config::{MergeConfig, MergeMethod, MethodSettings};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
+use crate::groups::NeuronGroup;
 use crate::io::{Checkpoint, TensorInfo};
 use crate::stats::{ActivationStats, LayerStats};
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -61,6 +64,20 @@ pub enum TensorRule {
     },
     /// A baseline method over every input (SPEC §3).
     Baseline,
+    /// FAM (SPEC §2.4): rows aligned by the groups, then fused or averaged.
+    Fam {
+        /// The group whose neurons are this tensor's rows.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        row_group: Option<usize>,
+        /// The group whose neurons are this tensor's columns.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        col_group: Option<usize>,
+        /// The layer whose mean input `x̄_A` is the projection direction (2-D weights with statistics).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        layer: Option<String>,
+        /// A plain average (no statistics, norms, other shapes) instead of the projection fusion.
+        average: bool,
+    },
     /// The receiver's values, unchanged.
     Copy {
         /// Why.
@@ -73,7 +90,8 @@ impl TensorRule {
     pub fn label(&self) -> &'static str {
         match self {
             TensorRule::SafeMWeight { .. } | TensorRule::SafeMBias { .. } => "safe_m",
-            TensorRule::Baseline => "method",
+            TensorRule::Baseline | TensorRule::Fam { average: false, .. } => "method",
+            TensorRule::Fam { average: true, .. } => "average",
             TensorRule::Fallback { .. } => "fallback",
             TensorRule::Copy {
                 reason: CopyReason::OnlyInReceiver,
@@ -113,6 +131,9 @@ pub struct TensorPlan {
     /// Contributors that lack the tensor or have another shape.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<Excluded>,
+    /// FAM: the contributor tensor this one is merged with (its name in B).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 impl TensorPlan {
@@ -145,24 +166,43 @@ pub struct Plan {
     pub dropped: Vec<DroppedTensor>,
     /// Decoder layers of the output (gradients' `t = layer / (layers − 1)`).
     pub layers: usize,
+    /// FAM: the neuron groups, in the receiver's names.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupPlan>,
+}
+
+/// A neuron group with the contributor's name for its activation layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GroupPlan {
+    /// The group, in the receiver's names.
+    #[serde(flatten)]
+    pub group: NeuronGroup,
+    /// The contributor's name of the activation layer (its statistics key).
+    pub contributor_activations: String,
 }
 
 impl Plan {
     /// Number of tensors per rule label, in a fixed order.
     pub fn rule_counts(&self) -> Vec<(&'static str, usize)> {
-        let mut counts: Vec<(&'static str, usize)> =
-            ["safe_m", "method", "fallback", "copied", "shape_mismatch"]
-                .into_iter()
-                .map(|label| {
-                    (
-                        label,
-                        self.tensors
-                            .iter()
-                            .filter(|t| t.rule.label() == label)
-                            .count(),
-                    )
-                })
-                .collect();
+        let mut counts: Vec<(&'static str, usize)> = [
+            "safe_m",
+            "method",
+            "average",
+            "fallback",
+            "copied",
+            "shape_mismatch",
+        ]
+        .into_iter()
+        .map(|label| {
+            (
+                label,
+                self.tensors
+                    .iter()
+                    .filter(|t| t.rule.label() == label)
+                    .count(),
+            )
+        })
+        .collect();
         counts.push(("dropped", self.dropped.len()));
         counts
     }
@@ -180,6 +220,16 @@ impl fmt::Display for Plan {
                 TensorRule::SafeMWeight { .. } => "safe_m (weight)".to_string(),
                 TensorRule::SafeMBias { .. } => "safe_m (bias)".to_string(),
                 TensorRule::Baseline => "method".to_string(),
+                TensorRule::Fam { average: true, .. } => "fam (average)".to_string(),
+                TensorRule::Fam {
+                    row_group,
+                    col_group,
+                    ..
+                } => format!(
+                    "fam (rows {}, columns {})",
+                    row_group.map_or("own".to_string(), |g| format!("of group {g}")),
+                    col_group.map_or("own".to_string(), |g| format!("of group {g}"))
+                ),
                 TensorRule::Fallback { reason } => format!("fallback ({})", snake(reason)),
                 TensorRule::Copy { reason } => format!("copied ({})", snake(reason)),
             };
@@ -338,7 +388,7 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         base: base.map(|b| b.expect("opened")),
         models: models.into_iter().map(|m| m.expect("opened")).collect(),
         contributors: config.contributors(),
-        names_from_base: config.method != MergeMethod::SafeM,
+        names_from_base: !matches!(config.method, MergeMethod::SafeM | MergeMethod::Fam),
     })
 }
 
@@ -375,6 +425,7 @@ pub fn plan(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
     match &config.settings {
         MethodSettings::SafeM(_) => plan_safe_m(config, inputs),
         MethodSettings::Baseline(params) => plan_baseline(config, params, inputs),
+        MethodSettings::Fam(settings) => plan_fam(config, settings, inputs),
     }
 }
 
@@ -428,6 +479,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
             rule,
             contributors: present,
             excluded,
+            source: None,
         });
     }
     let mut dropped = Vec::new();
@@ -446,6 +498,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         tensors,
         dropped,
         layers: layer_count(receiver),
+        groups: Vec::new(),
     })
 }
 
@@ -610,6 +663,7 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
             rule: TensorRule::Baseline,
             contributors: (0..inputs.contributors.len()).collect(),
             excluded: Vec::new(),
+            source: None,
         });
     }
     let mut dropped = Vec::new();
@@ -628,6 +682,7 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
         tensors,
         dropped,
         layers,
+        groups: Vec::new(),
     })
 }
 
@@ -639,4 +694,276 @@ pub fn layer_count(checkpoint: &Checkpoint) -> usize {
         .filter_map(|t| crate::demo::layer_index(&t.name))
         .max()
         .map_or(0, |l| l + 1)
+}
+
+/// The neuron groups of a FAM merge, in the receiver's names.
+fn resolve_groups(spec: &GroupsSpec, receiver: &Checkpoint) -> Vec<NeuronGroup> {
+    let names = receiver.tensors().iter().map(|t| t.name.as_str());
+    let sequential = || {
+        // Linear layers in file order whose widths chain (out of one = in of the next).
+        let linear: Vec<&TensorInfo> = receiver
+            .tensors()
+            .iter()
+            .filter(|t| t.shape.len() == 2 && t.name.ends_with(".weight"))
+            .collect();
+        let mut chain: Vec<String> = Vec::new();
+        for pair in linear.windows(2) {
+            if pair[0].shape[0] == pair[1].shape[1] {
+                if chain.is_empty() {
+                    chain.push(pair[0].name.trim_end_matches(".weight").to_string());
+                }
+                chain.push(pair[1].name.trim_end_matches(".weight").to_string());
+            } else if !chain.is_empty() {
+                break;
+            }
+        }
+        crate::groups::sequential(&chain, names.clone())
+    };
+    match spec {
+        GroupsSpec::List(groups) => groups.clone(),
+        GroupsSpec::Template(t) => match t.as_str() {
+            "llama_mlp" => crate::groups::llama_mlp(names.clone()),
+            "sequential" => sequential(),
+            "none" => Vec::new(),
+            _ => {
+                let llama = crate::groups::llama_mlp(names.clone());
+                if llama.is_empty() {
+                    sequential()
+                } else {
+                    llama
+                }
+            }
+        },
+    }
+}
+
+/// Plans a FAM merge (SPEC §2, §5): maps B's names into A's, resolves the
+/// neuron groups, and decides per tensor of A whether it is fused by rows
+/// (aligned by its groups), averaged, or kept.
+fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Result<Plan> {
+    let mut problems = Problems::default();
+    let receiver = &inputs.receiver().checkpoint;
+    let contributor = inputs.contributor(0);
+    let b = &contributor.checkpoint;
+    let mut b_for_a: BTreeMap<String, String> = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for info in b.tensors() {
+        let targets: Vec<String> = settings
+            .name_map
+            .apply(&info.name)
+            .into_iter()
+            .filter(|t| receiver.info(t).is_some())
+            .collect();
+        if targets.is_empty() {
+            dropped.push(DroppedTensor {
+                contributor: 0,
+                name: info.name.clone(),
+            });
+        }
+        for target in targets {
+            if let Some(previous) = b_for_a.insert(target.clone(), info.name.clone()) {
+                problems.push(
+                    Error::new(
+                        ErrorKind::Plan,
+                        format!(
+                            "both `{previous}` and `{}` of the contributor map to it",
+                            info.name
+                        ),
+                    )
+                    .with_file(receiver.root())
+                    .with_tensor(&target),
+                );
+            }
+        }
+    }
+    let groups = resolve_groups(&settings.groups, receiver);
+    let mut row_group: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut col_group: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut group_plans = Vec::new();
+    let stats_layer = |input: &Input, layer: &str| input.layer(layer).cloned();
+    for (g, group) in groups.iter().enumerate() {
+        for (names, axis, map) in [
+            (&group.producers, "rows", &mut row_group),
+            (&group.consumers, "columns", &mut col_group),
+        ] {
+            for name in names {
+                if receiver.info(name).is_none() {
+                    problems.push(
+                        Error::new(
+                            ErrorKind::Plan,
+                            format!("group `{}` names a tensor the receiver lacks", group.name),
+                        )
+                        .with_file(receiver.root())
+                        .with_tensor(name),
+                    );
+                } else if let Some(other) = map.insert(name.as_str(), g) {
+                    problems.push(
+                        Error::new(
+                            ErrorKind::Plan,
+                            format!(
+                                "its {axis} belong to two groups: `{}` and `{}`",
+                                groups[other].name, group.name
+                            ),
+                        )
+                        .with_tensor(name),
+                    );
+                }
+            }
+        }
+        let a_name = format!("{}.weight", group.activations);
+        let b_layer = b_for_a
+            .get(&a_name)
+            .map(|n| n.trim_end_matches(".weight").to_string());
+        for (who, input, layer) in [
+            (
+                "receiver",
+                inputs.receiver(),
+                Some(group.activations.clone()),
+            ),
+            ("contributor", contributor, b_layer.clone()),
+        ] {
+            let rows = layer.as_deref().and_then(|l| stats_layer(input, l));
+            let complete = rows
+                .as_ref()
+                .is_some_and(|l| l.y_rows.is_some() && l.x_rows.is_some());
+            if !complete {
+                problems.push(
+                    Error::new(
+                        ErrorKind::Stats,
+                        format!(
+                            "group `{}` needs the {who}'s per-example rows (x_rows and y_rows) of layer `{}`",
+                            group.name,
+                            layer.as_deref().unwrap_or(&group.activations)
+                        ),
+                    )
+                    .with_file(input.stats_path()),
+                );
+            }
+        }
+        group_plans.push(GroupPlan {
+            group: group.clone(),
+            contributor_activations: b_layer.unwrap_or_default(),
+        });
+    }
+    let mut tensors = Vec::new();
+    for info in receiver.tensors() {
+        if !float_check(&mut problems, receiver, info) {
+            continue;
+        }
+        let rows_of = row_group.get(info.name.as_str()).copied();
+        let cols_of = col_group.get(info.name.as_str()).copied();
+        let source = b_for_a.get(&info.name);
+        let rule =
+            match source.and_then(|s| b.info(s)) {
+                None => TensorRule::Copy {
+                    reason: CopyReason::OnlyInReceiver,
+                },
+                Some(other) => {
+                    float_check(&mut problems, b, other);
+                    let fits =
+                        other.shape.len() == info.shape.len()
+                            && other.shape.iter().zip(&info.shape).enumerate().all(
+                                |(axis, (x, y))| {
+                                    x == y
+                                        || (axis == 0 && rows_of.is_some())
+                                        || (axis == 1 && cols_of.is_some())
+                                },
+                            );
+                    if !fits {
+                        TensorRule::Copy {
+                            reason: CopyReason::ShapeMismatch,
+                        }
+                    } else {
+                        fam_rule(inputs, info, rows_of, cols_of)
+                    }
+                }
+            };
+        if let (TensorRule::Copy { reason }, true) = (&rule, config.strict) {
+            problems.push(
+                Error::new(
+                    ErrorKind::Plan,
+                    format!(
+                        "--strict: no counterpart in the contributor ({})",
+                        snake(reason)
+                    ),
+                )
+                .with_file(receiver.root())
+                .with_tensor(&info.name),
+            );
+        }
+        tensors.push(TensorPlan {
+            name: info.name.clone(),
+            shape: info.shape.clone(),
+            in_dtype: info.dtype,
+            out_dtype: config.out_dtype.unwrap_or(info.dtype),
+            rule,
+            contributors: if source.is_some() {
+                vec![0]
+            } else {
+                Vec::new()
+            },
+            excluded: Vec::new(),
+            source: source.cloned(),
+        });
+    }
+    if config.strict {
+        for d in &dropped {
+            problems.push(
+                Error::new(
+                    ErrorKind::Plan,
+                    "--strict: this contributor tensor has no place in the receiver",
+                )
+                .with_file(b.root())
+                .with_tensor(&d.name),
+            );
+        }
+    }
+    problems.into_result()?;
+    Ok(Plan {
+        tensors,
+        dropped,
+        layers: layer_count(receiver),
+        groups: group_plans,
+    })
+}
+
+fn fam_rule(
+    inputs: &Inputs,
+    info: &TensorInfo,
+    row_group: Option<usize>,
+    col_group: Option<usize>,
+) -> TensorRule {
+    let average = |row_group, col_group| TensorRule::Fam {
+        row_group,
+        col_group,
+        layer: None,
+        average: true,
+    };
+    match layer_of(&info.name) {
+        // SPEC §2.4: a bias follows its rows (fused, f = 1 outside groups).
+        Some((_, false)) if info.shape.len() == 1 => TensorRule::Fam {
+            row_group,
+            col_group: None,
+            layer: None,
+            average: false,
+        },
+        Some((layer, true)) if info.shape.len() == 2 => {
+            let has_direction = inputs
+                .receiver()
+                .layer(layer)
+                .and_then(|l| l.x_mean.as_ref())
+                .is_some_and(|x| x.len() == info.shape[1]);
+            if has_direction {
+                TensorRule::Fam {
+                    row_group,
+                    col_group,
+                    layer: Some(layer.to_string()),
+                    average: false,
+                }
+            } else {
+                average(row_group, col_group)
+            }
+        }
+        _ => average(row_group, col_group),
+    }
 }

@@ -118,6 +118,9 @@ pub struct MergeReport {
     pub dropped: Vec<DroppedTensor>,
     /// Non-weight files copied from the receiver.
     pub copied_files: Vec<String>,
+    /// FAM: each group's alignment summary and mapping, and the λ used (with the searched grid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fam: Option<Value>,
 }
 
 /// An f32 parameter as the number a user wrote (`1e-8`, not the f64 widening `9.99999993922529e-9`).
@@ -148,6 +151,22 @@ fn parameters(config: &MergeConfig) -> Value {
             })).collect::<Vec<_>>(),
             "fallback_weight": num(s.fallback_weight),
             "epsilon": num(s.epsilon),
+        }),
+        MethodSettings::Fam(f) => json!({
+            "preset": f.preset,
+            "density": f.density,
+            "fos_min": num(f.fos_min),
+            "sigma": num(f.sigma),
+            "beta": num(f.beta),
+            "lambda_proj": num(f.lambda_proj),
+            "lambda_ortho": num(f.lambda_ortho),
+            "epsilon": num(f.epsilon),
+            "matching": if f.greedy { "greedy" } else { "exact" },
+            "similarity": if f.raw_cosine { "raw_cosine" } else { "pearson" },
+            "lambda_search": f.lambda_search,
+            "lambda_grid": f.lambda_grid.iter().map(|&x| num(x)).collect::<Vec<_>>(),
+            "name_map": f.name_map.source,
+            "strict": config.strict,
         }),
         MethodSettings::Baseline(p) => {
             let block = |m: &std::collections::BTreeMap<String, Setting>| -> Value {
@@ -212,7 +231,7 @@ impl MergeReport {
         let mut input_reports: Vec<InputReport> =
             inputs.base.iter().map(|b| input("base", b)).collect();
         for (i, model) in inputs.models.iter().enumerate() {
-            let role = if config.method == MergeMethod::SafeM && i == 0 {
+            let role = if matches!(config.method, MergeMethod::SafeM | MergeMethod::Fam) && i == 0 {
                 "receiver"
             } else if inputs.contributors.contains(&i) {
                 "contributor"
@@ -250,6 +269,7 @@ impl MergeReport {
                 .collect(),
             dropped: plan.dropped.clone(),
             copied_files: Vec::new(),
+            fam: None,
         }
     }
 

@@ -104,6 +104,37 @@ pub struct RawConfig {
     /// mergekit's chat template override (refused with a clear message).
     #[serde(default)]
     pub chat_template: Option<Spanned<ParamValue>>,
+    /// FAM: how the contributor's tensor names map to the receiver's (SPEC §5).
+    #[serde(default)]
+    pub name_map: Option<NameMapSpec>,
+    /// FAM: the neuron groups (SPEC §2.1).
+    #[serde(default)]
+    pub groups: Option<GroupsSpec>,
+}
+
+/// `name_map:` as written: a built-in map's name, a list of rules, or `{file: PATH}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum NameMapSpec {
+    /// A built-in map (`llava-1.5-to-mplug-owl2`) or `identity`.
+    Builtin(String),
+    /// Rules in order.
+    Rules(Vec<crate::namemap::RawRule>),
+    /// A YAML or JSON file of rules, relative to the config.
+    File {
+        /// The path.
+        file: String,
+    },
+}
+
+/// `groups:` as written: a template name or explicit groups.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum GroupsSpec {
+    /// `auto` (default), `llama_mlp`, `sequential` or `none`.
+    Template(String),
+    /// Groups declared in the receiver's names.
+    List(Vec<crate::groups::NeuronGroup>),
 }
 
 /// A merge method flatmerge runs.
@@ -112,6 +143,8 @@ pub struct RawConfig {
 pub enum MergeMethod {
     /// SAFE-M (SPEC §1).
     SafeM,
+    /// FAM (SPEC §2).
+    Fam,
     /// `Σ w_k W_k / Σ w_k` (SPEC §3).
     Linear,
     /// `W_base + λ Σ w_k τ_k`.
@@ -144,8 +177,9 @@ pub enum MergeMethod {
 
 impl MergeMethod {
     /// Every method, in the order above.
-    pub const ALL: [MergeMethod; 15] = [
+    pub const ALL: [MergeMethod; 16] = [
         MergeMethod::SafeM,
+        MergeMethod::Fam,
         MergeMethod::Linear,
         MergeMethod::TaskArithmetic,
         MergeMethod::Ties,
@@ -180,6 +214,7 @@ impl MergeMethod {
     pub fn as_str(self) -> &'static str {
         match self {
             MergeMethod::SafeM => "safe_m",
+            MergeMethod::Fam => "fam",
             MergeMethod::Linear => "linear",
             MergeMethod::TaskArithmetic => "task_arithmetic",
             MergeMethod::Ties => "ties",
@@ -220,7 +255,10 @@ impl MergeMethod {
 
     /// Whether `base_model` is required.
     pub fn needs_base(self) -> bool {
-        !matches!(self, MergeMethod::Linear | MergeMethod::Passthrough)
+        !matches!(
+            self,
+            MergeMethod::Linear | MergeMethod::Passthrough | MergeMethod::Fam
+        )
     }
 
     /// The parameters the method accepts (mergekit 0.1.5 names and defaults).
@@ -250,7 +288,7 @@ impl MergeMethod {
         let gamma = def("gamma", Scope::PerModel, Kind::UNIT, D::Number(0.01));
         let della_eps = def("epsilon", Scope::PerModel, Kind::UNIT, D::Number(0.15));
         match self {
-            MergeMethod::SafeM => Vec::new(),
+            MergeMethod::SafeM | MergeMethod::Fam => Vec::new(),
             MergeMethod::Linear => vec![weight, flag("normalize", true)],
             MergeMethod::TaskArithmetic => gta(false, false),
             MergeMethod::Ties => gta(true, false),
@@ -322,6 +360,8 @@ pub struct MergeConfig {
     pub settings: MethodSettings,
     /// Seed of DARE's and DELLA's random masks (SPEC §3; default 0).
     pub seed: u64,
+    /// FAM: tensors without a counterpart and dropped tensors are errors (`--strict`).
+    pub strict: bool,
     /// Where the config came from (for messages and the report).
     pub source: Option<PathBuf>,
 }
@@ -334,6 +374,60 @@ pub enum MethodSettings {
     SafeM(SafeMSettings),
     /// The baselines: mergekit-style parameters, resolved per tensor.
     Baseline(Params),
+    /// FAM.
+    Fam(FamSettings),
+}
+
+/// Validated FAM settings (SPEC §2), defaults as in §2.4.
+#[derive(Debug, Clone)]
+pub struct FamSettings {
+    /// `k_n`: share of each model's neurons that are candidates (default 1).
+    pub density: f64,
+    /// FOS gate (default −1: no gate).
+    pub fos_min: f32,
+    /// `σ` of the flatness term of FOS (default 0.1).
+    pub sigma: f32,
+    /// `β` of the flatness factor (default 0).
+    pub beta: f32,
+    /// `λ_proj` (default 0.5).
+    pub lambda_proj: f32,
+    /// `λ_ortho` (default 0.5).
+    pub lambda_ortho: f32,
+    /// `ε` (default 1e-8).
+    pub epsilon: f32,
+    /// Greedy matching instead of the exact assignment.
+    pub greedy: bool,
+    /// Plain cosine instead of Pearson correlation.
+    pub raw_cosine: bool,
+    /// Choose `λ_proj, λ_ortho` by the unsupervised grid search of SPEC §2.5.
+    pub lambda_search: bool,
+    /// The grid of that search.
+    pub lambda_grid: Vec<f32>,
+    /// The preset the values started from (`default` or `sketch`).
+    pub preset: String,
+    /// The name map.
+    pub name_map: crate::namemap::NameMap,
+    /// The groups as configured.
+    pub groups: GroupsSpec,
+}
+
+impl PartialEq for FamSettings {
+    fn eq(&self, other: &Self) -> bool {
+        self.density == other.density
+            && self.fos_min == other.fos_min
+            && self.sigma == other.sigma
+            && self.beta == other.beta
+            && self.lambda_proj == other.lambda_proj
+            && self.lambda_ortho == other.lambda_ortho
+            && self.epsilon == other.epsilon
+            && self.greedy == other.greedy
+            && self.raw_cosine == other.raw_cosine
+            && self.lambda_search == other.lambda_search
+            && self.lambda_grid == other.lambda_grid
+            && self.preset == other.preset
+            && self.name_map.source == other.name_map.source
+            && self.groups == other.groups
+    }
 }
 
 impl MergeConfig {
@@ -355,11 +449,52 @@ impl MergeConfig {
         validate(raw, base_dir, source).map_err(with_source)
     }
 
+    /// A FAM config for two models (what `flatmerge map` uses): `name_map`
+    /// is a built-in map's name or a rules file, `groups` a template name.
+    pub fn fam_pair(
+        receiver: (&Path, &Path),
+        contributor: (&Path, &Path),
+        name_map: Option<&str>,
+        groups: Option<&str>,
+        preset: Option<&str>,
+    ) -> Result<MergeConfig> {
+        let q = |p: &Path| serde_json::Value::String(p.display().to_string()).to_string();
+        let mut text = format!(
+            "merge_method: fam\nmodels:\n  - model: {}\n    stats: {}\n  - model: {}\n    stats: {}\n",
+            q(receiver.0),
+            q(receiver.1),
+            q(contributor.0),
+            q(contributor.1)
+        );
+        if let Some(map) = name_map {
+            let is_file = Path::new(map).is_file();
+            let value = serde_json::Value::String(map.to_string()).to_string();
+            text.push_str(&if is_file {
+                format!("name_map: {{file: {value}}}\n")
+            } else {
+                format!("name_map: {value}\n")
+            });
+        }
+        if let Some(groups) = groups {
+            text.push_str(&format!(
+                "groups: {}\n",
+                serde_json::Value::String(groups.to_string())
+            ));
+        }
+        if let Some(preset) = preset {
+            text.push_str(&format!(
+                "parameters:\n  preset: {}\n",
+                serde_json::Value::String(preset.to_string())
+            ));
+        }
+        MergeConfig::from_yaml(&text, Path::new("."), None)
+    }
+
     /// The SAFE-M settings.
     pub fn safe_m(&self) -> Option<&SafeMSettings> {
         match &self.settings {
             MethodSettings::SafeM(s) => Some(s),
-            MethodSettings::Baseline(_) => None,
+            _ => None,
         }
     }
 
@@ -367,7 +502,15 @@ impl MergeConfig {
     pub fn baseline(&self) -> Option<&Params> {
         match &self.settings {
             MethodSettings::Baseline(p) => Some(p),
-            MethodSettings::SafeM(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The FAM settings.
+    pub fn fam(&self) -> Option<&FamSettings> {
+        match &self.settings {
+            MethodSettings::Fam(f) => Some(f),
+            _ => None,
         }
     }
 
@@ -376,7 +519,7 @@ impl MergeConfig {
     /// not the base (mergekit never treats the base as a contributor).
     pub fn contributors(&self) -> Vec<usize> {
         match self.method {
-            MergeMethod::SafeM => (1..self.models.len()).collect(),
+            MergeMethod::SafeM | MergeMethod::Fam => (1..self.models.len()).collect(),
             _ => (0..self.models.len())
                 .filter(|&i| {
                     self.base
@@ -603,6 +746,25 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         )
     })?;
     refuse_layouts(&raw)?;
+    if method != MergeMethod::Fam {
+        if raw.name_map.is_some() {
+            return Err(config_error(
+                None,
+                "name_map",
+                format!(
+                    "{} merges models with the same tensor names; `name_map` is for fam",
+                    method.as_str()
+                ),
+            ));
+        }
+        if raw.groups.is_some() {
+            return Err(config_error(
+                None,
+                "groups",
+                format!("`groups` is for fam, not {}", method.as_str()),
+            ));
+        }
+    }
     let models: Vec<ModelRef> = raw
         .models
         .iter()
@@ -627,6 +789,9 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
     }
     let settings = match method {
         MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
+        MergeMethod::Fam => {
+            MethodSettings::Fam(fam_settings(&raw, &models, base.as_ref(), base_dir)?)
+        }
         _ => MethodSettings::Baseline(baseline_params(method, &raw, &models, base.as_ref())?),
     };
     Ok(MergeConfig {
@@ -636,7 +801,179 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         out_dtype: out_dtype(&raw)?,
         settings,
         seed: 0,
+        strict: false,
         source: source.map(Path::to_path_buf),
+    })
+}
+
+const FAM_PARAMS: ParamSpec = ParamSpec {
+    global: &[
+        "density",
+        "fos_min",
+        "sigma",
+        "beta",
+        "lambda_proj",
+        "lambda_ortho",
+        "epsilon",
+        "preset",
+        "matching",
+        "similarity",
+        "lambda_search",
+        "lambda_grid",
+    ],
+    per_model: &[],
+};
+
+fn fam_settings(
+    raw: &RawConfig,
+    models: &[ModelRef],
+    base: Option<&ModelRef>,
+    base_dir: &Path,
+) -> Result<FamSettings> {
+    check_keys(&raw.parameters, FAM_PARAMS.global, "`parameters`", "fam")?;
+    for (i, m) in raw.models.iter().enumerate() {
+        check_keys(
+            &m.parameters,
+            FAM_PARAMS.per_model,
+            &format!("`models[{i}].parameters`"),
+            "fam",
+        )?;
+    }
+    if base.is_some() {
+        return Err(config_error(
+            None,
+            "base_model",
+            "fam merges models without a common ancestor: remove `base_model`",
+        ));
+    }
+    if models.len() != 2 {
+        return Err(config_error(
+            None,
+            "models",
+            "fam merges exactly two models: the receiver A first, then B",
+        ));
+    }
+    for (i, m) in models.iter().enumerate() {
+        if m.stats.is_none() {
+            return Err(config_error(
+                None,
+                &format!("models[{i}].stats"),
+                format!(
+                    "fam needs activation statistics with per-example rows for {}",
+                    m.path.display()
+                ),
+            ));
+        }
+    }
+    let global = Lookup {
+        model: None,
+        global: &raw.parameters,
+    };
+    let text = |key: &str, default: &str, choices: &[&str]| -> Result<String> {
+        match raw.parameters.get(key) {
+            None => Ok(default.to_string()),
+            Some(v) => match &v.value {
+                ParamValue::Text(t) if choices.contains(&t.as_str()) => Ok(t.clone()),
+                other => Err(config_error(
+                    Some(&v.referenced),
+                    key,
+                    format!("expected one of {}, found {other}", choices.join(", ")),
+                )),
+            },
+        }
+    };
+    let flag = |key: &str| -> Result<bool> {
+        match raw.parameters.get(key) {
+            None => Ok(false),
+            Some(v) => match &v.value {
+                ParamValue::Bool(b) => Ok(*b),
+                other => Err(config_error(
+                    Some(&v.referenced),
+                    key,
+                    format!("expected true or false, found {other}"),
+                )),
+            },
+        }
+    };
+    let preset = text("preset", "default", &["default", "sketch"])?;
+    // SPEC §2.4: the defaults reach the aligned average; `sketch` is the method sketch's values.
+    let (k, fos, sigma, beta) = if preset == "sketch" {
+        (0.2, 0.5, 0.1, 0.5)
+    } else {
+        (1.0, -1.0, 0.1, 0.0)
+    };
+    let lambda_grid = match raw.parameters.get("lambda_grid") {
+        None => vec![0.0, 0.25, 0.5, 0.75, 1.0],
+        Some(v) => match &v.value {
+            ParamValue::List(items) if !items.is_empty() => items
+                .iter()
+                .map(|i| match i {
+                    ParamValue::Number(x) if x.is_finite() => Ok(*x as f32),
+                    other => Err(config_error(
+                        Some(&v.referenced),
+                        "lambda_grid",
+                        format!("expected numbers, found {other}"),
+                    )),
+                })
+                .collect::<Result<_>>()?,
+            other => Err(config_error(
+                Some(&v.referenced),
+                "lambda_grid",
+                format!("expected a list of numbers, found {other}"),
+            ))?,
+        },
+    };
+    let name_map = match &raw.name_map {
+        None => crate::namemap::NameMap::identity(),
+        Some(NameMapSpec::Builtin(name)) if name == "identity" => {
+            crate::namemap::NameMap::identity()
+        }
+        Some(NameMapSpec::Builtin(name)) => {
+            crate::namemap::NameMap::builtin(name).ok_or_else(|| {
+                config_error(
+                    None,
+                    "name_map",
+                    format!(
+                        "unknown built-in name map `{name}`; built in: identity, {}",
+                        crate::namemap::BUILTIN.join(", ")
+                    ),
+                )
+            })?
+        }
+        Some(NameMapSpec::Rules(rules)) => crate::namemap::NameMap::new("config", rules)?,
+        Some(NameMapSpec::File { file }) => {
+            crate::namemap::NameMap::from_file(&resolve(base_dir, file))?
+        }
+    };
+    let groups = raw
+        .groups
+        .clone()
+        .unwrap_or(GroupsSpec::Template("auto".into()));
+    if let GroupsSpec::Template(t) = &groups {
+        if !["auto", "llama_mlp", "sequential", "none"].contains(&t.as_str()) {
+            return Err(config_error(None, "groups", format!("unknown group template `{t}`; expected auto, llama_mlp, sequential, none or a list")));
+        }
+    }
+    Ok(FamSettings {
+        density: global.number("density", k, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
+        fos_min: global.number("fos_min", fos, finite, "(finite)")? as f32,
+        sigma: global.number("sigma", sigma, |s| s > 0.0 && s.is_finite(), "> 0")? as f32,
+        beta: global.number("beta", beta, |b| b >= 0.0 && b.is_finite(), "≥ 0")? as f32,
+        lambda_proj: global.number("lambda_proj", 0.5, finite, "(finite)")? as f32,
+        lambda_ortho: global.number("lambda_ortho", 0.5, finite, "(finite)")? as f32,
+        epsilon: global.number(
+            "epsilon",
+            EPSILON as f64,
+            |e| e > 0.0 && e.is_finite(),
+            "> 0",
+        )? as f32,
+        greedy: text("matching", "exact", &["exact", "greedy"])? == "greedy",
+        raw_cosine: text("similarity", "pearson", &["pearson", "raw_cosine"])? == "raw_cosine",
+        lambda_search: flag("lambda_search")?,
+        lambda_grid,
+        preset,
+        name_map,
+        groups,
     })
 }
 

@@ -11,6 +11,7 @@
 
 mod baselines;
 mod chunks;
+pub mod fam;
 mod safe_m;
 
 use crate::config::{MergeConfig, MergeMethod, MethodSettings};
@@ -169,6 +170,10 @@ impl PreparedMerge {
         let bytes_total = self.plan.out_bytes();
         let mut bytes_done = 0;
         let ties_reference = self.ties_reference()?;
+        let fam = self.fam_state()?;
+        if let Some(state) = &fam {
+            report.fam = Some(state.report());
+        }
         for (index, tensor) in self.plan.tensors.iter().enumerate() {
             if options.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
                 return Err(Error::new(
@@ -177,15 +182,15 @@ impl PreparedMerge {
                 )
                 .with_file(&options.out_dir));
             }
-            let (bytes, outcome) =
-                self.merge_tensor(tensor, ties_reference.as_ref())
-                    .map_err(|e| {
-                        if e.tensor().is_some() {
-                            e
-                        } else {
-                            e.with_tensor(&tensor.name)
-                        }
-                    })?;
+            let (bytes, outcome) = self
+                .merge_tensor(tensor, ties_reference.as_ref(), fam.as_ref())
+                .map_err(|e| {
+                    if e.tensor().is_some() {
+                        e
+                    } else {
+                        e.with_tensor(&tensor.name)
+                    }
+                })?;
             writer.write_tensor(&tensor.name, &bytes)?;
             report.record(index, outcome);
             bytes_done += bytes.len() as u64;
@@ -254,17 +259,78 @@ impl PreparedMerge {
         Ok(Some(TiesReference::compute(density, &tensors)))
     }
 
+    /// FAM's alignment of every neuron group (SPEC §2.2–2.3), from the
+    /// statistics alone: what `flatmerge map` prints.
+    pub fn align(&self) -> Result<Vec<fam::GroupAlignment>> {
+        match self.config.fam() {
+            Some(settings) => fam::align(settings, &self.inputs, &self.plan),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// FAM's alignments and λ (searched when asked), before any tensor is written.
+    fn fam_state(&self) -> Result<Option<FamState>> {
+        let Some(settings) = self.config.fam() else {
+            return Ok(None);
+        };
+        let alignments = self.align()?;
+        let (lambdas, grid) = if settings.lambda_search {
+            let view = |receiver: bool, name: &str| self.fam_view(receiver, name);
+            let (chosen, grid) =
+                fam::lambda_search(settings, &self.inputs, &self.plan, &alignments, view)?;
+            (chosen, Some(grid))
+        } else {
+            ((settings.lambda_proj, settings.lambda_ortho), None)
+        };
+        Ok(Some(FamState {
+            alignments,
+            lambdas,
+            grid,
+        }))
+    }
+
+    /// A FAM tensor by the receiver's name: A's, or B's counterpart.
+    fn fam_view(&self, receiver: bool, name: &str) -> Result<TensorView<'_>> {
+        if receiver {
+            return self.view(Model::Receiver, name);
+        }
+        let source = self
+            .plan
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .and_then(|t| t.source.as_deref());
+        self.view(Model::Contributor(0), source.unwrap_or(name))
+    }
+
     fn merge_tensor(
         &self,
         tensor: &TensorPlan,
         ties_reference: Option<&TiesReference>,
+        fam: Option<&FamState>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
+        let source = tensor.source.as_deref().unwrap_or(&tensor.name);
         let contributors = tensor
             .contributors
             .iter()
-            .map(|&k| self.view(Model::Contributor(k), &tensor.name))
+            .map(|&k| self.view(Model::Contributor(k), source))
             .collect::<Result<Vec<_>>>()?;
         match (&tensor.rule, &self.config.settings) {
+            (TensorRule::Fam { .. }, MethodSettings::Fam(settings)) => {
+                let state = fam
+                    .ok_or_else(|| Error::new(ErrorKind::Plan, "FAM tensors need the alignment"))?;
+                let bytes = fam::FamTensor {
+                    settings,
+                    lambdas: state.lambdas,
+                    plan: tensor,
+                    a: self.view(Model::Receiver, &tensor.name)?,
+                    b: contributors[0],
+                    alignments: &state.alignments,
+                    inputs: &self.inputs,
+                }
+                .merge()?;
+                Ok((bytes, TensorOutcome::default()))
+            }
             (TensorRule::Baseline, MethodSettings::Baseline(params)) => {
                 let base = match &self.inputs.base {
                     Some(_) => Some(self.view(Model::Base, &tensor.name)?),
@@ -334,6 +400,25 @@ impl PreparedMerge {
                 ),
             )),
         }
+    }
+}
+
+/// FAM's whole-model results.
+struct FamState {
+    alignments: Vec<fam::GroupAlignment>,
+    lambdas: (f32, f32),
+    grid: Option<fam::LambdaGrid>,
+}
+
+impl FamState {
+    fn report(&self) -> serde_json::Value {
+        serde_json::json!({
+            "groups": self.alignments.iter().map(fam::GroupAlignment::summary).collect::<Vec<_>>(),
+            "mapping": self.alignments.iter().map(|a| serde_json::json!({"group": a.name, "b_neuron_of_a": a.matching})).collect::<Vec<_>>(),
+            "lambda_proj": self.lambdas.0,
+            "lambda_ortho": self.lambdas.1,
+            "lambda_grid": self.grid.as_ref().map(|g| g.iter().map(|(p, o, l)| serde_json::json!({"lambda_proj": p, "lambda_ortho": o, "loss": l})).collect::<Vec<_>>()),
+        })
     }
 }
 

@@ -1,0 +1,219 @@
+//! FAM end to end (SPEC §2, §5) on checkpoints that imitate the
+//! LLaVA-1.5 → mPLUG-Owl2 pair: the mapping recovers the planted neuron
+//! permutation, every tensor is accounted for, and the merge stays close to
+//! the receiver's layer outputs.
+
+use flatmerge::config::MergeConfig;
+use flatmerge::demo::{write_heterogeneous_pair, PairShape};
+use flatmerge::engine::{MergeOptions, PreparedMerge};
+use flatmerge::io::Checkpoint;
+use flatmerge::plan::TensorRule;
+
+fn tensor(dir: &std::path::Path, name: &str) -> Vec<f32> {
+    Checkpoint::open(dir)
+        .unwrap()
+        .view(name)
+        .unwrap()
+        .to_f32_vec()
+}
+
+#[test]
+fn the_mapping_recovers_a_planted_permutation() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 7).unwrap();
+    let merge = PreparedMerge::new(MergeConfig::from_file(&pair.config).unwrap()).unwrap();
+    let alignments = merge.align().unwrap();
+    assert_eq!(
+        alignments.len(),
+        PairShape::SMALL.llm.layers,
+        "one LLaMA MLP group per layer"
+    );
+    for (alignment, perm) in alignments.iter().zip(&pair.permutations) {
+        let recovered = alignment
+            .matching
+            .iter()
+            .enumerate()
+            .filter(|(i, m)| **m == Some(perm[*i]))
+            .count();
+        assert!(
+            recovered * 100 >= 99 * perm.len(),
+            "{}: recovered {recovered} of {}",
+            alignment.name,
+            perm.len()
+        );
+    }
+}
+
+#[test]
+fn the_llava_map_accounts_for_every_tensor_and_updates_both_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 3).unwrap();
+    let merge = PreparedMerge::new(MergeConfig::from_file(&pair.config).unwrap()).unwrap();
+    let out = dir.path().join("merged");
+    let summary = merge
+        .run(&MergeOptions {
+            out_dir: out.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    let a = Checkpoint::open(&pair.receiver).unwrap();
+    let b = Checkpoint::open(&pair.contributor).unwrap();
+    let report = &summary.report;
+    // Every tensor of A is in the report; every tensor of B is either a source or dropped.
+    assert_eq!(report.tensors.len(), a.tensors().len());
+    let sources: std::collections::BTreeSet<&str> = report
+        .tensors
+        .iter()
+        .filter_map(|t| t.plan.source.as_deref())
+        .collect();
+    let dropped: std::collections::BTreeSet<&str> =
+        report.dropped.iter().map(|d| d.name.as_str()).collect();
+    for t in b.tensors() {
+        assert!(
+            sources.contains(t.name.as_str()) ^ dropped.contains(t.name.as_str()),
+            "{} unaccounted",
+            t.name
+        );
+    }
+    assert!(
+        dropped.iter().all(|d| d.starts_with("model.mm_projector")),
+        "{dropped:?}"
+    );
+    for t in &report.tensors {
+        let vision =
+            t.plan.name.contains("vision_model") || t.plan.name.contains("visual_abstractor");
+        assert_eq!(t.plan.source.is_none(), vision, "{}", t.plan.name);
+    }
+    // Both modality copies of k_proj and the norms took LLaVA's single tensor.
+    for name in [
+        "model.layers.0.self_attn.k_proj.multiway.0.weight",
+        "model.layers.0.self_attn.k_proj.multiway.1.weight",
+        "model.layers.1.post_attention_layernorm.multiway.0.weight",
+        "model.layers.1.post_attention_layernorm.multiway.1.weight",
+    ] {
+        let plan = &report
+            .tensors
+            .iter()
+            .find(|t| t.plan.name == name)
+            .unwrap()
+            .plan;
+        assert!(
+            plan.source
+                .as_deref()
+                .is_some_and(|s| !s.contains("multiway")),
+            "{name}"
+        );
+        assert!(matches!(plan.rule, TensorRule::Fam { .. }), "{name}");
+        assert_ne!(
+            tensor(&out, name),
+            tensor(&pair.receiver, name),
+            "{name} unchanged"
+        );
+    }
+    // Tensors only in A keep A's values.
+    let only_a = "model.visual_abstractor.visual_fc.weight";
+    assert_eq!(tensor(&out, only_a), tensor(&pair.receiver, only_a));
+}
+
+#[test]
+fn the_merge_stays_close_to_the_aligned_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 11).unwrap();
+    let merge = PreparedMerge::new(MergeConfig::from_file(&pair.config).unwrap()).unwrap();
+    let out = dir.path().join("merged");
+    merge
+        .run(&MergeOptions {
+            out_dir: out.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    let stats = flatmerge::stats::ActivationStats::load(&pair.receiver_stats).unwrap();
+    for layer in [
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.mlp.gate_proj",
+        "model.layers.0.mlp.down_proj",
+    ] {
+        let l = stats.layer(layer).unwrap();
+        let (x, y) = (l.x_rows.as_ref().unwrap(), l.y_rows.as_ref().unwrap());
+        let w = tensor(&out, &format!("{layer}.weight"));
+        let (mut err, mut norm) = (0f64, 0f64);
+        for s in 0..x.rows {
+            let merged = flatmerge::demo::matvec(&w, x.row(s));
+            for (m, t) in merged.iter().zip(y.row(s)) {
+                err += ((m - t) as f64).powi(2);
+                norm += (*t as f64).powi(2);
+            }
+        }
+        let relative = (err / norm).sqrt();
+        assert!(
+            relative < 0.05,
+            "{layer}: merged outputs differ from A's by {relative}"
+        );
+    }
+}
+
+#[test]
+fn without_alignment_the_same_merge_drifts_away() {
+    // The control for the test above: the same pair averaged without groups
+    // (no permutation) moves the MLP outputs far from A's.
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 11).unwrap();
+    let text = std::fs::read_to_string(&pair.config).unwrap() + "groups: none\n";
+    let merge =
+        PreparedMerge::new(MergeConfig::from_yaml(&text, dir.path(), None).unwrap()).unwrap();
+    let out = dir.path().join("unaligned");
+    merge
+        .run(&MergeOptions {
+            out_dir: out.clone(),
+            ..Default::default()
+        })
+        .unwrap();
+    let stats = flatmerge::stats::ActivationStats::load(&pair.receiver_stats).unwrap();
+    let l = stats.layer("model.layers.0.mlp.up_proj").unwrap();
+    let (x, y) = (l.x_rows.as_ref().unwrap(), l.y_rows.as_ref().unwrap());
+    let w = tensor(&out, "model.layers.0.mlp.up_proj.weight");
+    let (mut err, mut norm) = (0f64, 0f64);
+    for s in 0..x.rows {
+        for (m, t) in flatmerge::demo::matvec(&w, x.row(s)).iter().zip(y.row(s)) {
+            err += ((m - t) as f64).powi(2);
+            norm += (*t as f64).powi(2);
+        }
+    }
+    assert!(
+        (err / norm).sqrt() > 0.3,
+        "unaligned merge unexpectedly close: {}",
+        (err / norm).sqrt()
+    );
+}
+
+#[test]
+fn lambda_search_reports_the_whole_grid() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 5).unwrap();
+    let text = std::fs::read_to_string(&pair.config).unwrap()
+        + "parameters:\n  lambda_search: true\n  lambda_grid: [0, 0.5, 1]\n";
+    let merge =
+        PreparedMerge::new(MergeConfig::from_yaml(&text, dir.path(), None).unwrap()).unwrap();
+    let summary = merge
+        .run(&MergeOptions {
+            out_dir: dir.path().join("searched"),
+            ..Default::default()
+        })
+        .unwrap();
+    let fam = summary.report.fam.as_ref().unwrap();
+    let grid = fam["lambda_grid"].as_array().unwrap();
+    assert_eq!(grid.len(), 9);
+    let best = grid
+        .iter()
+        .map(|g| g["loss"].as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    let chosen = grid
+        .iter()
+        .find(|g| {
+            g["lambda_proj"] == fam["lambda_proj"] && g["lambda_ortho"] == fam["lambda_ortho"]
+        })
+        .unwrap();
+    assert_eq!(chosen["loss"].as_f64().unwrap(), best);
+    // λ = 0 reproduces A exactly on A's rows, so the loss there is A-free: only B's error remains.
+    assert!(grid.iter().all(|g| g["loss"].as_f64().unwrap() >= 0.0));
+}
