@@ -7,13 +7,15 @@
 //! - the **std layer** (feature `std`, on by default): memory-mapped
 //!   safetensors checkpoints ([`io`]), activation statistics files
 //!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
-//!   streaming engine ([`engine`]), the merge report ([`report`]) and a
+//!   streaming engine ([`engine`]), the merge report ([`report`]), the
+//!   activation [`recorder`], native probes ([`probe`]) and a
 //!   self-contained [`demo`].
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
 
 extern crate alloc;
 
+pub mod assignment;
 pub mod baselines;
 pub mod dtype;
 pub mod fam;
@@ -28,13 +30,21 @@ pub mod demo;
 #[cfg(feature = "std")]
 pub mod engine;
 #[cfg(feature = "std")]
+pub mod groups;
+#[cfg(feature = "std")]
 pub mod error;
 #[cfg(feature = "std")]
 pub mod inspect;
 #[cfg(feature = "std")]
 pub mod io;
 #[cfg(feature = "std")]
+pub mod namemap;
+#[cfg(feature = "std")]
 pub mod plan;
+#[cfg(feature = "std")]
+pub mod probe;
+#[cfg(feature = "std")]
+pub mod recorder;
 #[cfg(feature = "std")]
 pub mod report;
 #[cfg(feature = "std")]

@@ -1278,7 +1278,7 @@ dtype: float32                  # optional: output dtype; default the receiver's
             (
                 "merge_method: safe_m",
                 "merge_method: frobnicate",
-                "unknown merge method",
+                "`frobnicate` is unknown",
             ),
             ("base_model: ./C ", "# ", "base_model"),
         ] {

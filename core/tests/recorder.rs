@@ -1,0 +1,518 @@
+//! The activation recorder: means and rows against a direct computation,
+//! the same file for any batching, order and threading, round trips,
+//! bf16 pushes, the example/row semantics and one test per bad push.
+
+use std::path::Path;
+
+use flatmerge::demo::Rng;
+use flatmerge::dtype::{bf16_to_f32, f32_to_bf16};
+use flatmerge::recorder::{Activations, Batch, MissingRows, Recorder, RecorderOptions};
+use flatmerge::stats::ActivationStats;
+use flatmerge::{Error, ErrorKind};
+
+/// `(layer, in, out)` of the test model.
+const LAYERS: [(&str, usize, usize); 3] = [
+    ("model.layers.0.mlp.up_proj", 6, 10),
+    ("model.layers.0.mlp.down_proj", 10, 6),
+    ("lm_head", 6, 3),
+];
+
+/// One example's tokens through one layer.
+#[derive(Clone)]
+struct Push {
+    layer: &'static str,
+    rows: usize,
+    x: Vec<f32>,
+    y: Vec<f32>,
+    example: u64,
+    modality: u8,
+}
+
+/// `examples` examples of 1–5 tokens each through every layer. `dyadic`:
+/// multiples of 1/64 in [-4, 4], whose f64 sums are exact (so a direct
+/// computation matches bit for bit); otherwise normals scaled by 2^-20 to
+/// 2^20, whose f64 sums depend on the order.
+fn pushes(examples: u64, dyadic: bool, seed: u64) -> Vec<Push> {
+    let mut out = Vec::new();
+    for example in 0..examples {
+        let mut rng = Rng::new(seed, &format!("example {example}"));
+        let rows = 1 + (rng.next_u64() % 5) as usize;
+        let modality = (example % 3) as u8;
+        for (layer, i, o) in LAYERS {
+            let mut values = |n: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|_| {
+                        if dyadic {
+                            ((rng.next_u64() % 513) as f32 - 256.0) / 64.0
+                        } else {
+                            let scale = 2f32.powi((rng.next_u64() % 41) as i32 - 20);
+                            rng.normal() * scale
+                        }
+                    })
+                    .collect()
+            };
+            let x = values(rows * i);
+            let y = values(rows * o);
+            out.push(Push {
+                layer,
+                rows,
+                x,
+                y,
+                example,
+                modality,
+            });
+        }
+    }
+    out
+}
+
+fn recorder(max_examples: usize) -> Recorder {
+    Recorder::new(RecorderOptions {
+        max_examples,
+        model: "test model".into(),
+        probe: "test probe".into(),
+        missing_rows: MissingRows::Zero,
+    })
+}
+
+fn push(r: &Recorder, p: &Push) -> Result<(), Error> {
+    r.push_f32(p.layer, p.rows, &p.x, &p.y, p.example, p.modality)
+}
+
+/// Splits every push into single-token pushes.
+fn single_rows(pushes: &[Push]) -> Vec<Push> {
+    let mut out = Vec::new();
+    for p in pushes {
+        let (i, o) = (p.x.len() / p.rows, p.y.len() / p.rows);
+        for r in 0..p.rows {
+            out.push(Push {
+                rows: 1,
+                x: p.x[r * i..(r + 1) * i].to_vec(),
+                y: p.y[r * o..(r + 1) * o].to_vec(),
+                ..p.clone()
+            });
+        }
+    }
+    out
+}
+
+fn file_bytes(r: &Recorder, dir: &Path, name: &str) -> Vec<u8> {
+    let path = dir.join(name);
+    r.save(&path).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Column means in f64 of the `[rows, width]` blocks, in push order.
+fn direct_means(blocks: &[(&[f32], usize)], width: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; width];
+    let mut count = 0usize;
+    for (data, rows) in blocks {
+        for row in data.chunks_exact(width) {
+            for (s, v) in sums.iter_mut().zip(row) {
+                *s += *v as f64;
+            }
+        }
+        count += rows;
+    }
+    sums.iter().map(|s| (s / count as f64) as f32).collect()
+}
+
+#[test]
+fn recorder_is_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<Recorder>();
+}
+
+#[test]
+fn means_and_rows_equal_a_direct_computation() {
+    let data = pushes(7, true, 1);
+    let r = recorder(100);
+    for p in &data {
+        push(&r, p).unwrap();
+    }
+    let stats = r.stats().unwrap();
+    assert_eq!(stats.examples, 7);
+    assert_eq!(stats.model, "test model");
+    assert_eq!(stats.probe, "test probe");
+    assert_eq!(
+        stats.modality.as_deref(),
+        Some(&[0u8, 1, 2, 0, 1, 2, 0][..])
+    );
+    for (layer, i, o) in LAYERS {
+        let mine: Vec<&Push> = data.iter().filter(|p| p.layer == layer).collect();
+        let s = stats.layer(layer).unwrap();
+        let xs: Vec<(&[f32], usize)> = mine.iter().map(|p| (&p.x[..], p.rows)).collect();
+        let ys: Vec<(&[f32], usize)> = mine.iter().map(|p| (&p.y[..], p.rows)).collect();
+        assert_eq!(s.x_mean.as_deref().unwrap(), &direct_means(&xs, i)[..]);
+        assert_eq!(s.y_mean.as_deref().unwrap(), &direct_means(&ys, o)[..]);
+        assert_eq!(
+            s.count,
+            Some(mine.iter().map(|p| p.rows as u64).sum::<u64>())
+        );
+        let (x_rows, y_rows) = (s.x_rows.as_ref().unwrap(), s.y_rows.as_ref().unwrap());
+        assert_eq!((x_rows.rows, x_rows.width), (7, i));
+        assert_eq!((y_rows.rows, y_rows.width), (7, o));
+        for p in mine {
+            let n = p.example as usize;
+            assert_eq!(x_rows.row(n), &direct_means(&[(&p.x, p.rows)], i)[..]);
+            assert_eq!(y_rows.row(n), &direct_means(&[(&p.y, p.rows)], o)[..]);
+        }
+    }
+}
+
+#[test]
+fn means_of_arbitrary_values_are_within_rounding_of_f64() {
+    let data = pushes(9, false, 2);
+    let r = recorder(0);
+    for p in &data {
+        push(&r, p).unwrap();
+    }
+    let stats = r.stats().unwrap();
+    for (layer, i, _) in LAYERS {
+        let xs: Vec<(&[f32], usize)> = data
+            .iter()
+            .filter(|p| p.layer == layer)
+            .map(|p| (&p.x[..], p.rows))
+            .collect();
+        let direct = direct_means(&xs, i);
+        let got = stats.layer(layer).unwrap().x_mean.clone().unwrap();
+        for (a, b) in got.iter().zip(&direct) {
+            assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn any_batching_and_order_give_the_same_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pushes(6, false, 3);
+    let whole = recorder(6);
+    for p in &data {
+        push(&whole, p).unwrap();
+    }
+    let split = recorder(6);
+    let mut singles = single_rows(&data);
+    singles.reverse();
+    for p in &singles {
+        push(&split, p).unwrap();
+    }
+    // Pairs of tokens where possible, examples interleaved.
+    let mixed = recorder(6);
+    let mut rng = Rng::new(9, "shuffle");
+    let mut shuffled = singles.clone();
+    for i in (1..shuffled.len()).rev() {
+        shuffled.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    for p in &shuffled {
+        push(&mixed, p).unwrap();
+    }
+    let a = file_bytes(&whole, dir.path(), "whole.stats.safetensors");
+    assert_eq!(a, file_bytes(&split, dir.path(), "split.stats.safetensors"));
+    assert_eq!(a, file_bytes(&mixed, dir.path(), "mixed.stats.safetensors"));
+
+    // A naive f64 accumulation does depend on the order for these values:
+    // the test would catch an order-dependent recorder.
+    let layer = LAYERS[0].0;
+    let sum = |ps: &[Push]| -> f64 {
+        ps.iter()
+            .filter(|p| p.layer == layer)
+            .flat_map(|p| p.x.iter())
+            .map(|&v| v as f64)
+            .sum()
+    };
+    let forward = single_rows(&data);
+    let mut f64_sums = vec![sum(&forward), sum(&singles), sum(&shuffled)];
+    f64_sums.dedup();
+    assert!(
+        f64_sums.len() > 1,
+        "the data does not exercise order dependence"
+    );
+}
+
+#[test]
+fn concurrent_pushes_equal_serial_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = single_rows(&pushes(24, false, 4));
+    let serial = recorder(16);
+    for p in &data {
+        push(&serial, p).unwrap();
+    }
+    let expected = file_bytes(&serial, dir.path(), "serial.stats.safetensors");
+    for round in 0..3 {
+        let concurrent = recorder(16);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (concurrent, data) = (&concurrent, &data);
+                s.spawn(move || {
+                    // Each thread walks its share backwards or forwards.
+                    let mine: Vec<&Push> = data.iter().skip(t).step_by(4).collect();
+                    let iter: Box<dyn Iterator<Item = &&Push>> = if (t + round) % 2 == 0 {
+                        Box::new(mine.iter())
+                    } else {
+                        Box::new(mine.iter().rev())
+                    };
+                    for p in iter {
+                        push(concurrent, p).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            file_bytes(&concurrent, dir.path(), "concurrent.stats.safetensors"),
+            expected,
+            "round {round}"
+        );
+    }
+}
+
+#[test]
+fn the_file_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recorder(5);
+    for p in &pushes(8, false, 5) {
+        push(&r, p).unwrap();
+    }
+    let path = dir.path().join("r.stats.safetensors");
+    r.save(&path).unwrap();
+    let loaded = ActivationStats::load(&path).unwrap();
+    assert_eq!(loaded, r.stats().unwrap());
+    assert_eq!(loaded.examples, 5);
+    assert_eq!(loaded.modality.as_ref().unwrap().len(), 5);
+    assert_eq!(loaded.layers.len(), LAYERS.len());
+}
+
+#[test]
+fn bf16_pushes_equal_f32_pushes_of_the_same_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pushes(5, false, 6);
+    let as_f32 = recorder(5);
+    let as_bf16 = recorder(5);
+    for p in &data {
+        let xb: Vec<u16> = p.x.iter().map(|&v| f32_to_bf16(v)).collect();
+        let yb: Vec<u16> = p.y.iter().map(|&v| f32_to_bf16(v)).collect();
+        let xf: Vec<f32> = xb.iter().map(|&b| bf16_to_f32(b)).collect();
+        let yf: Vec<f32> = yb.iter().map(|&b| bf16_to_f32(b)).collect();
+        as_bf16
+            .push_bf16(p.layer, p.rows, &xb, &yb, p.example, p.modality)
+            .unwrap();
+        as_f32
+            .push_f32(p.layer, p.rows, &xf, &yf, p.example, p.modality)
+            .unwrap();
+    }
+    assert_eq!(
+        file_bytes(&as_f32, dir.path(), "f32.stats.safetensors"),
+        file_bytes(&as_bf16, dir.path(), "bf16.stats.safetensors")
+    );
+    // Mixed: x in bf16, y in f32, through the general entry point.
+    let p = &data[0];
+    let xb: Vec<u16> = p.x.iter().map(|&v| f32_to_bf16(v)).collect();
+    let mixed = recorder(5);
+    mixed
+        .push(&Batch {
+            layer: p.layer,
+            rows: p.rows,
+            x: Activations::Bf16(&xb),
+            y: Activations::F32(&p.y),
+            example: 0,
+            modality: p.modality,
+        })
+        .unwrap();
+    let s = mixed.stats().unwrap();
+    let want: Vec<f32> = direct_means(
+        &[(
+            &xb.iter().map(|&b| bf16_to_f32(b)).collect::<Vec<_>>(),
+            p.rows,
+        )],
+        p.x.len() / p.rows,
+    );
+    let got = s.layer(p.layer).unwrap().x_mean.as_ref().unwrap();
+    for (a, b) in got.iter().zip(&want) {
+        assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0));
+    }
+}
+
+#[test]
+fn ids_beyond_max_examples_count_in_means_but_have_no_rows() {
+    let data = pushes(6, true, 7);
+    let capped = recorder(4);
+    let full = recorder(100);
+    for p in &data {
+        push(&capped, p).unwrap();
+        push(&full, p).unwrap();
+    }
+    let (c, f) = (capped.stats().unwrap(), full.stats().unwrap());
+    assert_eq!((c.examples, f.examples), (4, 6));
+    assert_eq!(c.modality.as_deref(), Some(&[0u8, 1, 2, 0][..]));
+    for (layer, i, _) in LAYERS {
+        let (cl, fl) = (c.layer(layer).unwrap(), f.layer(layer).unwrap());
+        assert_eq!(cl.x_mean, fl.x_mean, "means use every example");
+        assert_eq!(cl.count, fl.count);
+        let (cr, fr) = (cl.x_rows.as_ref().unwrap(), fl.x_rows.as_ref().unwrap());
+        assert_eq!(cr.rows, 4);
+        assert_eq!(cr.data[..], fr.data[..4 * i]);
+    }
+}
+
+#[test]
+fn without_rows_examples_counts_distinct_ids() {
+    let r = recorder(0);
+    for p in pushes(5, true, 8).iter().filter(|p| p.example != 2) {
+        push(&r, p).unwrap();
+    }
+    let s = r.stats().unwrap();
+    assert_eq!(s.examples, 4);
+    assert_eq!(s.modality, None);
+    assert!(s
+        .layers
+        .values()
+        .all(|l| l.x_rows.is_none() && l.y_rows.is_none()));
+}
+
+#[test]
+fn an_example_id_never_pushed_is_an_error_when_rows_are_kept() {
+    let r = recorder(10);
+    for p in pushes(5, true, 9).iter().filter(|p| p.example != 2) {
+        push(&r, p).unwrap();
+    }
+    let e = r.stats().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.message().contains("example id 2 was never pushed"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gap.stats.safetensors");
+    let e = r.save(&path).unwrap_err();
+    assert_eq!(e.file(), Some(path.as_path()), "{e}");
+    assert!(!path.exists());
+}
+
+#[test]
+fn an_example_that_misses_a_layer_gets_zero_rows_or_an_error() {
+    // Example 1 never reaches `lm_head` (say, a vision tower's layer).
+    let data: Vec<Push> = pushes(3, true, 10)
+        .into_iter()
+        .filter(|p| !(p.example == 1 && p.layer == "lm_head"))
+        .collect();
+    let zero = recorder(3);
+    let strict = Recorder::new(RecorderOptions {
+        max_examples: 3,
+        missing_rows: MissingRows::Error,
+        ..RecorderOptions::default()
+    });
+    for p in &data {
+        push(&zero, p).unwrap();
+        push(&strict, p).unwrap();
+    }
+    let s = zero.stats().unwrap();
+    let rows = s.layer("lm_head").unwrap().y_rows.as_ref().unwrap();
+    assert_eq!(rows.row(1), &[0.0; 3]);
+    assert_ne!(rows.row(0), &[0.0; 3]);
+    let e = strict.stats().unwrap_err();
+    assert_eq!(e.tensor(), Some("lm_head"));
+    assert!(e.message().contains("example 1 never reached"), "{e}");
+}
+
+/// Asserts an InvalidInput error naming `layer` and containing `needles`.
+fn assert_bad(result: Result<(), Error>, layer: &str, needles: &[&str]) {
+    let e = result.expect_err("the push should be refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert_eq!(e.tensor(), Some(layer), "{e}");
+    let text = e.to_string();
+    for n in needles {
+        assert!(text.contains(n), "`{n}` not in: {text}");
+    }
+}
+
+#[test]
+fn bad_pushes_get_clear_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recorder(4);
+    let l = "blocks.0.fc";
+    r.push_f32(l, 2, &[1.0; 8], &[2.0; 6], 0, 0).unwrap();
+    let before = file_bytes(&r, dir.path(), "before.stats.safetensors");
+
+    // Wrong widths for a known layer (4 → 3).
+    assert_bad(
+        r.push_f32(l, 2, &[1.0; 10], &[2.0; 6], 1, 0),
+        l,
+        &[
+            "x has 10 values for 2 rows",
+            "input width is 4",
+            "expected 8",
+        ],
+    );
+    assert_bad(
+        r.push_f32(l, 1, &[1.0; 4], &[2.0; 4], 1, 0),
+        l,
+        &["y has 4 values for 1 rows", "output width is 3"],
+    );
+    // A new layer whose slices are not a multiple of the rows.
+    assert_bad(
+        r.push_f32("other", 3, &[1.0; 7], &[1.0; 3], 1, 0),
+        "other",
+        &["x has 7 values, not a positive multiple of 3 rows"],
+    );
+    assert_bad(
+        r.push_f32("other", 1, &[1.0; 2], &[], 1, 0),
+        "other",
+        &["y has 0 values"],
+    );
+    assert_bad(r.push_f32(l, 0, &[], &[], 1, 0), l, &["at least one row"]);
+    // Values: NaN, infinity, beyond ±2^60 — with row and column.
+    let mut x = [1.0f32; 8];
+    x[5] = f32::NAN;
+    assert_bad(
+        r.push_f32(l, 2, &x, &[2.0; 6], 1, 0),
+        l,
+        &["x row 1, column 1 is NaN"],
+    );
+    let mut y = [1.0f32; 6];
+    y[2] = f32::NEG_INFINITY;
+    assert_bad(
+        r.push_f32(l, 2, &[1.0; 8], &y, 1, 0),
+        l,
+        &["y row 0, column 2 is infinite"],
+    );
+    y[2] = 3e18;
+    assert_bad(
+        r.push_f32(l, 2, &[1.0; 8], &y, 1, 0),
+        l,
+        &["y row 0, column 2", "range ±2^60"],
+    );
+    let nan_bf16 = [f32_to_bf16(f32::NAN); 4];
+    assert_bad(
+        r.push_bf16(l, 1, &nan_bf16, &[0; 3], 1, 0),
+        l,
+        &["x row 0, column 0 is NaN"],
+    );
+    // A second modality for example 0.
+    assert_bad(
+        r.push_f32(l, 1, &[1.0; 4], &[2.0; 3], 0, 2),
+        l,
+        &["example 0 pushed with modality 2", "modality 0 before"],
+    );
+    assert_bad(
+        r.push_f32("fresh", 1, &[1.0; 2], &[2.0; 2], 0, 1),
+        "fresh",
+        &["example 0 pushed with modality 1"],
+    );
+    assert_bad(r.push_f32("", 1, &[1.0], &[1.0], 1, 0), "", &["empty"]);
+
+    assert_eq!(
+        file_bytes(&r, dir.path(), "after.stats.safetensors"),
+        before,
+        "a refused push changed the statistics"
+    );
+    // The refused first batch of `fresh` did not set its widths.
+    r.push_f32("fresh", 1, &[1.0; 5], &[2.0; 1], 0, 0).unwrap();
+}
+
+#[test]
+fn sums_too_large_for_exact_accumulation_are_refused() {
+    let r = recorder(0);
+    let big = [2f32.powi(60); 64];
+    // 2^60 × 2^60 per value: 2^7 values reach 2^127.
+    r.push_f32("huge", 1, &big, &[0.0], 0, 0).unwrap();
+    let e = r.push_f32("huge", 2, &[2f32.powi(60); 128], &[0.0; 2], 0, 0);
+    assert_bad(e, "huge", &["too large to sum exactly"]);
+    let e = r.stats().unwrap_err();
+    assert_eq!(e.tensor(), Some("huge"));
+}
