@@ -599,6 +599,12 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
         ));
     }
     let layers = layer_count(reference);
+    let base_is_extra_input = config.base.as_ref().is_some_and(|b| {
+        !config
+            .models
+            .iter()
+            .any(|m| crate::config::same_model(&m.path, &b.path))
+    });
     let mut tensors = Vec::new();
     for info in reference.tensors() {
         if !float_check(&mut problems, reference, info) {
@@ -652,6 +658,19 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
             for target in targets {
                 if let Err(e) = params.number(def.name, target, &info.name, t) {
                     problems.push(e.with_file(config.source.clone().unwrap_or_default()));
+                }
+            }
+            // linear also weighs a base model that is not listed under `models` (mergekit appends it).
+            if config.method == MergeMethod::Linear && def.name == "weight" && base_is_extra_input {
+                if params.number("weight", None, &info.name, t).is_err() {
+                    problems.push(
+                        Error::new(
+                            ErrorKind::Config,
+                            "linear weighs the base model too (it is not listed under `models`): give a global `weight` or list it with its own",
+                        )
+                        .with_file(config.source.clone().unwrap_or_default())
+                        .with_tensor(&info.name),
+                    );
                 }
             }
         }

@@ -520,6 +520,8 @@ impl MergeConfig {
     pub fn contributors(&self) -> Vec<usize> {
         match self.method {
             MergeMethod::SafeM | MergeMethod::Fam => (1..self.models.len()).collect(),
+            // mergekit: every listed model is an input of these, the base included.
+            MergeMethod::Linear | MergeMethod::Passthrough => (0..self.models.len()).collect(),
             _ => (0..self.models.len())
                 .filter(|&i| {
                     self.base

@@ -159,14 +159,12 @@ impl BaselineTensor<'_> {
                 MergeMethod::TaskArithmetic => None,
                 MergeMethod::Ties => {
                     let keep = trim_count(density, tau.len());
-                    keep_top(tau, keep, 0);
-                    None
+                    rescaled(tau, rescale, |tau| keep_top(tau, keep, 0))
                 }
                 MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies if density < 1.0 => {
                     let gamma = self.number("gamma", Some(k))?;
                     let (a, b) = breadcrumbs_window(density, gamma, tau.len());
-                    keep_top(tau, b, a);
-                    None
+                    rescaled(tau, rescale, |tau| keep_top(tau, b, a))
                 }
                 MergeMethod::DareLinear | MergeMethod::DareTies if density < 1.0 => {
                     let key = dare_stream(self.seed, k, &self.plan.name);
@@ -394,6 +392,35 @@ impl BaselineTensor<'_> {
     }
 }
 
+/// Runs a deterministic sparsification, then (when `rescale`) the L1
+/// rescale of SPEC §3, as mergekit does after magnitude trimming too.
+/// Returns the factor when rescaling was asked for.
+fn rescaled(tau: &mut [f32], rescale: bool, sparsify: impl FnOnce(&mut [f32])) -> Option<f32> {
+    if !rescale {
+        sparsify(tau);
+        return None;
+    }
+    let l1 = |t: &[f32]| -> f64 {
+        let parts: Vec<f64> = t
+            .par_chunks(CHUNK_ELEMENTS)
+            .map(|c| c.iter().map(|x| x.abs() as f64).sum())
+            .collect();
+        parts.iter().sum()
+    };
+    let before = l1(tau);
+    sparsify(tau);
+    let factor = dare_rescale(before, l1(tau));
+    scale(tau, factor);
+    Some(factor)
+}
+
+/// Multiplies every entry by `factor` (skipped for 1).
+fn scale(tau: &mut [f32], factor: f32) {
+    if factor != 1.0 {
+        tau.par_iter_mut().for_each(|x| *x *= factor);
+    }
+}
+
 /// Keeps the entries of descending magnitude rank `[skip, keep)` (ties by
 /// lower index), in parallel chunks with exact tie accounting.
 fn keep_top(tau: &mut [f32], keep: usize, skip: usize) {
@@ -455,9 +482,7 @@ fn drop_and_rescale(
     } else {
         1.0
     };
-    if factor != 1.0 {
-        tau.par_iter_mut().for_each(|x| *x *= factor);
-    }
+    scale(tau, factor);
     factor
 }
 
