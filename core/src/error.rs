@@ -34,6 +34,24 @@ pub enum ErrorKind {
     Cancelled,
 }
 
+impl ErrorKind {
+    /// Every kind, in declaration order (the C ABI numbers them 1, 2, … in
+    /// this order; a test there fails when a kind is added without a code).
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::Io,
+        ErrorKind::Format,
+        ErrorKind::UnsupportedDtype,
+        ErrorKind::Pickle,
+        ErrorKind::NotFound,
+        ErrorKind::Stats,
+        ErrorKind::Config,
+        ErrorKind::Plan,
+        ErrorKind::OutputExists,
+        ErrorKind::InvalidInput,
+        ErrorKind::Cancelled,
+    ];
+}
+
 /// An error of the std layer: kind, file, tensor (optional) and problem.
 #[derive(Debug)]
 pub struct Error {

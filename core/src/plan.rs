@@ -661,17 +661,19 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
                 }
             }
             // linear also weighs a base model that is not listed under `models` (mergekit appends it).
-            if config.method == MergeMethod::Linear && def.name == "weight" && base_is_extra_input {
-                if params.number("weight", None, &info.name, t).is_err() {
-                    problems.push(
-                        Error::new(
-                            ErrorKind::Config,
-                            "linear weighs the base model too (it is not listed under `models`): give a global `weight` or list it with its own",
-                        )
-                        .with_file(config.source.clone().unwrap_or_default())
-                        .with_tensor(&info.name),
-                    );
-                }
+            if config.method == MergeMethod::Linear
+                && def.name == "weight"
+                && base_is_extra_input
+                && params.number("weight", None, &info.name, t).is_err()
+            {
+                problems.push(
+                    Error::new(
+                        ErrorKind::Config,
+                        "linear weighs the base model too (it is not listed under `models`): give a global `weight` or list it with its own",
+                    )
+                    .with_file(config.source.clone().unwrap_or_default())
+                    .with_tensor(&info.name),
+                );
             }
         }
         tensors.push(TensorPlan {

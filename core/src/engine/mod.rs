@@ -62,6 +62,20 @@ pub struct MergeOptions<'a> {
     pub cancel: Option<&'a AtomicBool>,
 }
 
+impl MergeOptions<'_> {
+    /// `Cancelled` once the caller has set the flag (nothing is left behind:
+    /// the writer removes its temporary directory).
+    fn check_cancel(&self) -> Result<()> {
+        if self.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
+            return Err(
+                Error::new(ErrorKind::Cancelled, "merge cancelled; nothing was written")
+                    .with_file(&self.out_dir),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// What a finished merge did.
 #[derive(Debug, Clone)]
 pub struct MergeSummary {
@@ -175,13 +189,7 @@ impl PreparedMerge {
             report.fam = Some(state.report());
         }
         for (index, tensor) in self.plan.tensors.iter().enumerate() {
-            if options.cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
-                return Err(Error::new(
-                    ErrorKind::Cancelled,
-                    "merge cancelled; nothing was written",
-                )
-                .with_file(&options.out_dir));
-            }
+            options.check_cancel()?;
             let (bytes, outcome) = self
                 .merge_tensor(tensor, ties_reference.as_ref(), fam.as_ref())
                 .map_err(|e| {
@@ -211,6 +219,7 @@ impl PreparedMerge {
             out_dtype,
         )?;
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
+        options.check_cancel()?;
         let out_dir = writer.finish()?;
         Ok(MergeSummary { out_dir, report })
     }
