@@ -238,6 +238,7 @@ fn print_summary(plan: &Plan, summary: &MergeSummary) {
     let counts: Vec<String> = plan
         .rule_counts()
         .iter()
+        .filter(|(_, n)| *n > 0)
         .map(|(label, n)| format!("{label} {n}"))
         .collect();
     println!(

@@ -254,6 +254,7 @@ impl fmt::Display for Plan {
         let counts: Vec<String> = self
             .rule_counts()
             .iter()
+            .filter(|(_, n)| *n > 0)
             .map(|(l, n)| format!("{l} {n}"))
             .collect();
         write!(
