@@ -465,6 +465,8 @@ pub fn is_side_file(name: &str) -> bool {
         || name.ends_with(".tiktoken")
         || name == "spiece.model"
         || name == "sentencepiece.bpe.model"
+        // flatmerge's own MLP description, so a merged MLP can be probed again.
+        || name == "flatmerge_mlp.json"
 }
 
 /// Copies the receiver's side files; `config.json` gets the output dtype

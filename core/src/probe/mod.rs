@@ -16,6 +16,7 @@
 //! Examples run in parallel, one recorder push per layer and example; the
 //! recorder's exact sums make the file the same for any thread count.
 
+pub mod llama;
 pub mod mlp;
 pub mod set;
 
@@ -73,7 +74,7 @@ pub struct Architecture {
 }
 
 /// The architectures flatmerge can probe natively, tried in order.
-pub const ARCHITECTURES: &[Architecture] = &[mlp::ARCHITECTURE];
+pub const ARCHITECTURES: &[Architecture] = &[mlp::ARCHITECTURE, llama::ARCHITECTURE];
 
 /// Opens the model directory `dir` with the first architecture of
 /// [`ARCHITECTURES`] that recognises it.
