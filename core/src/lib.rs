@@ -30,9 +30,9 @@ pub mod demo;
 #[cfg(feature = "std")]
 pub mod engine;
 #[cfg(feature = "std")]
-pub mod groups;
-#[cfg(feature = "std")]
 pub mod error;
+#[cfg(feature = "std")]
+pub mod groups;
 #[cfg(feature = "std")]
 pub mod inspect;
 #[cfg(feature = "std")]
