@@ -4,9 +4,10 @@
 //!
 //! - [`Method::Exact`]: Jonker–Volgenant's shortest augmenting path in the
 //!   formulation of Crouse (2016) — the algorithm behind SciPy's
-//!   `linear_sum_assignment` — O(n²·m) for `n = min(rows, cols)`,
-//!   `m = max(rows, cols)`. One Dijkstra search per row of the smaller side,
-//!   each step scanning one contiguous row of the cost matrix.
+//!   `linear_sum_assignment`, without JV's initialisation heuristics —
+//!   O(n²·m) for `n = min(rows, cols)`, `m = max(rows, cols)`. One Dijkstra
+//!   search per row of the smaller side, each step scanning one contiguous
+//!   row of the cost matrix (AVX2 where the CPU has it).
 //! - [`Method::Greedy`]: repeatedly take the globally best remaining pair.
 //!   O(rows·cols·log(rows·cols)) in the worst case, about one pass over the
 //!   matrix on well-separated inputs (see [`Method::Greedy`]).
@@ -16,14 +17,15 @@
 //! (the exact solver transposes a tall matrix internally, into its
 //! [`Workspace`]). Infinite costs forbid a pair (`+∞` when minimising, `−∞`
 //! when maximising); an infinity in the other direction makes the optimum
-//! unbounded and is an error, as is any NaN.
+//! unbounded and is an error, as is any NaN. Finite costs should stay far
+//! from `f64::MAX` (below about 1e300 in magnitude): the search adds and
+//! subtracts a few of them, and an overflow would read as a forbidden pair.
 //!
 //! Ties are broken deterministically, see [`Method`]: the result depends only
 //! on the input bits, never on timing or allocation.
 //!
 //! Scratch memory is explicit: [`solve_with`] takes a [`Workspace`] that a
-//! caller solving many problems keeps and reuses; once it has grown to the
-//! largest problem, solving allocates only the returned [`Assignment`].
+//! caller solving many problems keeps and reuses.
 
 use alloc::collections::BinaryHeap;
 use alloc::vec::Vec;
@@ -50,13 +52,15 @@ pub enum Method {
     /// row can stay unmatched even where a complete matching exists; greedy
     /// never reports [`AssignmentError::Infeasible`].
     ///
-    /// Cost: each row keeps a short sorted list of its best free columns,
-    /// refilled by a pass over its row with doubling length when used up,
-    /// and a heap orders the rows by their current best candidate. In the
-    /// worst case (every row preferring the same columns) that is
-    /// O(rows·cols·log(rows·cols)) time and O(rows·cols) scratch; when the
-    /// best pairs are distinct (a planted permutation) it is one pass over
-    /// the matrix, O(rows·cols), with O(rows) scratch.
+    /// Cost: a first pass finds every row's best column; a heap orders the
+    /// rows by their current candidate. When a row's candidate has been
+    /// taken, it moves to its next one, and when its list runs out another
+    /// pass over its row collects the next block of free columns, each
+    /// block twice as long as the last. In the worst case (every row
+    /// preferring the same columns) that is O(rows·cols·log(rows·cols))
+    /// time and O(rows·cols) scratch; when the best pairs are distinct (a
+    /// planted permutation) it is about one pass over the matrix with
+    /// O(rows) scratch.
     Greedy,
 }
 
@@ -64,7 +68,8 @@ pub enum Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AssignmentError {
-    /// `costs.len()` is not `rows × cols` (or that product overflows).
+    /// `costs.len()` is not `rows × cols` (or that product overflows, or
+    /// both sides have 2³² − 1 entries or more).
     Shape {
         /// The length of the cost slice.
         len: usize,
@@ -155,7 +160,10 @@ impl Assignment {
 }
 
 /// Scratch memory for [`solve_with`]. It grows to the largest problem it
-/// has seen and keeps its capacity; reuse one per thread.
+/// has seen and keeps its capacity; reuse one per thread. Solving a problem
+/// no larger than one already solved then allocates only the returned
+/// [`Assignment`] (greedy: unless its candidate lists grow longer than
+/// before).
 #[derive(Debug, Default, Clone)]
 pub struct Workspace {
     /// The transposed matrix when `rows > cols` (exact).
@@ -313,9 +321,10 @@ fn validate(costs: &[f64], cols: usize, maximize: bool) -> Result<(), Assignment
     };
     // A branch-free pass first (the common case: nothing wrong), then a
     // second one to name the entry.
-    let bad = costs
-        .chunks(1024)
-        .any(|c| c.iter().fold(false, |b, &x| b | (x != x) | (x == unbounded)));
+    let bad = costs.chunks(1024).any(|c| {
+        c.iter()
+            .fold(false, |b, &x| b | x.is_nan() | (x == unbounded))
+    });
     if !bad {
         return Ok(());
     }
@@ -440,8 +449,13 @@ fn augment(
     let sink = loop {
         let row = &costs[i * m..(i + 1) * m];
         let base = min_val - u[i];
-        SCANS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        let (lowest, j) = scan(row, base, i as u32, v, dist, path, free);
+        let mut cols = Columns {
+            v,
+            dist,
+            path,
+            free,
+        };
+        let (lowest, j) = scan(row, base, i as u32, &mut cols);
         if lowest == f64::INFINITY {
             // No reachable column: restore the duals and give up.
             for &(j, _, vj) in tree_cols.iter() {
@@ -496,7 +510,20 @@ fn augment(
 /// Among equal distances a free column (bit set in `free`) wins, then the
 /// lowest index: the key `(d, taken, j)` is compared exactly, so every
 /// implementation returns the same column and the solver the same bits.
-type ScanFn = fn(&[f64], f64, u32, &[f64], &mut [f64], &mut [u32], &[u64]) -> (f64, usize);
+type ScanFn = fn(&[f64], f64, u32, &mut Columns<'_>) -> (f64, usize);
+
+/// The per-column state a [`ScanFn`] reads and updates; every slice holds
+/// at least as many entries as the cost row (`free`: bits).
+struct Columns<'a> {
+    /// Column duals, `−∞` for the columns already scanned.
+    v: &'a [f64],
+    /// Tentative distances.
+    dist: &'a mut [f64],
+    /// The row each column was last improved from.
+    path: &'a mut [u32],
+    /// One bit per column, set while it is free.
+    free: &'a [u64],
+}
 
 /// The running minimum of the key `(d, taken, j)` of [`ScanFn`].
 #[derive(Clone, Copy)]
@@ -537,13 +564,11 @@ fn scan_from<const MAX: bool>(
     row: &[f64],
     base: f64,
     i: u32,
-    v: &[f64],
-    dist: &mut [f64],
-    path: &mut [u32],
-    free: &[u64],
+    cols: &mut Columns<'_>,
 ) -> (f64, usize) {
     let m = row.len();
-    let (v, dist, path) = (&v[..m], &mut dist[..m], &mut path[..m]);
+    let (v, dist, path) = (&cols.v[..m], &mut cols.dist[..m], &mut cols.path[..m]);
+    let free = cols.free;
     for j in from..m {
         let cost = if MAX { -row[j] } else { row[j] };
         let r = base + cost - v[j];
@@ -563,12 +588,9 @@ fn scan_portable<const MAX: bool>(
     row: &[f64],
     base: f64,
     i: u32,
-    v: &[f64],
-    dist: &mut [f64],
-    path: &mut [u32],
-    free: &[u64],
+    cols: &mut Columns<'_>,
 ) -> (f64, usize) {
-    scan_from::<MAX>(0, Best::NONE, row, base, i, v, dist, path, free)
+    scan_from::<MAX>(0, Best::NONE, row, base, i, cols)
 }
 
 /// The widest [`ScanFn`] this CPU runs: AVX2 where the build enables it or
@@ -587,7 +609,7 @@ mod avx2 {
     //! (two independent minima, so the loop is not bound by the latency of
     //! one compare-and-blend chain).
 
-    use super::{scan_from, Best};
+    use super::{scan_from, Best, Columns};
     use core::arch::x86_64::*;
 
     /// Whether the AVX2 scan may run here.
@@ -612,18 +634,20 @@ mod avx2 {
         row: &[f64],
         base: f64,
         i: u32,
-        v: &[f64],
-        dist: &mut [f64],
-        path: &mut [u32],
-        free: &[u64],
+        cols: &mut Columns<'_>,
     ) -> (f64, usize) {
         let m = row.len();
-        assert!(v.len() >= m && dist.len() >= m && path.len() >= m && free.len() * 64 >= m);
+        assert!(
+            cols.v.len() >= m
+                && cols.dist.len() >= m
+                && cols.path.len() >= m
+                && cols.free.len() * 64 >= m
+        );
         debug_assert!(available());
         // SAFETY: AVX2 is available (the only caller checked), and the
         // slices hold at least `m` entries (`free` at least `m` bits), the
         // most the kernel reads or writes.
-        unsafe { kernel::<MAX>(row, base, i, v, dist, path, free) }
+        unsafe { kernel::<MAX>(row, base, i, cols) }
     }
 
     /// # Safety
@@ -635,20 +659,19 @@ mod avx2 {
         row: &[f64],
         base: f64,
         i: u32,
-        v: &[f64],
-        dist: &mut [f64],
-        path: &mut [u32],
-        free: &[u64],
+        cols: &mut Columns<'_>,
     ) -> (f64, usize) {
         const STEP: usize = 8;
+        const PREFETCH: usize = 256;
         let m = row.len();
         let full = m - m % STEP;
-        let (c_ptr, v_ptr) = (row.as_ptr(), v.as_ptr());
-        let (d_ptr, p_ptr) = (dist.as_mut_ptr(), path.as_mut_ptr());
+        let free = cols.free;
+        let (c_ptr, v_ptr) = (row.as_ptr(), cols.v.as_ptr());
+        let (d_ptr, p_ptr) = (cols.dist.as_mut_ptr(), cols.path.as_mut_ptr());
         let vbase = _mm256_set1_pd(base);
         let vi = _mm_set1_epi32(i as i32);
         let lane_bits = _mm256_setr_epi64x(1, 2, 4, 8);
-        let four = _mm256_set1_epi64x(4);
+        let eight = _mm256_set1_epi64x(STEP as i64);
         let mut best = [_mm256_set1_pd(f64::INFINITY); 2];
         let mut best_free = [_mm256_setzero_pd(); 2];
         let mut best_j = [_mm256_setzero_si256(); 2];
@@ -656,11 +679,23 @@ mod avx2 {
             _mm256_setr_epi64x(0, 1, 2, 3),
             _mm256_setr_epi64x(4, 5, 6, 7),
         ];
+        // The cost row streams from memory, a different row every call:
+        // request its head at once, then stay PREFETCH entries ahead of
+        // the loop (the hardware prefetcher alone restarts slowly on every
+        // row).
+        for k in (0..m.min(PREFETCH)).step_by(8) {
+            // SAFETY: in bounds (and prefetching never faults anyway).
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(k) as *const i8) };
+        }
         let mut j = 0;
         while j < full {
             // Eight bits of `free`: `j` is a multiple of 8, so they lie in
             // one word.
             let bits8 = (free[j / 64] >> (j % 64)) as i64;
+            if j + PREFETCH < m {
+                // SAFETY: in bounds (and prefetching never faults anyway).
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(c_ptr.add(j + PREFETCH) as *const i8) };
+            }
             for h in 0..2 {
                 let at = j + 4 * h;
                 // SAFETY: at + 4 ≤ full ≤ m, within every slice.
@@ -707,7 +742,7 @@ mod avx2 {
                     _mm256_castsi256_pd(jv[h]),
                     take,
                 ));
-                jv[h] = _mm256_add_epi64(jv[h], four);
+                jv[h] = _mm256_add_epi64(jv[h], eight);
             }
             j += STEP;
         }
@@ -726,15 +761,19 @@ mod avx2 {
                 }
             }
         }
-        scan_from::<MAX>(full, acc, row, base, i, v, dist, path, free)
+        scan_from::<MAX>(full, acc, row, base, i, cols)
     }
 }
 
 // ----------------------------------------------------------------- greedy
 
-/// The first refill of a row keeps this many candidates; each later one
-/// twice as many as the last.
-const FIRST_BLOCK: usize = 16;
+/// The first block of candidates of a row holds this many columns (its
+/// best); each refill twice as many as the block it replaces.
+const FIRST_BLOCK: usize = 1;
+
+/// Blocks up to this long are built by insertion during the pass over the
+/// row, longer ones by selection.
+const INSERTION_MAX: usize = 32;
 
 /// A total order on the optimised costs: smaller key = better pair.
 /// `−0` and `+0` get the same key; forbidden pairs get [`FORBIDDEN`].
@@ -777,7 +816,7 @@ fn greedy_into(
     for r in 0..rows {
         let row = &costs[r * cols..(r + 1) * cols];
         let start = arena.len();
-        first_block(row, maximize, arena);
+        candidates::<true>(row, maximize, (0, 0), FIRST_BLOCK, taken, eligible, arena);
         blocks.push((start, arena.len(), start));
         if arena.len() > start {
             heap_store.push(Reverse((key(row[arena[start]], maximize), r)));
@@ -808,7 +847,7 @@ fn greedy_into(
             let after = (key(row[last], maximize), last);
             let size = 2 * (end - start);
             let new_start = arena.len();
-            refill(row, maximize, after, size, taken, eligible, arena);
+            candidates::<false>(row, maximize, after, size, taken, eligible, arena);
             if arena.len() == new_start {
                 blocks[r] = (new_start, new_start, new_start);
                 continue; // no allowed free column left: unmatched
@@ -823,33 +862,11 @@ fn greedy_into(
     *heap_keep = heap.into_vec();
 }
 
-/// Appends the (up to) [`FIRST_BLOCK`] best allowed columns of `row`, in
-/// `(key, column)` order, by insertion into a short sorted buffer.
-fn first_block(row: &[f64], maximize: bool, arena: &mut Vec<usize>) {
-    let mut buf = [(0u64, 0usize); FIRST_BLOCK];
-    let mut len = 0;
-    for (j, &x) in row.iter().enumerate() {
-        let k = key(x, maximize);
-        if k >= FORBIDDEN || (len == FIRST_BLOCK && k >= buf[len - 1].0) {
-            continue;
-        }
-        // Insert after equal keys (columns arrive in increasing order).
-        let mut p = if len < FIRST_BLOCK { len } else { len - 1 };
-        while p > 0 && buf[p - 1].0 > k {
-            buf[p] = buf[p - 1];
-            p -= 1;
-        }
-        buf[p] = (k, j);
-        if len < FIRST_BLOCK {
-            len += 1;
-        }
-    }
-    arena.extend(buf[..len].iter().map(|&(_, j)| j));
-}
-
-/// Appends the (up to) `size` best allowed free columns of `row` that come
-/// after `after` in `(key, column)` order, by selection.
-fn refill(
+/// Appends to `arena` the (up to) `size` best allowed columns of `row` in
+/// `(key, column)` order — free ones after `after` only, unless `FIRST`
+/// (the first block of a row: nothing is taken yet). Short blocks by
+/// insertion into a sorted buffer during the pass, long ones by selection.
+fn candidates<const FIRST: bool>(
     row: &[f64],
     maximize: bool,
     after: (u64, usize),
@@ -858,10 +875,33 @@ fn refill(
     eligible: &mut Vec<(u64, usize)>,
     arena: &mut Vec<usize>,
 ) {
+    let allowed = |k: u64, j: usize| FIRST || (!taken[j] && (k, j) > after);
+    if size <= INSERTION_MAX {
+        let mut buf = [(0u64, 0usize); INSERTION_MAX];
+        let mut len = 0;
+        for (j, &x) in row.iter().enumerate() {
+            let k = key(x, maximize);
+            if k >= FORBIDDEN || (len == size && k >= buf[len - 1].0) || !allowed(k, j) {
+                continue;
+            }
+            // Insert after equal keys (columns arrive in increasing order).
+            let mut p = if len < size { len } else { len - 1 };
+            while p > 0 && buf[p - 1].0 > k {
+                buf[p] = buf[p - 1];
+                p -= 1;
+            }
+            buf[p] = (k, j);
+            if len < size {
+                len += 1;
+            }
+        }
+        arena.extend(buf[..len].iter().map(|&(_, j)| j));
+        return;
+    }
     eligible.clear();
     for (j, &x) in row.iter().enumerate() {
         let k = key(x, maximize);
-        if k < FORBIDDEN && !taken[j] && (k, j) > after {
+        if k < FORBIDDEN && allowed(k, j) {
             eligible.push((k, j));
         }
     }
@@ -873,5 +913,114 @@ fn refill(
     arena.extend(eligible.iter().map(|&(_, j)| j));
 }
 
-#[doc(hidden)]
-pub static SCANS: core::sync::atomic::AtomicUsize = core::sync::atomic::AtomicUsize::new(0);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// splitmix64.
+    fn next(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Every [`ScanFn`] this CPU runs gives the same distances, paths and
+    /// pick as the portable one — ties, scanned columns (`v = −∞`,
+    /// `d = +∞`), forbidden costs and lengths around the vector width
+    /// included.
+    #[test]
+    fn scans_agree_with_the_portable_loop() {
+        let mut state = 11u64;
+        let small = |state: &mut u64, k: u64| (next(state) % k) as f64;
+        for trial in 0..3000 {
+            let m = match trial % 3 {
+                0 => 1 + (next(&mut state) % 24) as usize,
+                1 => 1 + (next(&mut state) % 300) as usize,
+                _ => 1 + (next(&mut state) % 2000) as usize,
+            };
+            let maximize = trial % 2 == 1;
+            let forbidden = if maximize {
+                f64::NEG_INFINITY
+            } else {
+                f64::INFINITY
+            };
+            let row: Vec<f64> = (0..m)
+                .map(|_| match next(&mut state) % 10 {
+                    0 => forbidden,
+                    _ => small(&mut state, 4),
+                })
+                .collect();
+            let mut v: Vec<f64> = (0..m).map(|_| small(&mut state, 3) - 1.0).collect();
+            let mut dist: Vec<f64> = (0..m)
+                .map(|_| match next(&mut state) % 3 {
+                    0 => f64::INFINITY,
+                    _ => small(&mut state, 6) - 2.0,
+                })
+                .collect();
+            for j in 0..m {
+                if next(&mut state) % 8 == 0 {
+                    v[j] = f64::NEG_INFINITY;
+                    dist[j] = f64::INFINITY;
+                }
+            }
+            let path: Vec<u32> = (0..m).map(|_| (next(&mut state) % 50) as u32).collect();
+            let mut free: Vec<u64> = (0..m.div_ceil(64)).map(|_| next(&mut state)).collect();
+            if trial % 5 == 0 {
+                free.iter_mut().for_each(|w| *w = 0);
+            }
+            let base = small(&mut state, 3) - 1.0;
+            let scan = |f: ScanFn| {
+                let (mut d, mut p) = (dist.clone(), path.clone());
+                let mut cols = Columns {
+                    v: &v,
+                    dist: &mut d,
+                    path: &mut p,
+                    free: &free,
+                };
+                let out = f(&row, base, 77, &mut cols);
+                (out, d, p)
+            };
+            let reference = if maximize {
+                scan(scan_portable::<true>)
+            } else {
+                scan(scan_portable::<false>)
+            };
+            let picked = if maximize {
+                pick_scan::<true>()
+            } else {
+                pick_scan::<false>()
+            };
+            let got = scan(picked);
+            assert_eq!(got.1, reference.1, "distances, m = {m}");
+            assert_eq!(got.2, reference.2, "paths, m = {m}");
+            assert_eq!(got.0 .0, reference.0 .0, "lowest, m = {m}");
+            if reference.0 .0 < f64::INFINITY {
+                assert_eq!(got.0 .1, reference.0 .1, "column, m = {m}");
+            }
+        }
+    }
+
+    /// The key of [`Method::Greedy`] orders like the optimised costs.
+    #[test]
+    fn greedy_key_orders_costs() {
+        let xs = [
+            f64::NEG_INFINITY,
+            -3.5,
+            -1e-300,
+            -0.0,
+            0.0,
+            1e-300,
+            2.0,
+            f64::INFINITY,
+        ];
+        for w in xs.windows(2) {
+            let (a, b) = (key(w[0], false), key(w[1], false));
+            assert!(a < b || (w[0] == w[1] && a == b), "{} {}", w[0], w[1]);
+            assert!(key(w[0], true) >= key(w[1], true));
+        }
+        assert_eq!(key(f64::INFINITY, false), FORBIDDEN);
+        assert_eq!(key(f64::NEG_INFINITY, true), FORBIDDEN);
+    }
+}
