@@ -217,3 +217,45 @@ fn lambda_search_reports_the_whole_grid() {
     // λ = 0 reproduces A exactly on A's rows, so the loss there is A-free: only B's error remains.
     assert!(grid.iter().all(|g| g["loss"].as_f64().unwrap() >= 0.0));
 }
+
+#[test]
+fn strict_turns_unmatched_tensors_into_errors_and_map_files_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 9).unwrap();
+    let mut config = MergeConfig::from_file(&pair.config).unwrap();
+    config.strict = true;
+    let e = PreparedMerge::new(config)
+        .err()
+        .expect("strict must refuse the vision modules and the projector");
+    let text = e.to_string();
+    assert!(
+        text.contains("--strict")
+            && text.contains("visual_abstractor")
+            && text.contains("mm_projector"),
+        "{text}"
+    );
+    // The same rules as the built-in map, from a file, give the same plan.
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        "- pattern: 'model\\.layers\\.(\\d+)\\.self_attn\\.(k_proj|v_proj)\\.weight'\n  replace: ['model.layers.$1.self_attn.$2.multiway.0.weight', 'model.layers.$1.self_attn.$2.multiway.1.weight']\n\
+         - pattern: 'model\\.layers\\.(\\d+)\\.(input_layernorm|post_attention_layernorm)\\.weight'\n  replace: ['model.layers.$1.$2.multiway.0.weight', 'model.layers.$1.$2.multiway.1.weight']\n\
+         - pattern: 'model\\.mm_projector\\..*'\n  replace: null\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&pair.config).unwrap().replace(
+        "name_map: llava-1.5-to-mplug-owl2",
+        "name_map: {file: rules.yaml}",
+    );
+    let from_file =
+        PreparedMerge::new(MergeConfig::from_yaml(&text, dir.path(), None).unwrap()).unwrap();
+    let builtin = PreparedMerge::new(MergeConfig::from_file(&pair.config).unwrap()).unwrap();
+    let sources = |m: &PreparedMerge| {
+        m.plan()
+            .tensors
+            .iter()
+            .map(|t| t.source.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sources(&from_file), sources(&builtin));
+}
