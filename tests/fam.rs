@@ -17,6 +17,19 @@ fn tensor(dir: &std::path::Path, name: &str) -> Vec<f32> {
         .to_f32_vec()
 }
 
+/// ‖X Wᵀ − Y‖ / ‖Y‖ over the probe rows: how far a merged layer's outputs
+/// are from the receiver's recorded ones.
+fn output_error(w: &[f32], x: &flatmerge::stats::Rows, y: &flatmerge::stats::Rows) -> f64 {
+    let (mut err, mut norm) = (0f64, 0f64);
+    for s in 0..x.rows {
+        for (m, t) in flatmerge::demo::matvec(w, x.row(s)).iter().zip(y.row(s)) {
+            err += ((m - t) as f64).powi(2);
+            norm += (*t as f64).powi(2);
+        }
+    }
+    (err / norm).sqrt()
+}
+
 #[test]
 fn the_mapping_recovers_a_planted_permutation() {
     let dir = tempfile::tempdir().unwrap();
@@ -135,16 +148,7 @@ fn the_merge_stays_close_to_the_aligned_receiver() {
     ] {
         let l = stats.layer(layer).unwrap();
         let (x, y) = (l.x_rows.as_ref().unwrap(), l.y_rows.as_ref().unwrap());
-        let w = tensor(&out, &format!("{layer}.weight"));
-        let (mut err, mut norm) = (0f64, 0f64);
-        for s in 0..x.rows {
-            let merged = flatmerge::demo::matvec(&w, x.row(s));
-            for (m, t) in merged.iter().zip(y.row(s)) {
-                err += ((m - t) as f64).powi(2);
-                norm += (*t as f64).powi(2);
-            }
-        }
-        let relative = (err / norm).sqrt();
+        let relative = output_error(&tensor(&out, &format!("{layer}.weight")), x, y);
         assert!(
             relative < 0.05,
             "{layer}: merged outputs differ from A's by {relative}"
@@ -171,18 +175,10 @@ fn without_alignment_the_same_merge_drifts_away() {
     let stats = flatmerge::stats::ActivationStats::load(&pair.receiver_stats).unwrap();
     let l = stats.layer("model.layers.0.mlp.up_proj").unwrap();
     let (x, y) = (l.x_rows.as_ref().unwrap(), l.y_rows.as_ref().unwrap());
-    let w = tensor(&out, "model.layers.0.mlp.up_proj.weight");
-    let (mut err, mut norm) = (0f64, 0f64);
-    for s in 0..x.rows {
-        for (m, t) in flatmerge::demo::matvec(&w, x.row(s)).iter().zip(y.row(s)) {
-            err += ((m - t) as f64).powi(2);
-            norm += (*t as f64).powi(2);
-        }
-    }
+    let relative = output_error(&tensor(&out, "model.layers.0.mlp.up_proj.weight"), x, y);
     assert!(
-        (err / norm).sqrt() > 0.3,
-        "unaligned merge unexpectedly close: {}",
-        (err / norm).sqrt()
+        relative > 0.3,
+        "unaligned merge unexpectedly close: {relative}"
     );
 }
 

@@ -483,17 +483,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
             source: None,
         });
     }
-    let mut dropped = Vec::new();
-    for (k, contributor) in (0..inputs.contributors.len()).map(|k| (k, inputs.contributor(k))) {
-        for info in contributor.checkpoint.tensors() {
-            if receiver.info(&info.name).is_none() {
-                dropped.push(DroppedTensor {
-                    contributor: k,
-                    name: info.name.clone(),
-                });
-            }
-        }
-    }
+    let dropped = dropped_tensors(inputs, receiver);
     problems.into_result()?;
     Ok(Plan {
         tensors,
@@ -688,17 +678,7 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
             source: None,
         });
     }
-    let mut dropped = Vec::new();
-    for k in 0..inputs.contributors.len() {
-        for info in inputs.contributor(k).checkpoint.tensors() {
-            if reference.info(&info.name).is_none() {
-                dropped.push(DroppedTensor {
-                    contributor: k,
-                    name: info.name.clone(),
-                });
-            }
-        }
-    }
+    let dropped = dropped_tensors(inputs, reference);
     problems.into_result()?;
     Ok(Plan {
         tensors,
@@ -706,6 +686,24 @@ fn plan_baseline(config: &MergeConfig, params: &Params, inputs: &Inputs) -> Resu
         layers,
         groups: Vec::new(),
     })
+}
+
+/// Contributor tensors the output (named after `reference`) has no place for.
+fn dropped_tensors(inputs: &Inputs, reference: &Checkpoint) -> Vec<DroppedTensor> {
+    (0..inputs.contributors.len())
+        .flat_map(|k| {
+            inputs
+                .contributor(k)
+                .checkpoint
+                .tensors()
+                .iter()
+                .filter(|t| reference.info(&t.name).is_none())
+                .map(move |t| DroppedTensor {
+                    contributor: k,
+                    name: t.name.clone(),
+                })
+        })
+        .collect()
 }
 
 /// Decoder layers of a checkpoint: one more than the largest `layers.N` index.

@@ -267,37 +267,19 @@ impl BaselineTensor<'_> {
             (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
         };
         let (s0, s1) = (s0 as f32, s1 as f32);
-        let bytes = par_encode(
-            a.numel(),
-            out,
-            CHUNK_ELEMENTS,
-            |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
-                read(a, start, values.len(), x);
-                read(b, start, values.len(), y);
-                for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
-                    *v = s0 * p + s1 * q;
-                }
-            },
-        );
-        Ok((bytes, TensorOutcome::default()))
+        Ok((
+            elementwise(a, b, out, |p, q| s0 * p + s1 * q),
+            TensorOutcome::default(),
+        ))
     }
 
     fn nearswap(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
         let t = self.number("t", None)? as f32;
         let (a, b) = (self.base()?, &self.contributors[0]);
-        let bytes = par_encode(
-            a.numel(),
-            out,
-            CHUNK_ELEMENTS,
-            |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
-                read(a, start, values.len(), x);
-                read(b, start, values.len(), y);
-                for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
-                    let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
-                    *v = w * q + (1.0 - w) * p;
-                }
-            },
-        );
+        let bytes = elementwise(a, b, out, |p, q| {
+            let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
+            w * q + (1.0 - w) * p
+        });
         Ok((bytes, TensorOutcome::default()))
     }
 
@@ -390,6 +372,27 @@ impl BaselineTensor<'_> {
         );
         Ok((bytes, TensorOutcome::default()))
     }
+}
+
+/// `f(a[i], b[i])` over two whole tensors, in parallel chunks.
+fn elementwise(
+    a: &TensorView<'_>,
+    b: &TensorView<'_>,
+    out: Dtype,
+    f: impl Fn(f32, f32) -> f32 + Sync,
+) -> Vec<u8> {
+    par_encode(
+        a.numel(),
+        out,
+        CHUNK_ELEMENTS,
+        |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
+            read(a, start, values.len(), x);
+            read(b, start, values.len(), y);
+            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
+                *v = f(p, q);
+            }
+        },
+    )
 }
 
 /// Runs a deterministic sparsification, then (when `rescale`) the L1

@@ -118,16 +118,7 @@ impl PreparedMerge {
     /// Runs the merge into `options.out_dir`.
     pub fn run(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
         self.check_output_is_not_an_input(&options.out_dir)?;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(options.threads.unwrap_or(0))
-            .build()
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("cannot start worker threads: {e}"),
-                )
-            })?;
-        pool.install(|| self.run_in_pool(options))
+        thread_pool(options.threads)?.install(|| self.run_in_pool(options))
     }
 
     /// Refuses an output directory that is, or holds, one of the inputs:
@@ -436,6 +427,20 @@ enum Model {
     Base,
     Receiver,
     Contributor(usize),
+}
+
+/// A worker pool of `threads` threads (`None`: one per core). Parallelism
+/// is a parameter, not a global: results never depend on it.
+pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("cannot start worker threads: {e}"),
+            )
+        })
 }
 
 /// Opens, plans and runs a merge in one call.

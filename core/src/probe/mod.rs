@@ -137,16 +137,7 @@ pub fn run_probe(
     for (id, example) in examples.iter().enumerate() {
         model.check(id as u64, example)?;
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads.unwrap_or(0))
-        .build()
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::InvalidInput,
-                format!("cannot start worker threads: {e}"),
-            )
-        })?;
-    pool.install(|| {
+    crate::engine::thread_pool(threads)?.install(|| {
         examples
             .par_iter()
             .enumerate()
