@@ -83,6 +83,7 @@ fn main() {
                 ),
                 modality: 0,
                 source: String::new(),
+                token_modality: None,
                 meta: None,
             })
             .collect();

@@ -2,16 +2,20 @@
 //! `flatmerge::probe`, print what it did.
 
 use clap::{Args, Subcommand};
-use flatmerge::probe::{probe_files, set, ProbeOptions};
+use flatmerge::probe::{probe_files, set, ProbeOptions, ProbeProgress};
 use flatmerge::Error;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(Args)]
 pub struct ProbeArgs {
     /// The model directory (an MLP: flatmerge_mlp.json beside model.safetensors).
     model: PathBuf,
-    /// The probe set: JSON Lines, one example per line ({"input": [...]} for an MLP).
+    /// The probe set: JSON Lines, one example per line ({"input": [...]} for an MLP,
+    /// {"tokens": [...]} or, built with the `tokenizers` feature, {"text": "..."} for a LLaMA).
     #[arg(long, value_name = "FILE")]
     probe_set: PathBuf,
     /// The statistics file to write (replaced if it exists).
@@ -23,7 +27,7 @@ pub struct ProbeArgs {
     /// Worker threads (default: all cores); the statistics are identical for any count.
     #[arg(long)]
     threads: Option<usize>,
-    /// No summary.
+    /// No progress bar, no summary.
     #[arg(short, long)]
     quiet: bool,
 }
@@ -66,18 +70,58 @@ fn parse_quota(text: &str) -> Result<(String, usize), String> {
     Ok((source.to_string(), n))
 }
 
+/// A progress bar of examples on stderr, or nothing when quiet or stderr
+/// is not a terminal.
+fn probe_progress_bar(quiet: bool) -> Option<ProgressBar> {
+    if quiet || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} examples {msg} [{elapsed}, eta {eta}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    Some(bar)
+}
+
+/// `tokens` over `seconds`, for display (0 when no time passed).
+fn tokens_per_second(tokens: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        tokens as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
 pub fn probe(args: ProbeArgs) -> Result<(), Error> {
+    let bar = probe_progress_bar(args.quiet);
+    let progress = bar.clone().map(|bar| {
+        Arc::new(move |p: ProbeProgress| {
+            bar.set_length(p.examples_total as u64);
+            bar.set_position(p.examples_done as u64);
+            let rate = tokens_per_second(p.tokens_done, bar.elapsed().as_secs_f64());
+            bar.set_message(format!("{} tokens, {rate:.0} tokens/s", p.tokens_done));
+        }) as Arc<flatmerge::probe::ProgressFn>
+    });
     let options = ProbeOptions {
         max_examples: args.max_examples,
         threads: args.threads,
+        progress,
         ..ProbeOptions::default()
     };
-    let summary = probe_files(&args.model, &args.probe_set, &args.output, &options)?;
+    let result = probe_files(&args.model, &args.probe_set, &args.output, &options);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let summary = result?;
     if !args.quiet {
         println!(
-            "{}: ran {} examples through the {} ({} layers); rows for {} examples; wrote {}",
+            "{}: ran {} examples ({} tokens, {:.0} tokens/s) through the {} ({} layers); rows \
+             for {} examples; wrote {}",
             args.model.display(),
             summary.examples,
+            summary.tokens,
+            tokens_per_second(summary.tokens, summary.seconds),
             summary.model,
             summary.layers,
             summary.rows,

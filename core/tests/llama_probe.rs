@@ -116,6 +116,7 @@ fn examples(vocab: usize, long: bool) -> Vec<ProbeExample> {
                 input: ProbeInput::Tokens(tokens),
                 modality: if i == 1 || i == 2 { 1 } else { 0 },
                 source: format!("task{}", i % 2),
+                token_modality: None,
                 meta,
             }
         })
@@ -125,7 +126,7 @@ fn examples(vocab: usize, long: bool) -> Vec<ProbeExample> {
 fn tokens(e: &ProbeExample) -> &[u32] {
     match &e.input {
         ProbeInput::Tokens(t) => t,
-        ProbeInput::Features(_) => unreachable!(),
+        _ => unreachable!(),
     }
 }
 
@@ -319,6 +320,14 @@ fn the_probe_records_exactly_the_hooked_activations() {
     );
     // 7 linear layers + 2 extra copies (k, v) per decoder layer.
     assert_eq!((summary.examples, summary.rows, summary.layers), (4, 4, 18));
+    let tokens: usize = set
+        .iter()
+        .map(|e| match &e.input {
+            ProbeInput::Tokens(t) => t.len(),
+            _ => unreachable!(),
+        })
+        .sum();
+    assert_eq!(summary.tokens, tokens as u64);
     assert_eq!(
         std::fs::read(&out1).unwrap(),
         std::fs::read(&out2).unwrap(),
@@ -326,6 +335,25 @@ fn the_probe_records_exactly_the_hooked_activations() {
     );
     let stats = ActivationStats::load(&out1).unwrap();
     assert_eq!(stats.modality.as_deref(), Some(&[0u8, 1, 1, 0][..]));
+
+    // The probe-set key `token_modality` routes as `meta.token_modality`
+    // does, and wins over it.
+    let mut keyed = set.clone();
+    let meta = keyed[2].meta.take().unwrap();
+    keyed[2].token_modality = Some(
+        meta["token_modality"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| if v == "vision" { 1 } else { 0 })
+            .collect(),
+    );
+    keyed[2].meta = Some(json!({"token_modality": [2], "id": meta["id"]}));
+    let keyed_probe = dir.path().join("keyed.jsonl");
+    write_probe_set(&keyed_probe, &keyed).unwrap();
+    let out3 = dir.path().join("keyed.stats.safetensors");
+    probe_files(&model_dir, &keyed_probe, &out3, &options(2)).unwrap();
+    assert_eq!(ActivationStats::load(&out3).unwrap().layers, stats.layers);
 
     // The same activations, hooked directly.
     let llama = Llama::load(&model_dir).unwrap();
@@ -553,6 +581,14 @@ fn examples_that_do_not_fit_are_refused_before_running() {
     set[3].meta = Some(json!({"token_modality": [0, 1]}));
     let e = run_probe(llama.as_ref(), &set, &r, Some(2)).unwrap_err();
     assert!(e.message().contains("2 entries for 9 tokens"), "{e}");
+    set[3].meta = None;
+    set[3].token_modality = Some(vec![0, 1, 0]);
+    let e = run_probe(llama.as_ref(), &set, &r, Some(2)).unwrap_err();
+    assert!(e.message().contains("3 entries for 9 tokens"), "{e}");
+    set[3].token_modality = Some(vec![0, 0, 0, 0, 2, 0, 0, 0, 0]);
+    set[3].modality = 0;
+    let e = run_probe(llama.as_ref(), &set, &r, Some(2)).unwrap_err();
+    assert!(e.message().contains("modality 2 (audio)"), "{e}");
     assert!(r.stats().unwrap().layers.is_empty(), "nothing ran");
 }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use flatmerge::demo::Rng;
 use flatmerge::dtype::Dtype;
@@ -13,7 +14,7 @@ use flatmerge::probe::set::{
     parse_probe_set, read_probe_set, read_sources, sample_mixture, write_probe_set, Quotas,
 };
 use flatmerge::probe::{
-    open_model, probe_files, run_probe, ProbeExample, ProbeInput, ProbeOptions,
+    open_model, probe_files, run_probe, ProbeExample, ProbeInput, ProbeOptions, ProbeProgress,
 };
 use flatmerge::recorder::{Recorder, RecorderOptions};
 use flatmerge::stats::ActivationStats;
@@ -83,7 +84,7 @@ fn mean_rows(rows: &[Vec<f32>]) -> Vec<f32> {
 fn input(e: &ProbeExample) -> &[f32] {
     match &e.input {
         ProbeInput::Features(x) => x,
-        ProbeInput::Tokens(_) => panic!("features expected"),
+        _ => panic!("features expected"),
     }
 }
 
@@ -99,6 +100,8 @@ fn mlp_probe_statistics_equal_a_forward_pass_by_hand() {
     let out = dir.path().join("mlp.stats.safetensors");
     let summary = probe_files(&model_dir, &probe_set, &out, &ProbeOptions::default()).unwrap();
     assert_eq!((summary.examples, summary.rows, summary.layers), (8, 8, 2));
+    assert_eq!(summary.tokens, 8, "one token per example of features");
+    assert!(summary.seconds >= 0.0);
     let stats = ActivationStats::load(&out).unwrap();
 
     // By hand: x1 = input, y1 = W1 x1 + b1, x2 = relu(y1), y2 = W2 x2.
@@ -175,6 +178,34 @@ fn probe_statistics_do_not_depend_on_threads_and_max_examples_caps_rows() {
             one.layers[name].x_rows.as_ref().unwrap().data[..rows.data.len()]
         );
     }
+}
+
+#[test]
+fn the_progress_callback_sees_every_example_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = dir.path().join("mlp");
+    tiny_mlp().save(&model_dir).unwrap();
+    let probe_set = dir.path().join("probe.jsonl");
+    write_probe_set(&probe_set, &examples(23, 3, 9)).unwrap();
+    let out = dir.path().join("mlp.stats.safetensors");
+    let calls = Arc::new(Mutex::new(Vec::<ProbeProgress>::new()));
+    let sink = calls.clone();
+    let options = ProbeOptions {
+        threads: Some(3),
+        progress: Some(Arc::new(move |p: ProbeProgress| {
+            sink.lock().unwrap().push(p)
+        })),
+        ..ProbeOptions::default()
+    };
+    let summary = probe_files(&model_dir, &probe_set, &out, &options).unwrap();
+    assert_eq!(summary.tokens, 23);
+    let mut calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 23);
+    assert!(calls.iter().all(|p| p.examples_total == 23));
+    calls.sort_by_key(|p| p.examples_done);
+    let done: Vec<usize> = calls.iter().map(|p| p.examples_done).collect();
+    assert_eq!(done, (1..=23).collect::<Vec<_>>());
+    assert_eq!(calls.iter().map(|p| p.tokens_done).max(), Some(23));
 }
 
 #[test]
@@ -290,10 +321,18 @@ fn probe_sets_round_trip() {
     set[0].input = ProbeInput::Features(vec![0.1, -1e-7, 3.5e30, 1.0 / 3.0]);
     set[1].input = ProbeInput::Tokens(vec![0, 17, u32::MAX]);
     set[1].modality = 7;
+    set[1].token_modality = Some(vec![1, 0, 200]);
     set[2].meta = Some(serde_json::json!({"id": "q-17", "n": [1, 2]}));
     set[2].source.clear();
     write_probe_set(&path, &set).unwrap();
     assert_eq!(read_probe_set(&path).unwrap(), set);
+    assert!(
+        set[1]
+            .to_json_line()
+            .contains(r#""token_modality":["vision","text",200]"#),
+        "{}",
+        set[1].to_json_line()
+    );
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(
         text.lines().next().unwrap().starts_with("{\"input\":[0.1,"),
@@ -325,6 +364,26 @@ fn probe_set_errors_carry_line_numbers() {
         ),
         (r#"{"input": [1], "modality": 256}"#, "`modality` is 256"),
         (r#"{"input": [1], "source": 3}"#, "`source` is 3"),
+        (
+            r#"{"input": [1], "token_modality": ["text"]}"#,
+            "`token_modality` with `input` features",
+        ),
+        (
+            r#"{"tokens": [1, 2], "token_modality": ["text"]}"#,
+            "`token_modality` has 1 entries for 2 tokens",
+        ),
+        (
+            r#"{"tokens": [1, 2], "token_modality": "text"}"#,
+            "not an array of modalities",
+        ),
+        (
+            r#"{"tokens": [1, 2], "token_modality": [0, "smell"]}"#,
+            "`token_modality[1]`",
+        ),
+        (
+            r#"{"tokens": [1, 2], "token_modality": [256, 0]}"#,
+            "`token_modality[0]` is 256",
+        ),
     ];
     for (bad, needle) in cases {
         // Line 4: two good lines and a blank one come first.
@@ -337,6 +396,10 @@ fn probe_set_errors_carry_line_numbers() {
     }
     let set = parse_probe_set(&format!("{good}\n  \n{good}"), file).unwrap();
     assert_eq!(set.len(), 2);
+    assert_eq!(set[0].token_modality, None);
+    let keyed = r#"{"tokens": [5, 6, 7], "token_modality": ["vision", 0, 9]}"#;
+    let keyed = parse_probe_set(keyed, file).unwrap();
+    assert_eq!(keyed[0].token_modality, Some(vec![1, 0, 9]));
     assert_eq!((set[0].modality, set[0].source.as_str()), (1, "vqa"));
     let e = read_probe_set(&std::env::temp_dir().join("no-such-flatmerge-probe.jsonl"));
     assert_eq!(e.unwrap_err().kind(), ErrorKind::NotFound);
@@ -412,4 +475,135 @@ fn the_sampler_respects_quotas_and_is_deterministic() {
     let e = sample_mixture(&all, &unknown, 1).unwrap_err();
     assert!(e.message().contains("source `ocr`"), "{e}");
     assert!(sample_mixture(&all, &Quotas::default(), 1).is_err());
+}
+
+#[cfg(not(feature = "tokenizers"))]
+#[test]
+fn text_examples_need_the_tokenizers_feature() {
+    let e = parse_probe_set(r#"{"text": "hello"}"#, Path::new("p.jsonl")).unwrap_err();
+    assert!(e.message().starts_with("line 1: "), "{e}");
+    assert!(e.message().contains("--features tokenizers"), "{e}");
+}
+
+/// A word-level tokenizer.json (whitespace pre-tokenizer, a BOS added by
+/// a template post-processor) for a vocabulary of 64.
+#[cfg(feature = "tokenizers")]
+const TOKENIZER_JSON: &str = r#"{
+  "version": "1.0",
+  "truncation": null,
+  "padding": null,
+  "added_tokens": [],
+  "normalizer": null,
+  "pre_tokenizer": {"type": "Whitespace"},
+  "post_processor": {
+    "type": "TemplateProcessing",
+    "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+    "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}
+  },
+  "decoder": null,
+  "model": {
+    "type": "WordLevel",
+    "vocab": {"<unk>": 0, "<s>": 1, "hello": 5, "world": 17, "cat": 63, "!": 9},
+    "unk_token": "<unk>"
+  }
+}"#;
+
+#[cfg(feature = "tokenizers")]
+#[test]
+fn text_examples_are_tokenized_with_the_model_tokenizer() {
+    use flatmerge::probe::llama::{write_random_model, LlamaConfig, RandomModel, TOKENIZER_FILE};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = Path::new("p.jsonl");
+    // Parsing and writing back.
+    let set = parse_probe_set(r#"{"text": "hello world!", "source": "chat"}"#, file).unwrap();
+    assert_eq!(set[0].input, ProbeInput::Text("hello world!".into()));
+    assert_eq!(parse_probe_set(&set[0].to_json_line(), file).unwrap(), set);
+    for (bad, needle) in [
+        (r#"{"text": ""}"#, "`text` is empty"),
+        (r#"{"text": 3}"#, "`text` is 3"),
+        (
+            r#"{"text": "a", "tokens": [1]}"#,
+            "both `tokens` and `text`",
+        ),
+        (
+            r#"{"text": "a", "token_modality": [0]}"#,
+            "`token_modality` with `text`",
+        ),
+    ] {
+        let e = parse_probe_set(bad, file).unwrap_err();
+        assert!(e.message().contains(needle), "{bad}: {e}");
+    }
+
+    // A LLaMA model with a tokenizer.json: the text runs as its token ids.
+    let mut config = LlamaConfig::new(64, 32, 48, 2, 4, 2);
+    config.rms_norm_eps = 1e-5;
+    let model_dir = dir.path().join("llama");
+    let random = RandomModel {
+        config,
+        dtype: Dtype::F32,
+        multiway: 0,
+        seed: 7,
+    };
+    write_random_model(&model_dir, &random).unwrap();
+    let text_set = dir.path().join("text.jsonl");
+    std::fs::write(
+        &text_set,
+        "{\"text\": \"hello world!\"}\n{\"text\": \"cat zebra hello\"}\n",
+    )
+    .unwrap();
+    let tokens_set = dir.path().join("tokens.jsonl");
+    std::fs::write(
+        &tokens_set,
+        "{\"tokens\": [1, 5, 17, 9]}\n{\"tokens\": [1, 63, 0, 5]}\n",
+    )
+    .unwrap();
+    let out = |name: &str| dir.path().join(name);
+
+    // No tokenizer.json yet: the error names it.
+    let e = probe_files(
+        &model_dir,
+        &text_set,
+        &out("a.safetensors"),
+        &ProbeOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.file(), Some(model_dir.join(TOKENIZER_FILE).as_path()));
+    assert!(e.message().contains("example 0: "), "{e}");
+
+    std::fs::write(model_dir.join(TOKENIZER_FILE), TOKENIZER_JSON).unwrap();
+    let from_text = probe_files(
+        &model_dir,
+        &text_set,
+        &out("text.safetensors"),
+        &ProbeOptions::default(),
+    )
+    .unwrap();
+    let from_tokens = probe_files(
+        &model_dir,
+        &tokens_set,
+        &out("tokens.safetensors"),
+        &ProbeOptions::default(),
+    )
+    .unwrap();
+    assert_eq!((from_text.tokens, from_tokens.tokens), (8, 8));
+    let a = ActivationStats::load(&out("text.safetensors")).unwrap();
+    let b = ActivationStats::load(&out("tokens.safetensors")).unwrap();
+    assert!(!a.layers.is_empty());
+    assert_eq!(a.layers, b.layers);
+
+    // An MLP takes no text.
+    let mlp_dir = dir.path().join("mlp");
+    tiny_mlp().save(&mlp_dir).unwrap();
+    let e = probe_files(
+        &mlp_dir,
+        &text_set,
+        &out("mlp.safetensors"),
+        &ProbeOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.message().contains("need a tokenizer"), "{e}");
 }

@@ -32,9 +32,10 @@
 //! tokens routed to it; an example none of whose tokens reach a copy has no
 //! row there (a row of zeros by the recorder's default).
 //!
-//! A token's modality comes from the example's `meta.token_modality` — an
-//! array of codes (0–255) or names (`text`, `vision`, `audio`) as long as
-//! `tokens` ([`token_modalities`]) — and otherwise is the example's
+//! A token's modality comes from the example's `token_modality` (the
+//! probe-set key) or, failing that, its `meta.token_modality` — an array of
+//! codes (0–255) or names (`text`, `vision`, `audio`) as long as `tokens`
+//! ([`token_modalities`]) — and otherwise is the example's
 //! `modality`. The statistics file's `probe.modality` stays the example's.
 //! Only the language model runs: token ids are embedded with
 //! `embed_tokens`, vision features are not computed (an image token is the
@@ -87,7 +88,7 @@ use serde_json::Value;
 pub use config::{is_llama_config, LlamaConfig, RopeScaling, CONFIG_FILE};
 pub use synthetic::{write_random_model, RandomModel};
 
-use super::set::{modality_name, parse_modality};
+use super::set::{modality_name, modality_value};
 use super::{Architecture, LayerShape, ProbeExample, ProbeInput, ProbeModel};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Checkpoint, TensorView};
@@ -101,7 +102,12 @@ pub const ARCHITECTURE: Architecture = Architecture {
     open: |dir| Ok(Box::new(Llama::load(dir)?)),
 };
 
-/// The key of an example's `meta` object that gives each token's modality.
+/// The tokenizer of `text` examples, in the model directory (with the
+/// `tokenizers` feature).
+pub const TOKENIZER_FILE: &str = "tokenizer.json";
+
+/// The key of an example's `meta` object that gives each token's modality
+/// (the fallback of the probe-set key of the same name).
 pub const TOKEN_MODALITY_KEY: &str = "token_modality";
 
 /// Whether `dir/config.json` describes a model this module runs
@@ -619,19 +625,37 @@ impl Llama {
                 ErrorKind::InvalidInput,
                 format!("example {id} has `input` features; a LLaMA model takes `tokens`"),
             )),
+            ProbeInput::Text(_) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "example {id} has untokenized `text` (run it through `run_probe`, which \
+                     tokenizes it)"
+                ),
+            )),
         }
     }
 }
 
-/// Each token's modality for `example`: its `meta.token_modality` (an array
-/// as long as `tokens`, of codes 0–255 or the names `text`, `vision`,
-/// `audio`) when present, else the example's `modality` for every token.
-/// The error says what is wrong with the array.
+/// Each token's modality for `example`: its `token_modality`
+/// ([`ProbeExample::token_modality`]) when present, else its
+/// `meta.token_modality` (an array as long as `tokens`, of codes 0–255 or
+/// the names `text`, `vision`, `audio`), else the example's `modality` for
+/// every token. The error says what is wrong with the array.
 pub fn token_modalities(example: &ProbeExample) -> std::result::Result<Vec<u8>, String> {
     let n = match &example.input {
         ProbeInput::Tokens(t) => t.len(),
         ProbeInput::Features(_) => return Err("an example of `input` features".into()),
+        ProbeInput::Text(_) => return Err("an example of untokenized `text`".into()),
     };
+    if let Some(codes) = &example.token_modality {
+        if codes.len() != n {
+            return Err(format!(
+                "`{TOKEN_MODALITY_KEY}` has {} entries for {n} tokens",
+                codes.len()
+            ));
+        }
+        return Ok(codes.clone());
+    }
     let Some(list) = example
         .meta
         .as_ref()
@@ -654,14 +678,10 @@ pub fn token_modalities(example: &ProbeExample) -> std::result::Result<Vec<u8>, 
         .iter()
         .enumerate()
         .map(|(i, v)| {
-            match v {
-                Value::String(s) => parse_modality(s),
-                v => v.as_u64().and_then(|m| u8::try_from(m).ok()),
-            }
-            .ok_or_else(|| {
+            modality_value(v).ok_or_else(|| {
                 format!(
                     "`meta.{TOKEN_MODALITY_KEY}[{i}]` is {v}; expected text, vision, audio or a \
-                 code 0–255"
+                     code 0–255"
                 )
             })
         })
@@ -713,6 +733,42 @@ impl ProbeModel for Llama {
             }
         }
         out
+    }
+
+    /// Tokenizes with the model directory's `tokenizer.json`, special
+    /// tokens included (the BOS of LLaMA tokenizers).
+    #[cfg(feature = "tokenizers")]
+    fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let path = self.dir.join(TOKENIZER_FILE);
+        if !path.is_file() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "`text` examples need the model's tokenizer, and the model directory has \
+                     no {TOKENIZER_FILE} (add it, or pre-tokenize to `tokens`)"
+                ),
+            )
+            .with_file(path));
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&path).map_err(|e| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!("cannot load the tokenizer: {e}"),
+            )
+            .with_file(&path)
+        })?;
+        texts
+            .iter()
+            .map(|text| {
+                tokenizer
+                    .encode(*text, true)
+                    .map(|encoding| encoding.get_ids().to_vec())
+                    .map_err(|e| {
+                        Error::new(ErrorKind::InvalidInput, format!("cannot tokenize: {e}"))
+                            .with_file(&path)
+                    })
+            })
+            .collect()
     }
 
     fn check(&self, id: u64, example: &ProbeExample) -> Result<()> {

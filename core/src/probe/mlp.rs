@@ -579,6 +579,10 @@ impl Mlp {
                 ErrorKind::InvalidInput,
                 format!("example {id} has `tokens`; an MLP takes `input` features"),
             )),
+            ProbeInput::Text(_) => Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("example {id} has `text`; an MLP takes `input` features"),
+            )),
         }
     }
 }

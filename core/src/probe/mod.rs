@@ -20,7 +20,11 @@ pub mod llama;
 pub mod mlp;
 pub mod set;
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 
@@ -59,6 +63,22 @@ pub trait ProbeModel: Send + Sync {
     /// output (before its nonlinearity, SPEC §1.1) to `recorder`, with
     /// example id `id` and the example's modality.
     fn forward(&self, id: u64, example: &ProbeExample, recorder: &Recorder) -> Result<()>;
+
+    /// Token ids of `texts` (the probe set's `"text"` examples), one list
+    /// per text; [`run_probe`] calls it once per run, before
+    /// [`ProbeModel::check`], and runs the ids as `tokens`. The default:
+    /// the model takes no text ([`ErrorKind::InvalidInput`]).
+    fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let _ = texts;
+        Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "`text` examples need a tokenizer, and the {} has none (pre-tokenize to \
+                 `tokens`)",
+                self.describe()
+            ),
+        ))
+    }
 }
 
 /// An architecture of the registry: how to recognise its model
@@ -134,19 +154,117 @@ pub fn run_probe(
     recorder: &Recorder,
     threads: Option<usize>,
 ) -> Result<()> {
+    run_probe_with_progress(model, examples, recorder, threads, None).map(|_| ())
+}
+
+/// How far a probe run is, as given to a progress callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeProgress {
+    /// Examples finished so far.
+    pub examples_done: usize,
+    /// Examples in the run.
+    pub examples_total: usize,
+    /// Tokens of the finished examples ([`example_tokens`]).
+    pub tokens_done: u64,
+}
+
+/// A progress callback: called after each example, from worker threads.
+pub type ProgressFn = dyn Fn(ProbeProgress) + Send + Sync;
+
+/// The tokens an example counts for in [`ProbeProgress`] and
+/// [`ProbeSummary`]: its token count, 1 for a vector of features, 0 for
+/// untokenized text.
+pub fn example_tokens(example: &ProbeExample) -> u64 {
+    match &example.input {
+        ProbeInput::Tokens(t) => t.len() as u64,
+        ProbeInput::Features(_) => 1,
+        // Not known before tokenizing: run_probe counts its tokens.
+        ProbeInput::Text(_) => 0,
+    }
+}
+
+/// [`run_probe`], calling `progress` (when given) after each example with
+/// the counts so far. Calls come from the worker threads, in no particular
+/// order; each call's counts include its own example, and the last call
+/// has `examples_done == examples_total`. Returns the tokens run
+/// ([`example_tokens`], `text` examples counted after tokenizing).
+pub fn run_probe_with_progress(
+    model: &dyn ProbeModel,
+    examples: &[ProbeExample],
+    recorder: &Recorder,
+    threads: Option<usize>,
+    progress: Option<&ProgressFn>,
+) -> Result<u64> {
+    let examples = tokenize_texts(model, examples)?;
+    let examples = &examples[..];
     for (id, example) in examples.iter().enumerate() {
         model.check(id as u64, example)?;
     }
+    let done = AtomicUsize::new(0);
+    let tokens = AtomicU64::new(0);
+    let total = examples.len();
     crate::engine::thread_pool(threads)?.install(|| {
         examples
             .par_iter()
             .enumerate()
-            .try_for_each(|(id, example)| model.forward(id as u64, example, recorder))
-    })
+            .try_for_each(|(id, example)| {
+                model.forward(id as u64, example, recorder)?;
+                if let Some(progress) = progress {
+                    let t = tokens.fetch_add(example_tokens(example), Ordering::Relaxed)
+                        + example_tokens(example);
+                    let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    progress(ProbeProgress {
+                        examples_done: d,
+                        examples_total: total,
+                        tokens_done: t,
+                    });
+                }
+                Ok(())
+            })
+    })?;
+    Ok(examples.iter().map(example_tokens).sum())
+}
+
+/// `examples` with every `text` example replaced by its tokens
+/// ([`ProbeModel::tokenize`]); borrowed when there is none.
+fn tokenize_texts<'a>(
+    model: &dyn ProbeModel,
+    examples: &'a [ProbeExample],
+) -> Result<Cow<'a, [ProbeExample]>> {
+    let texts: Vec<(usize, &str)> = examples
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| match &e.input {
+            ProbeInput::Text(t) => Some((i, t.as_str())),
+            _ => None,
+        })
+        .collect();
+    let Some(&(first, _)) = texts.first() else {
+        return Ok(Cow::Borrowed(examples));
+    };
+    let strs: Vec<&str> = texts.iter().map(|t| t.1).collect();
+    let ids = model.tokenize(&strs).map_err(|e| {
+        let prefixed = Error::new(e.kind(), format!("example {first}: {}", e.message()));
+        match e.file() {
+            Some(f) => prefixed.with_file(f),
+            None => prefixed,
+        }
+    })?;
+    let mut owned = examples.to_vec();
+    for (&(i, _), tokens) in texts.iter().zip(ids) {
+        if tokens.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("example {i}: its `text` gives no tokens"),
+            ));
+        }
+        owned[i].input = ProbeInput::Tokens(tokens);
+    }
+    Ok(Cow::Owned(owned))
 }
 
 /// What [`probe_files`] does.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ProbeOptions {
     /// Keep per-example rows for the first this many examples (`None`: all
     /// of them; `Some(0)`: means only).
@@ -155,10 +273,26 @@ pub struct ProbeOptions {
     pub threads: Option<usize>,
     /// Rows of examples that never reached a layer.
     pub missing_rows: MissingRows,
+    /// Called after each example ([`run_probe_with_progress`]).
+    pub progress: Option<Arc<ProgressFn>>,
+}
+
+impl std::fmt::Debug for ProbeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeOptions")
+            .field("max_examples", &self.max_examples)
+            .field("threads", &self.threads)
+            .field("missing_rows", &self.missing_rows)
+            .field(
+                "progress",
+                &self.progress.as_ref().map(|_| "Fn(ProbeProgress)"),
+            )
+            .finish()
+    }
 }
 
 /// What [`probe_files`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSummary {
     /// The model's description.
     pub model: String,
@@ -168,6 +302,12 @@ pub struct ProbeSummary {
     pub rows: u64,
     /// Layers recorded.
     pub layers: usize,
+    /// Tokens run: the token inputs' lengths, 1 per example of features
+    /// ([`example_tokens`]).
+    pub tokens: u64,
+    /// Wall time of the run ([`run_probe`]), in seconds: the forward
+    /// passes, not reading the model or writing the file.
+    pub seconds: f64,
     /// The statistics file written.
     pub output: PathBuf,
 }
@@ -198,13 +338,22 @@ pub fn probe_files(
         probe: format!("{} ({} examples)", probe_set.display(), examples.len()),
         missing_rows: options.missing_rows,
     });
-    run_probe(model.as_ref(), &examples, &recorder, options.threads).map_err(|e| {
+    let start = Instant::now();
+    let tokens = run_probe_with_progress(
+        model.as_ref(),
+        &examples,
+        &recorder,
+        options.threads,
+        options.progress.as_deref(),
+    )
+    .map_err(|e| {
         if e.file().is_none() {
             e.with_file(probe_set)
         } else {
             e
         }
     })?;
+    let seconds = start.elapsed().as_secs_f64();
     let stats = recorder.stats()?;
     stats.save(output)?;
     Ok(ProbeSummary {
@@ -212,6 +361,8 @@ pub fn probe_files(
         examples: examples.len(),
         rows: stats.modality.as_ref().map_or(0, |m| m.len() as u64),
         layers: stats.layers.len(),
+        tokens,
+        seconds,
         output: output.to_path_buf(),
     })
 }

@@ -5,13 +5,19 @@
 //! {"tokens": [1, 3087, 29871, 13], "modality": "vision", "source": "vqa", "meta": {"id": 17}}
 //! ```
 //!
-//! - exactly one of `"input"` (f32 features, for the MLP family) and
-//!   `"tokens"` (u32 token ids, for language models), not empty;
+//! - exactly one of `"input"` (f32 features, for the MLP family),
+//!   `"tokens"` (u32 token ids, for language models) and `"text"` (a
+//!   string the model's tokenizer turns into tokens: only when flatmerge is
+//!   built with the `tokenizers` feature), not empty;
 //! - `"modality"` (optional, default `"text"`): `"text"`, `"vision"`,
 //!   `"audio"` or an integer 0–255 (the code written to `probe.modality`,
 //!   SPEC §4);
 //! - `"source"` (optional): the task the example comes from; the sampler
 //!   draws its quotas per source;
+//! - `"token_modality"` (optional, only with `"tokens"`): each token's
+//!   modality, an array as long as `tokens` of names or codes as for
+//!   `"modality"` (`["text", "vision", "vision", 0]`); models with one
+//!   copy of a module per modality route each token by it;
 //! - `"meta"` (optional): any JSON value, kept as it is (ids, original
 //!   text, …).
 //!
@@ -67,6 +73,10 @@ pub enum ProbeInput {
     Features(Vec<f32>),
     /// Token ids (`"tokens"`), for language models.
     Tokens(Vec<u32>),
+    /// Plain text (`"text"`), tokenized by the model
+    /// ([`super::ProbeModel::tokenize`]); parsed only with the `tokenizers`
+    /// feature.
+    Text(String),
 }
 
 /// One probe example.
@@ -78,6 +88,9 @@ pub struct ProbeExample {
     pub modality: u8,
     /// The task the example comes from; empty when the line has none.
     pub source: String,
+    /// Each token's modality code (`"token_modality"`), as long as the
+    /// tokens; only with [`ProbeInput::Tokens`].
+    pub token_modality: Option<Vec<u8>>,
     /// The line's `"meta"` value, if any, kept verbatim.
     pub meta: Option<Value>,
 }
@@ -89,7 +102,16 @@ impl ProbeExample {
             input: ProbeInput::Features(input),
             modality: TEXT,
             source: String::new(),
+            token_modality: None,
             meta: None,
+        }
+    }
+
+    /// An example of token ids, text modality, no source.
+    pub fn tokens(tokens: Vec<u32>) -> ProbeExample {
+        ProbeExample {
+            input: ProbeInput::Tokens(tokens),
+            ..ProbeExample::features(Vec::new())
         }
     }
 
@@ -110,11 +132,22 @@ impl ProbeExample {
                 line.push_str("\"tokens\":");
                 line.push_str(&json(v));
             }
+            ProbeInput::Text(t) => {
+                line.push_str("\"text\":");
+                line.push_str(&json(t));
+            }
         }
         line.push_str(",\"modality\":");
-        match modality_name(self.modality) {
-            Some(name) => line.push_str(&json(name)),
-            None => line.push_str(&self.modality.to_string()),
+        push_modality(&mut line, self.modality);
+        if let Some(codes) = &self.token_modality {
+            line.push_str(",\"token_modality\":[");
+            for (i, &m) in codes.iter().enumerate() {
+                if i > 0 {
+                    line.push(',');
+                }
+                push_modality(&mut line, m);
+            }
+            line.push(']');
         }
         if !self.source.is_empty() {
             line.push_str(",\"source\":");
@@ -126,6 +159,22 @@ impl ProbeExample {
         }
         line.push('}');
         line
+    }
+}
+
+/// Appends a modality: its name when it has one, else its code.
+fn push_modality(line: &mut String, code: u8) {
+    match modality_name(code) {
+        Some(name) => line.push_str(&json(name)),
+        None => line.push_str(&code.to_string()),
+    }
+}
+
+/// A modality given as a name (`text`, `vision`, `audio`) or a code 0–255.
+pub fn modality_value(value: &Value) -> Option<u8> {
+    match value {
+        Value::String(name) => parse_modality(name),
+        v => v.as_u64().and_then(|m| u8::try_from(m).ok()),
     }
 }
 
@@ -155,18 +204,31 @@ pub fn parse_line(line: &str) -> std::result::Result<ProbeExample, String> {
     if let Some(key) = obj.keys().find(|k| {
         !matches!(
             k.as_str(),
-            "input" | "tokens" | "modality" | "source" | "meta"
+            "input" | "tokens" | "text" | "modality" | "token_modality" | "source" | "meta"
         )
     }) {
         return Err(format!(
-            "unknown key `{key}` (expected `input` or `tokens`, `modality`, `source`, `meta`)"
+            "unknown key `{key}` (expected `input`, `tokens` or `text`, `modality`, \
+             `token_modality`, `source`, `meta`)"
         ));
     }
+    let given: Vec<&str> = ["input", "tokens", "text"]
+        .into_iter()
+        .filter(|k| obj.contains_key(*k))
+        .collect();
+    if given.len() > 1 {
+        return Err(format!("both `{}` and `{}`: give one", given[0], given[1]));
+    }
     let input = match (obj.remove("input"), obj.remove("tokens")) {
-        (Some(_), Some(_)) => return Err("both `input` and `tokens`: give one".into()),
-        (None, None) => {
-            return Err("no `input` (features) or `tokens` (token ids)".into());
-        }
+        (Some(_), Some(_)) => unreachable!("refused above"),
+        (None, None) => match obj.remove("text") {
+            None => {
+                return Err(
+                    "no `input` (features), `tokens` (token ids) or `text` (plain text)".into(),
+                );
+            }
+            Some(v) => parse_text(v)?,
+        },
         (Some(v), None) => {
             let Value::Array(items) = v else {
                 return Err("`input` must be an array of numbers".into());
@@ -224,12 +286,72 @@ pub fn parse_line(line: &str) -> std::result::Result<ProbeExample, String> {
         Some(Value::String(s)) => s,
         Some(v) => return Err(format!("`source` is {v}, not a string")),
     };
+    let token_modality = match obj.remove("token_modality") {
+        None => None,
+        Some(v) => {
+            let tokens = match &input {
+                ProbeInput::Tokens(tokens) => tokens,
+                ProbeInput::Features(_) => {
+                    return Err("`token_modality` with `input` features: it needs `tokens`".into());
+                }
+                ProbeInput::Text(_) => {
+                    return Err("`token_modality` with `text`: it needs `tokens`".into());
+                }
+            };
+            let Value::Array(items) = v else {
+                return Err(format!(
+                    "`token_modality` is {v}, not an array of modalities"
+                ));
+            };
+            if items.len() != tokens.len() {
+                return Err(format!(
+                    "`token_modality` has {} entries for {} tokens",
+                    items.len(),
+                    tokens.len()
+                ));
+            }
+            let codes = items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    modality_value(item).ok_or_else(|| {
+                        format!(
+                            "`token_modality[{i}]` is {item}; expected text, vision, audio or a \
+                             code 0–255"
+                        )
+                    })
+                })
+                .collect::<std::result::Result<Vec<u8>, String>>()?;
+            Some(codes)
+        }
+    };
     Ok(ProbeExample {
         input,
         modality,
         source,
+        token_modality,
         meta: obj.remove("meta"),
     })
+}
+
+/// The input of a `"text"` value.
+#[cfg(feature = "tokenizers")]
+fn parse_text(value: Value) -> std::result::Result<ProbeInput, String> {
+    match value {
+        Value::String(s) if s.is_empty() => Err("`text` is empty".into()),
+        Value::String(s) => Ok(ProbeInput::Text(s)),
+        v => Err(format!("`text` is {v}, not a string")),
+    }
+}
+
+/// Without the `tokenizers` feature, `"text"` is an error.
+#[cfg(not(feature = "tokenizers"))]
+fn parse_text(_: Value) -> std::result::Result<ProbeInput, String> {
+    Err(
+        "a `text` example needs flatmerge built with `--features tokenizers` (or \
+         pre-tokenize it to `tokens`)"
+            .into(),
+    )
 }
 
 /// Parses a whole probe set; `file` names it in errors. Errors are
