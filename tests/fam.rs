@@ -255,3 +255,79 @@ fn strict_turns_unmatched_tensors_into_errors_and_map_files_load() {
     };
     assert_eq!(sources(&from_file), sources(&builtin));
 }
+
+#[test]
+fn the_searched_loss_is_the_merged_layers_relative_error() {
+    // SPEC §2.5 recomputed directly: merge with fixed λ, then sum over the
+    // group-producing layers ‖X_k W*ᵀ − Y_k‖² / ‖Y_k‖² for A, and for B with
+    // its outputs read through the matching (A's unmatched neurons skipped).
+    let dir = tempfile::tempdir().unwrap();
+    let pair = write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 21).unwrap();
+    let base = std::fs::read_to_string(&pair.config).unwrap();
+    let searched = base.clone() + "parameters:\n  lambda_search: true\n  lambda_grid: [0.25, 1]\n";
+    let merge =
+        PreparedMerge::new(MergeConfig::from_yaml(&searched, dir.path(), None).unwrap()).unwrap();
+    let alignments = merge.align().unwrap();
+    let summary = merge
+        .run(&MergeOptions {
+            out_dir: dir.path().join("s"),
+            ..Default::default()
+        })
+        .unwrap();
+    let grid = summary.report.fam.as_ref().unwrap()["lambda_grid"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let stats_a = flatmerge::stats::ActivationStats::load(&pair.receiver_stats).unwrap();
+    let stats_b = flatmerge::stats::ActivationStats::load(&pair.contributor_stats).unwrap();
+    for (lp, lo) in [(0.25f64, 1.0f64), (1.0, 0.25)] {
+        let fixed =
+            base.clone() + &format!("parameters:\n  lambda_proj: {lp}\n  lambda_ortho: {lo}\n");
+        let out = dir.path().join(format!("fixed-{lp}-{lo}"));
+        PreparedMerge::new(MergeConfig::from_yaml(&fixed, dir.path(), None).unwrap())
+            .unwrap()
+            .run(&MergeOptions {
+                out_dir: out.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        let mut loss = 0f64;
+        for (g, alignment) in alignments.iter().enumerate() {
+            for proj in ["gate_proj", "up_proj"] {
+                let layer = format!("model.layers.{g}.mlp.{proj}");
+                let w = tensor(&out, &format!("{layer}.weight"));
+                for (stats, is_b) in [(&stats_a, false), (&stats_b, true)] {
+                    let l = stats.layer(&layer).unwrap();
+                    let (x, y) = (l.x_rows.as_ref().unwrap(), l.y_rows.as_ref().unwrap());
+                    let (mut err, mut norm) = (0f64, 0f64);
+                    for s in 0..x.rows {
+                        let merged = flatmerge::demo::matvec(&w, x.row(s));
+                        for (i, m) in merged.iter().enumerate() {
+                            let target = match (is_b, alignment.matching[i]) {
+                                (false, _) => y.row(s)[i],
+                                (true, Some(j)) => y.row(s)[j],
+                                (true, None) => continue,
+                            };
+                            err += ((m - target) as f64).powi(2);
+                            norm += (target as f64).powi(2);
+                        }
+                    }
+                    loss += err / norm;
+                }
+            }
+        }
+        let reported = grid
+            .iter()
+            .find(|e| {
+                (e["lambda_proj"].as_f64().unwrap() - lp).abs() < 1e-9
+                    && (e["lambda_ortho"].as_f64().unwrap() - lo).abs() < 1e-9
+            })
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            (reported - loss).abs() <= 1e-3 * loss.max(1e-9),
+            "λ = ({lp}, {lo}): grid {reported}, direct {loss}"
+        );
+    }
+}
