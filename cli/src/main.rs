@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 mod probe;
 
@@ -178,6 +179,9 @@ fn progress_bar(quiet: bool) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// Set by SIGINT / SIGTERM; the engine checks it between tensors.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
 fn run_merge(
     prepared: &PreparedMerge,
     out_dir: PathBuf,
@@ -197,8 +201,12 @@ fn run_merge(
         threads: run.threads,
         force: run.force,
         progress: Some(&on_progress),
-        cancel: None,
+        cancel: Some(&INTERRUPTED),
     };
+    // Ctrl-C or SIGTERM stops the merge between tensors; the writer then
+    // removes its temporary directory, so nothing half-written remains.
+    // (A handler can only be set once per process; one merge runs per process.)
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::Relaxed));
     let result = prepared.run(&options);
     if let Some(bar) = bar {
         bar.finish_and_clear();
