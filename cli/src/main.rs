@@ -65,6 +65,9 @@ struct MergeArgs {
     /// Output dtype (bfloat16, float16, float32); overrides the config.
     #[arg(long, value_parser = parse_dtype)]
     dtype: Option<Dtype>,
+    /// NaN or infinite input weights: `error` (default) or `propagate`; overrides the config.
+    #[arg(long, value_parser = ["error", "propagate"])]
+    nan_policy: Option<String>,
     /// FAM: tensors of A without a counterpart and dropped tensors of B are errors.
     #[arg(long)]
     strict: bool,
@@ -223,6 +226,13 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
         config.seed = seed;
     }
     config.strict = args.strict;
+    if let Some(policy) = args
+        .nan_policy
+        .as_deref()
+        .and_then(flatmerge::config::NanPolicy::parse)
+    {
+        config.nan_policy = policy;
+    }
     let prepared = PreparedMerge::new(config)?;
     if args.dry_run {
         println!("{}", prepared.plan());

@@ -252,6 +252,41 @@ fn a_weight_wider_than_its_statistics_is_an_error_naming_the_stats_tensor() {
 }
 
 #[test]
+fn nan_weights_are_an_error_naming_file_tensor_and_index_unless_propagated() {
+    let f = Fixture::new(Dtype::F32);
+    let name = "model.layers.1.mlp.up_proj.weight";
+    edit_model(&f.path("B"), |n| {
+        (n == name).then(|| {
+            let checkpoint = Checkpoint::open(&f.path("B")).unwrap();
+            let view = checkpoint.view(n).unwrap();
+            let mut data = view.data.to_vec();
+            data[4 * 7..4 * 8].copy_from_slice(&f32::NAN.to_le_bytes());
+            data[4 * 9..4 * 10].copy_from_slice(&f32::INFINITY.to_le_bytes());
+            Some((view.dtype, view.shape.to_vec(), data))
+        })
+    });
+    let out = f.merge(&[]);
+    f.assert_clean_failure(
+        &out,
+        &[
+            &display(&f.path("B")),
+            &format!("`{name}`"),
+            "2 NaN or infinite",
+            "index 7",
+        ],
+    );
+    // `propagate` merges them through: the NaN reaches the output.
+    let out = f.merge(&["--nan-policy", "propagate"]);
+    assert_success(&out);
+    let merged = Checkpoint::open(&f.out())
+        .unwrap()
+        .view(name)
+        .unwrap()
+        .to_f32_vec();
+    assert!(merged.iter().any(|x| !x.is_finite()));
+}
+
+#[test]
 fn a_contributor_statistics_width_mismatch_is_an_error_too() {
     let f = Fixture::new(Dtype::BF16);
     let stats_path = f.path("B.stats.safetensors");

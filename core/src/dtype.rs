@@ -214,6 +214,50 @@ pub fn encode_f32(dtype: Dtype, values: &[f32], out: &mut [u8]) {
     }
 }
 
+/// The number of NaN or infinite elements in little-endian `bytes` of a
+/// float `dtype`, and the index of the first, read from the bit patterns
+/// (an all-ones exponent) without converting.
+pub fn nonfinite(dtype: Dtype, bytes: &[u8]) -> (usize, Option<usize>) {
+    let check = |i: usize, bad: bool, state: &mut (usize, Option<usize>)| {
+        if bad {
+            state.0 += 1;
+            state.1.get_or_insert(i);
+        }
+    };
+    let mut state = (0, None);
+    match dtype {
+        Dtype::F32 => {
+            for (i, b) in bytes.chunks_exact(4).enumerate() {
+                check(
+                    i,
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000,
+                    &mut state,
+                );
+            }
+        }
+        Dtype::BF16 => {
+            for (i, b) in bytes.chunks_exact(2).enumerate() {
+                check(
+                    i,
+                    u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
+                    &mut state,
+                );
+            }
+        }
+        Dtype::F16 => {
+            for (i, b) in bytes.chunks_exact(2).enumerate() {
+                check(
+                    i,
+                    u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
+                    &mut state,
+                );
+            }
+        }
+        _ => {}
+    }
+    state
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +286,29 @@ mod tests {
             let mut back = [0f32; 7];
             decode_f32(dtype, &bytes, &mut back);
             assert_eq!(back, values, "{dtype}");
+        }
+    }
+
+    #[test]
+    fn nonfinite_values_are_found_in_every_float_dtype() {
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let values = [
+                1.0f32,
+                f32::NAN,
+                0.0,
+                f32::INFINITY,
+                -f32::INFINITY,
+                65504.0,
+            ];
+            let mut bytes = alloc::vec![0u8; values.len() * dtype.size()];
+            encode_f32(dtype, &values, &mut bytes);
+            assert_eq!(nonfinite(dtype, &bytes), (3, Some(1)), "{dtype}");
+            encode_f32(dtype, &[1.0, -2.0], &mut bytes[..2 * dtype.size()]);
+            assert_eq!(
+                nonfinite(dtype, &bytes[..2 * dtype.size()]),
+                (0, None),
+                "{dtype}"
+            );
         }
     }
 

@@ -104,6 +104,9 @@ pub struct RawConfig {
     /// mergekit's chat template override (refused with a clear message).
     #[serde(default)]
     pub chat_template: Option<Spanned<ParamValue>>,
+    /// What to do with NaN or infinite weights: `error` (default) or `propagate`.
+    #[serde(default)]
+    pub nan_policy: Option<Spanned<String>>,
     /// FAM: how the contributor's tensor names map to the receiver's (SPEC §5).
     #[serde(default)]
     pub name_map: Option<NameMapSpec>,
@@ -312,6 +315,27 @@ impl MergeMethod {
     }
 }
 
+/// What a merge does with NaN or infinite input weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NanPolicy {
+    /// Refuse the merge, naming the file, the tensor and the first bad index.
+    #[default]
+    Error,
+    /// Merge them through (the results of the arithmetic, NaN included).
+    Propagate,
+}
+
+impl NanPolicy {
+    /// Parses `error` or `propagate`.
+    pub fn parse(text: &str) -> Option<NanPolicy> {
+        match text {
+            "error" => Some(NanPolicy::Error),
+            "propagate" => Some(NanPolicy::Propagate),
+            _ => None,
+        }
+    }
+}
+
 /// A checkpoint and its statistics, paths resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelRef {
@@ -362,6 +386,8 @@ pub struct MergeConfig {
     pub seed: u64,
     /// FAM: tensors without a counterpart and dropped tensors are errors (`--strict`).
     pub strict: bool,
+    /// What to do with NaN or infinite input weights.
+    pub nan_policy: NanPolicy,
     /// Where the config came from (for messages and the report).
     pub source: Option<PathBuf>,
 }
@@ -804,6 +830,16 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         settings,
         seed: 0,
         strict: false,
+        nan_policy: match &raw.nan_policy {
+            None => NanPolicy::Error,
+            Some(v) => NanPolicy::parse(&v.value).ok_or_else(|| {
+                config_error(
+                    Some(&v.referenced),
+                    "nan_policy",
+                    format!("expected `error` or `propagate`, found `{}`", v.value),
+                )
+            })?,
+        },
         source: source.map(Path::to_path_buf),
     })
 }

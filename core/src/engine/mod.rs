@@ -14,7 +14,7 @@ mod chunks;
 pub mod fam;
 mod safe_m;
 
-use crate::config::{MergeConfig, MergeMethod, MethodSettings};
+use crate::config::{MergeConfig, MergeMethod, MethodSettings, NanPolicy};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{OutputTensor, ShardedWriter, TensorView};
@@ -22,6 +22,7 @@ use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
 use crate::report::{MergeReport, TensorOutcome};
 use baselines::TiesReference;
 use chunks::{blend, convert};
+use rayon::prelude::*;
 use safe_m::{safe_m_tensor, SafeMLayer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -289,6 +290,55 @@ impl PreparedMerge {
         }))
     }
 
+    /// Refuses NaN or infinite values in the inputs of a tensor, naming the
+    /// file, the tensor and the first bad index (the `error` NaN policy).
+    fn check_finite(&self, tensor: &TensorPlan, contributors: &[TensorView<'_>]) -> Result<()> {
+        let mut inputs: Vec<(&std::path::Path, TensorView<'_>)> = Vec::new();
+        fn named<'a>(
+            input: &'a crate::plan::Input,
+            name: &str,
+        ) -> Option<(&'a std::path::Path, TensorView<'a>)> {
+            input
+                .checkpoint
+                .view(name)
+                .map(|v| (input.checkpoint.root(), v))
+        }
+        inputs.extend(
+            self.inputs
+                .base
+                .as_ref()
+                .and_then(|b| named(b, &tensor.name)),
+        );
+        inputs.extend(named(self.inputs.receiver(), &tensor.name));
+        for (&k, view) in tensor.contributors.iter().zip(contributors) {
+            inputs.push((self.inputs.contributor(k).checkpoint.root(), *view));
+        }
+        for (file, view) in inputs {
+            let size = view.dtype.size();
+            let parts: Vec<(usize, Option<usize>)> = view
+                .data
+                .par_chunks(CHUNK_ELEMENTS * size)
+                .enumerate()
+                .map(|(chunk, bytes)| {
+                    let (count, first) = crate::dtype::nonfinite(view.dtype, bytes);
+                    (count, first.map(|i| chunk * CHUNK_ELEMENTS + i))
+                })
+                .collect();
+            let count: usize = parts.iter().map(|p| p.0).sum();
+            if let Some(first) = parts.iter().find_map(|p| p.1) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "holds {count} NaN or infinite value(s), the first at flat index {first}; fix the checkpoint or set `nan_policy: propagate` (--nan-policy propagate) to merge them through"
+                    ),
+                )
+                .with_file(file)
+                .with_tensor(view.name));
+            }
+        }
+        Ok(())
+    }
+
     /// A FAM tensor by the receiver's name: A's, or B's counterpart.
     fn fam_view(&self, receiver: bool, name: &str) -> Result<TensorView<'_>> {
         if receiver {
@@ -315,6 +365,9 @@ impl PreparedMerge {
             .iter()
             .map(|&k| self.view(Model::Contributor(k), source))
             .collect::<Result<Vec<_>>>()?;
+        if self.config.nan_policy == NanPolicy::Error {
+            self.check_finite(tensor, &contributors)?;
+        }
         match (&tensor.rule, &self.config.settings) {
             (TensorRule::Fam { .. }, MethodSettings::Fam(settings)) => {
                 let state = fam
