@@ -37,7 +37,7 @@ enum Command {
     Inspect(InspectArgs),
     /// FAM's neuron mapping between two models, without writing a model.
     Map(MapArgs),
-    /// Run a model flatmerge can execute itself (MLP family) on a probe set and write its activation statistics.
+    /// Run a model flatmerge can execute itself (MLP, LLaMA family) on a probe set and write its activation statistics.
     Probe(probe::ProbeArgs),
     /// Probe sets (JSON Lines): build the meta-probe mixture.
     #[command(subcommand)]
@@ -135,6 +135,10 @@ struct DemoArgs {
     /// Where to build the demo (default: a new folder under the system's temporary directory).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// The FAM demo instead: a LLaVA-1.5-like model merged into an mPLUG-Owl2-like one
+    /// (different names, modality-adaptive copies, neurons permuted).
+    #[arg(long)]
+    fam: bool,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -146,6 +150,13 @@ fn parse_dtype(text: &str) -> Result<Dtype, String> {
 }
 
 fn main() -> ExitCode {
+    // Die quietly when a reader such as `head` closes the pipe, as Unix tools
+    // do, instead of panicking on the next print.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Merge(args) => merge(args),
@@ -320,6 +331,9 @@ fn demo(args: DemoArgs) -> Result<(), Error> {
         None => std::env::temp_dir().join(format!("flatmerge-demo-{}", std::process::id())),
     };
     let out_dir = dir.join("merged");
+    if args.fam {
+        return demo_fam(&dir, out_dir, &args.run);
+    }
     if !args.run.quiet {
         println!("building a LLaMA-shaped family (ancestor C, receiver A, contributor B) with statistics in {}", dir.display());
     }
@@ -332,6 +346,45 @@ fn demo(args: DemoArgs) -> Result<(), Error> {
             "inspect it with: flatmerge inspect {}",
             summary.out_dir.display()
         );
+    }
+    Ok(())
+}
+
+fn demo_fam(dir: &Path, out_dir: PathBuf, run: &RunArgs) -> Result<(), Error> {
+    if !run.quiet {
+        println!("building an mPLUG-Owl2-like receiver and a LLaVA-1.5-like contributor with statistics in {}", dir.display());
+    }
+    let (pair, prepared) = flatmerge::demo::prepare_fam(dir)?;
+    let summary = run_merge(&prepared, out_dir, run)?;
+    if !run.quiet {
+        println!("config: {}", pair.config.display());
+        print_summary(prepared.plan(), &summary);
+        if let Some(fam) = &summary.report.fam {
+            for (group, perm) in fam["groups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .zip(&pair.permutations)
+            {
+                let recovered = fam["mapping"]
+                    .as_array()
+                    .and_then(|m| m.iter().find(|g| g["group"] == group["group"]))
+                    .and_then(|g| g["b_neuron_of_a"].as_array())
+                    .map_or(0, |m| {
+                        m.iter()
+                            .enumerate()
+                            .filter(|(i, j)| j.as_u64() == Some(perm[*i] as u64))
+                            .count()
+                    });
+                println!(
+                    "{}: {} of {} neurons matched, planted permutation recovered for {recovered}, mean correlation {:.3}",
+                    group["group"].as_str().unwrap_or("?"),
+                    group["matched"],
+                    group["neurons_a"],
+                    group["mean_correlation"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
     }
     Ok(())
 }

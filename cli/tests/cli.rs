@@ -699,3 +699,24 @@ fn inspect_shows_checkpoints_and_statistics_coverage() {
     let out = flatmerge(&["inspect", file.to_str().unwrap()]);
     assert!(one_error_line(&out).contains(&display(&file)));
 }
+
+#[test]
+fn the_fam_demo_recovers_its_planted_permutations() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("fam");
+    let out = flatmerge(&["demo", "--fam", "--dir", dir.to_str().unwrap()]);
+    assert_success(&out);
+    let text = stdout(&out);
+    let groups: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("planted permutation recovered"))
+        .collect();
+    assert_eq!(groups.len(), 4, "{text}");
+    for line in groups {
+        assert!(
+            line.contains("172 of 172 neurons matched, planted permutation recovered for 172"),
+            "{line}"
+        );
+    }
+    assert!(dir.join("merged").join("merge_report.json").is_file());
+}

@@ -321,6 +321,24 @@ pub fn prepare(dir: &Path) -> Result<(DemoFamily, crate::engine::PreparedMerge)>
     Ok((family, crate::engine::PreparedMerge::new(config)?))
 }
 
+/// The FAM demo's inputs: writes a [`PairShape::SMALL`]-like pair under
+/// `dir` and prepares its merge with the built-in LLaVA → mPLUG-Owl2 map.
+pub fn prepare_fam(dir: &Path) -> Result<(HeterogeneousPair, crate::engine::PreparedMerge)> {
+    let shape = PairShape {
+        llm: LlamaShape {
+            vocab: 256,
+            hidden: 64,
+            intermediate: 172,
+            layers: 4,
+        },
+        vision: 32,
+        examples: 128,
+    };
+    let pair = write_heterogeneous_pair(dir, &shape, 0.05, 0)?;
+    let config = crate::config::MergeConfig::from_file(&pair.config)?;
+    Ok((pair, crate::engine::PreparedMerge::new(config)?))
+}
+
 /// Sizes of the small checkpoints that imitate the LLaVA-1.5 → mPLUG-Owl2
 /// pair of `heterogeneous-pairs.md` (same tensor names, scaled-down widths).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
