@@ -1197,3 +1197,24 @@ fn stats_save_refuses_inconsistent_statistics() {
         "empty",
     );
 }
+
+#[test]
+fn a_file_changed_after_opening_is_noticed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    write_single(&path, &model(), &BTreeMap::new());
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    checkpoint.check_unchanged().unwrap();
+    // A rewrite shows as a new modification time (set explicitly: two writes
+    // within the file system's time resolution could share one).
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    file.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1))
+        .unwrap();
+    let e = checkpoint.check_unchanged().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io);
+    assert_eq!(e.file(), Some(path.as_path()));
+    assert!(
+        e.to_string().contains("changed while it was being read"),
+        "{e}"
+    );
+}

@@ -212,6 +212,9 @@ impl PreparedMerge {
         )?;
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
         options.check_cancel()?;
+        for input in self.inputs.base.iter().chain(&self.inputs.models) {
+            input.checkpoint.check_unchanged()?;
+        }
         let out_dir = writer.finish()?;
         Ok(MergeSummary { out_dir, report })
     }

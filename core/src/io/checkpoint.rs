@@ -52,6 +52,9 @@ pub struct Checkpoint {
 struct Shard {
     path: PathBuf,
     map: MappedFile,
+    /// Size and modification time when opened, to notice a file rewritten
+    /// during a merge (cheap: one `stat` per shard).
+    stamp: (u64, Option<std::time::SystemTime>),
 }
 
 /// Name, dtype and shape of one tensor of a [`Checkpoint`].
@@ -386,6 +389,23 @@ impl Checkpoint {
         self.shards.iter().map(|s| s.path.as_path()).collect()
     }
 
+    /// An error naming the first shard whose size or modification time
+    /// changed since it was opened: a merge that read it may have read a
+    /// mix of old and new data (the maps assume unchanged files).
+    pub fn check_unchanged(&self) -> Result<()> {
+        for shard in &self.shards {
+            let now = std::fs::metadata(&shard.path).map_err(|e| Error::io(&shard.path, e))?;
+            if (now.len(), now.modified().ok()) != shard.stamp {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    "the file changed while it was being read (size or modification time); nothing was written, run the merge again",
+                )
+                .with_file(&shard.path));
+            }
+        }
+        Ok(())
+    }
+
     /// One fingerprint per shard file, in shard order.
     pub fn fingerprints(&self) -> &[FileFingerprint] {
         &self.fingerprints
@@ -520,7 +540,9 @@ fn read_shard(path: &Path, index: usize) -> Result<ParsedShard> {
             Error::io(path, e)
         }
     })?;
-    let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let file_meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    let size = file_meta.len();
+    let modified = file_meta.modified().ok();
     // Checked before mapping: an empty file cannot be mapped everywhere.
     if size < LEN_BYTES as u64 {
         return Err(Error::new(
@@ -542,6 +564,7 @@ fn read_shard(path: &Path, index: usize) -> Result<ParsedShard> {
         shard: Shard {
             path: path.to_path_buf(),
             map,
+            stamp: (size, modified),
         },
         tensors,
         metadata,
