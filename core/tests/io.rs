@@ -1218,3 +1218,12 @@ fn a_file_changed_after_opening_is_noticed() {
         "{e}"
     );
 }
+
+#[test]
+fn atomic_write_errors_name_the_target_not_the_temporary_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("missing-dir").join("x.stats.safetensors");
+    let e = ActivationStats::new("m", "p").save(&target).unwrap_err();
+    assert_eq!(e.file(), Some(target.as_path()), "{e}");
+    assert!(!e.to_string().contains(".tmp-"), "{e}");
+}

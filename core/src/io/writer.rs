@@ -662,9 +662,20 @@ pub fn write_atomically(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Res
         path: parent.join(format!(".{name}.tmp-{}", unique_suffix())),
         armed: true,
     };
-    f(&temp.path)?;
+    // Errors name the file the caller asked for, not the temporary one.
+    let name_target = |e: Error| match e.file() {
+        Some(file) if file == temp.path => {
+            let mut renamed = Error::new(e.kind(), e.message().to_string()).with_file(path);
+            if let Some(tensor) = e.tensor() {
+                renamed = renamed.with_tensor(tensor);
+            }
+            renamed
+        }
+        _ => e,
+    };
+    f(&temp.path).map_err(name_target)?;
     // `f` need not fsync: the rename must not publish unwritten data.
-    sync_file(&temp.path)?;
+    sync_file(&temp.path).map_err(name_target)?;
     std::fs::rename(&temp.path, path).map_err(|e| Error::io(path, e))?;
     temp.armed = false;
     sync_dir(&parent)
