@@ -422,7 +422,7 @@ fn inspect(args: InspectArgs) -> Result<(), Error> {
 }
 
 fn inspect_stats(path: &Path, weights: Option<&Path>, all: bool) -> Result<(), Error> {
-    let stats = inspect::open_stats(path)?;
+    let stats = flatmerge::stats::ActivationStats::load(path)?;
     println!(
         "{}: activation statistics of `{}` on `{}`: {} examples, {} layers{}",
         path.display(),

@@ -2,7 +2,6 @@
 //! files, and which weights of a checkpoint a statistics file covers.
 
 use crate::dtype::Dtype;
-use crate::error::Result;
 use crate::io::Checkpoint;
 use crate::stats::{ActivationStats, FORMAT};
 use std::collections::BTreeMap;
@@ -65,11 +64,7 @@ pub enum Coverage {
 pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String, Coverage)> {
     let mut out = Vec::new();
     for t in checkpoint.tensors() {
-        let (layer, is_weight) = if let Some(l) = t.name.strip_suffix(".weight") {
-            (l, true)
-        } else if let Some(l) = t.name.strip_suffix(".bias") {
-            (l, false)
-        } else {
+        let Some((layer, is_weight)) = crate::plan::layer_of(&t.name) else {
             continue;
         };
         if t.shape.len() != if is_weight { 2 } else { 1 } {
@@ -79,25 +74,16 @@ pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String
             None => Coverage::Uncovered,
             Some(l) => {
                 let mut problems = Vec::new();
-                match &l.y_mean {
-                    Some(y) if y.len() == t.shape[0] => {}
-                    Some(y) => problems.push(format!(
-                        "y_mean has width {}, needs {}",
-                        y.len(),
-                        t.shape[0]
-                    )),
-                    None => problems.push("y_mean missing".to_string()),
-                }
-                if is_weight {
-                    match &l.x_mean {
-                        Some(x) if x.len() == t.shape[1] => {}
-                        Some(x) => problems.push(format!(
-                            "x_mean has width {}, needs {}",
-                            x.len(),
-                            t.shape[1]
-                        )),
-                        None => problems.push("x_mean missing".to_string()),
+                let mut need = |mean: &Option<Vec<f32>>, what: &str, width: usize| match mean {
+                    Some(v) if v.len() == width => {}
+                    Some(v) => {
+                        problems.push(format!("{what} has width {}, needs {width}", v.len()))
                     }
+                    None => problems.push(format!("{what} missing")),
+                };
+                need(&l.y_mean, "y_mean", t.shape[0]);
+                if is_weight {
+                    need(&l.x_mean, "x_mean", t.shape[1]);
                 }
                 if problems.is_empty() {
                     Coverage::Covered
@@ -109,9 +95,4 @@ pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String
         out.push((t.name.clone(), coverage));
     }
     out
-}
-
-/// Opens a statistics file (for symmetry with [`Checkpoint::open`]).
-pub fn open_stats(path: &Path) -> Result<ActivationStats> {
-    ActivationStats::load(path)
 }

@@ -413,7 +413,7 @@ fn float_check(problems: &mut Problems, checkpoint: &Checkpoint, info: &TensorIn
 
 /// The name of the layer a tensor belongs to and whether it is its weight
 /// (`false`: its bias), or `None` for other names.
-fn layer_of(name: &str) -> Option<(&str, bool)> {
+pub(crate) fn layer_of(name: &str) -> Option<(&str, bool)> {
     if let Some(layer) = name.strip_suffix(".weight") {
         Some((layer, true))
     } else {
