@@ -10,6 +10,7 @@ mod quality;
 fn quick() -> quality::Report {
     let options = quality::Options {
         quick: true,
+        full_grid: false,
         seeds: 1,
         verbose: false,
         ..quality::Options::default()
@@ -22,8 +23,8 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
     let report = quick();
     assert_eq!(
         report.cases.len(),
-        3,
-        "two-model, three-model and heterogeneous cases"
+        4,
+        "tasks 1+2, 1+2+3, 2+1 and the heterogeneous pair"
     );
     let expect = |case: usize, labels: &[&str]| {
         let rows: Vec<&str> = report.cases[case]
@@ -50,11 +51,16 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
         "dare_linear",
         "safe_m, score sas",
         "safe_m, score ratio",
+        "safe_m sas, no election",
+        "safe_m sas, no conflict removal",
+        "safe_m sas, no decoupling",
+        "safe_m preset: keep_all",
     ];
     expect(0, &homologous);
     expect(1, &homologous);
+    expect(2, &homologous);
     expect(
-        2,
+        3,
         &[
             "fine-tuned",
             "reference: linear of the unpermuted pair",
@@ -66,6 +72,39 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
     );
     assert_eq!(report.cases[0].tasks, [0, 1]);
     assert_eq!(report.cases[1].tasks, [0, 1, 2]);
+    assert_eq!(report.cases[2].tasks, [1, 0]);
+    // Every homologous case has the variant grid, each row with validation
+    // accuracies, and a setting was chosen among them on validation alone.
+    let grid = quality::variants::grid(false);
+    assert!(grid.len() >= 4, "{grid:?}");
+    for case in &report.cases[..3] {
+        for v in &grid {
+            let label = format!("{}{}", quality::VARIANT_PREFIX, v.label);
+            let row = case.rows.iter().find(|r| r.label == label);
+            let row = row.unwrap_or_else(|| panic!("{}: no row `{label}`", case.title));
+            assert_eq!(row.kind, quality::RowKind::Variant);
+            assert!(row.val.iter().all(|v| v.len() == case.tasks.len()));
+        }
+        // SPEC §1 with all three stages removed is task arithmetic with
+        // λ = 1 up to rounding: the same accuracies, but for a rare flipped tie.
+        let find = |prefix: &str| {
+            case.rows
+                .iter()
+                .find(|r| r.label.starts_with(prefix))
+                .unwrap()
+        };
+        let all_off = find("safe_m sas, none of the three");
+        let ta = find("task_arithmetic λ = 1");
+        for (a, b) in all_off.acc.concat().iter().zip(ta.acc.concat()) {
+            assert!((a - b).abs() <= 0.01, "{}: {a} vs {b}", case.title);
+        }
+    }
+    let chosen = report
+        .chosen
+        .as_deref()
+        .expect("a setting chosen on validation");
+    assert!(chosen.starts_with(quality::VARIANT_PREFIX), "{chosen}");
+    assert!(report.diagnoses.iter().all(|d| d.len() == 1));
     for case in &report.cases {
         for row in &case.rows {
             assert_eq!(row.acc.len(), 1, "one seed");
@@ -101,8 +140,10 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
             case.title
         );
         for row in &case.rows {
+            // Variant rows are listed in the variants table, without the prefix.
+            let label = row.label.trim_start_matches(quality::VARIANT_PREFIX);
             assert!(
-                table.contains(&format!("| {} |", row.label)),
+                table.contains(&format!("| {label} |")),
                 "the table lacks `{}`",
                 row.label
             );
@@ -121,6 +162,10 @@ fn options_parse_from_arguments() {
     assert!(o.quick);
     assert_eq!(o.seeds, 2);
     assert_eq!(o.threads, Some(1));
+    assert!(!o.full_grid, "quick mode runs the small variant grid");
+    assert!(parse(&["--quick", "--grid", "full"]).unwrap().full_grid);
+    assert!(parse(&[]).unwrap().full_grid);
+    assert!(parse(&["--grid", "huge"]).is_err());
     assert!(parse(&["--seeds", "0"]).is_err());
     assert!(parse(&["--frobnicate"]).is_err());
 }

@@ -17,6 +17,7 @@
 pub mod merges;
 pub mod nn;
 pub mod tasks;
+pub mod variants;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use std::time::Instant;
 use flatmerge::demo::Rng;
 use flatmerge::probe::mlp::Activation;
 
+use flatmerge::safe_m::ScoreForm;
 use merges::{baseline_yaml, fam_yaml, safe_m_yaml, FamGroups, Merger};
 use nn::{accuracy, Dense, Net};
 use tasks::{Sizes, Task};
@@ -53,6 +55,8 @@ pub struct Options {
     pub keep: Option<PathBuf>,
     /// Progress lines on stderr.
     pub verbose: bool,
+    /// The whole SAFE-M variant grid (default unless quick) or a few settings.
+    pub full_grid: bool,
 }
 
 impl Default for Options {
@@ -64,6 +68,7 @@ impl Default for Options {
             threads: None,
             keep: None,
             verbose: false,
+            full_grid: true,
         }
     }
 }
@@ -77,6 +82,7 @@ cargo bench --bench quality [-- OPTIONS]
   --quick          small data, few epochs (well under a minute) env QUALITY_QUICK=1
   --threads N      probe / merge threads (results do not depend on it) env QUALITY_THREADS
   --keep DIR       keep checkpoints, statistics, merges and reports under DIR
+  --grid full|small  SAFE-M variant grid (default: full; quick mode: small)
   --quiet          no progress on stderr
   --help           this text
 ";
@@ -90,6 +96,7 @@ impl Options {
             ..Options::default()
         };
         let mut seeds = None;
+        let mut grid = None;
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let num = |what: &str, v: &str| -> Result<u64, String> {
             v.parse::<u64>()
@@ -118,11 +125,19 @@ impl Options {
                 "--first-seed" => o.first_seed = num("--first-seed", &value("--first-seed")?)?,
                 "--threads" => o.threads = Some(num("--threads", &value("--threads")?)? as usize),
                 "--keep" => o.keep = Some(PathBuf::from(value("--keep")?)),
+                "--grid" => {
+                    grid = Some(match value("--grid")?.as_str() {
+                        "full" => true,
+                        "small" => false,
+                        other => return Err(format!("--grid: `{other}` is not `full` or `small`")),
+                    })
+                }
                 "--help" | "-h" => return Err(USAGE.to_string()),
                 other => return Err(format!("unknown option `{other}`\n\n{USAGE}")),
             }
         }
         o.seeds = seeds.unwrap_or(if o.quick { 1 } else { 5 });
+        o.full_grid = grid.unwrap_or(!o.quick);
         if o.seeds == 0 {
             return Err("--seeds must be at least 1".into());
         }
@@ -144,8 +159,31 @@ impl Options {
 pub struct Row {
     /// The method as printed.
     pub label: String,
-    /// `acc[seed][task]`.
+    /// What the row is.
+    pub kind: RowKind,
+    /// `acc[seed][task]`: test accuracy.
     pub acc: Vec<Vec<f64>>,
+    /// `val[seed][task]`: validation accuracy (empty for rows not merged).
+    pub val: Vec<Vec<f64>>,
+}
+
+/// What a row is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    /// Not a merge (fine-tuned models, the ancestor, the receiver alone).
+    Reference,
+    /// A baseline method.
+    Baseline,
+    /// SAFE-M at the SPEC defaults.
+    SafeMSpec,
+    /// SAFE-M with one stage of SPEC §1 removed.
+    Ablation,
+    /// A SAFE-M variant of the grid (chosen among on validation).
+    Variant,
+    /// A library preset.
+    Preset,
+    /// FAM (the heterogeneous pair).
+    Fam,
 }
 
 /// One table: a merge case.
@@ -176,6 +214,8 @@ pub struct TaskInfo {
     pub majority: Vec<f64>,
     /// Test accuracy of the fine-tuned model, per seed.
     pub finetuned: Vec<f64>,
+    /// Validation accuracy of the fine-tuned model, per seed.
+    pub finetuned_val: Vec<f64>,
     /// Test accuracy of the ancestor body with the task's fine-tuned head.
     pub ancestor: Vec<f64>,
     /// `‖τ‖ / ‖C‖` of the body, per seed.
@@ -199,6 +239,12 @@ pub struct Report {
     pub cases: Vec<Case>,
     /// Free-form per-seed notes (chosen λ, alignment recovery, masks).
     pub notes: Vec<String>,
+    /// What SPEC §1's stages keep of the contributor (tasks 1 + 2): per
+    /// score form (`sas`, `ratio`), per seed.
+    pub diagnoses: Vec<Vec<variants::Diagnosis>>,
+    /// The variant with the highest mean normalised *validation* accuracy
+    /// over every homologous case and seed.
+    pub chosen: Option<String>,
 }
 
 /// The fine-tuned models of one seed.
@@ -284,7 +330,9 @@ fn train_models(seed: u64, suite: &tasks::Suite, log: &dyn Fn(&str)) -> Models {
 
 /// A seed's results: the rows of each case (same order as the cases), task facts, notes.
 struct SeedResult {
-    cases: Vec<Vec<(String, Vec<f64>)>>,
+    cases: Vec<Vec<SeedRow>>,
+    finetuned_val: Vec<f64>,
+    diagnoses: Vec<variants::Diagnosis>,
     majority: Vec<f64>,
     finetuned: Vec<f64>,
     ancestor: Vec<f64>,
@@ -303,6 +351,249 @@ fn accs(body: &[Dense], models: &Models, tasks: &[Task], which: &[usize], val: b
         })
         .collect()
 }
+
+/// The homologous cases: task indices, the receiver first.
+pub const HOMOLOGOUS: [&[usize]; 3] = [&[0, 1], &[0, 1, 2], &[1, 0]];
+
+/// What a homologous case needs of its seed.
+struct CaseContext<'a> {
+    seed: u64,
+    models: &'a Models,
+    tasks: &'a [Task],
+    template: &'a [Dense],
+    c_dir: &'a Path,
+    c_stats: &'a Path,
+    t_dirs: &'a [PathBuf],
+    t_stats: &'a [PathBuf],
+    finetuned: &'a [f64],
+    ancestor_acc: &'a [f64],
+    grid: &'a [variants::Setting],
+}
+
+/// One row of one seed: test and validation accuracy of every task.
+#[derive(Debug, Clone)]
+struct SeedRow {
+    label: String,
+    kind: RowKind,
+    test: Vec<f64>,
+    val: Vec<f64>,
+}
+
+fn fixed_row(label: &str, kind: RowKind, test: Vec<f64>) -> SeedRow {
+    SeedRow {
+        label: label.to_string(),
+        kind,
+        test,
+        val: Vec::new(),
+    }
+}
+
+/// Every baseline, SAFE-M at the SPEC defaults, its ablations and the
+/// variant grid on one homologous case.
+fn homologous_case(
+    ctx: &CaseContext<'_>,
+    which: &[usize],
+    merger: &mut Merger,
+    notes: &mut Vec<String>,
+) -> Result<Vec<SeedRow>, String> {
+    let (seed, models, tasks) = (ctx.seed, ctx.models, ctx.tasks);
+    let k = which.len();
+    let case = case_tag(which);
+    let paths: Vec<&Path> = which.iter().map(|&t| ctx.t_dirs[t].as_path()).collect();
+    let with_stats: Vec<(&Path, &Path)> = which
+        .iter()
+        .map(|&t| (ctx.t_dirs[t].as_path(), ctx.t_stats[t].as_path()))
+        .collect();
+    let mut rows = vec![
+        fixed_row(
+            "fine-tuned (each task's own model)",
+            RowKind::Reference,
+            which.iter().map(|&t| ctx.finetuned[t]).collect(),
+        ),
+        fixed_row(
+            "ancestor body (λ = 0)",
+            RowKind::Reference,
+            which.iter().map(|&t| ctx.ancestor_acc[t]).collect(),
+        ),
+        fixed_row(
+            &format!("receiver's body alone (task-{} model)", which[0] + 1),
+            RowKind::Reference,
+            accs(
+                models.finetuned[which[0]].body(),
+                models,
+                tasks,
+                which,
+                false,
+            ),
+        ),
+    ];
+    let merge_row = |rows: &mut Vec<SeedRow>,
+                     merger: &mut Merger,
+                     kind: RowKind,
+                     label: &str,
+                     yaml: String|
+     -> Result<merges::Merged, String> {
+        let m = merger.run(&format!("{case}-{label}"), &yaml, ctx.template)?;
+        rows.push(SeedRow {
+            label: label.to_string(),
+            kind,
+            test: accs(&m.body, models, tasks, which, false),
+            val: accs(&m.body, models, tasks, which, true),
+        });
+        Ok(m)
+    };
+    let base = Some(ctx.c_dir);
+    let baselines: [(&str, &str, Option<&Path>, &[&str]); 6] = [
+        ("linear (plain average)", "linear", None, &[]),
+        (
+            "task_arithmetic λ = 1",
+            "task_arithmetic",
+            base,
+            &["lambda: 1.0"],
+        ),
+        (
+            "task_arithmetic λ = 0.4",
+            "task_arithmetic",
+            base,
+            &["lambda: 0.4"],
+        ),
+        (
+            "ties (density 0.2, λ = 1)",
+            "ties",
+            base,
+            &["density: 0.2", "lambda: 1.0"],
+        ),
+        (
+            "dare_ties (density 0.5, λ = 1)",
+            "dare_ties",
+            base,
+            &["density: 0.5", "lambda: 1.0"],
+        ),
+        (
+            "dare_linear (density 0.5, λ = 1)",
+            "dare_linear",
+            base,
+            &["density: 0.5", "lambda: 1.0"],
+        ),
+    ];
+    for (label, method, base, params) in baselines {
+        merge_row(
+            &mut rows,
+            merger,
+            RowKind::Baseline,
+            label,
+            baseline_yaml(method, base, &paths, params),
+        )?;
+    }
+    // λ tuned on the validation split: mean normalised validation accuracy.
+    let val_ft: Vec<f64> = which
+        .iter()
+        .map(|&t| {
+            eval(
+                models.finetuned[t].body(),
+                models.finetuned[t].head(),
+                &tasks[t].val,
+            )
+        })
+        .collect();
+    let mut best: Option<(f64, f64, Vec<Dense>)> = None;
+    for &lambda in &LAMBDA_GRID {
+        let yaml = baseline_yaml(
+            "task_arithmetic",
+            base,
+            &paths,
+            &[&format!("lambda: {lambda}")],
+        );
+        let m = merger.run(&format!("{case}-ta-grid-{lambda}"), &yaml, ctx.template)?;
+        let v = accs(&m.body, models, tasks, which, true);
+        let score = v.iter().zip(&val_ft).map(|(a, f)| a / f).sum::<f64>() / k as f64;
+        if best.as_ref().is_none_or(|b| score > b.0) {
+            best = Some((score, lambda, m.body));
+        }
+    }
+    let (_, lambda, body) = best.expect("a grid");
+    notes.push(format!(
+        "seed {seed}, case {case}: task_arithmetic λ chosen on validation = {lambda}"
+    ));
+    rows.push(SeedRow {
+        label: TA_TUNED.into(),
+        kind: RowKind::Baseline,
+        test: accs(&body, models, tasks, which, false),
+        val: accs(&body, models, tasks, which, true),
+    });
+    let safe_m = |extra: &[String]| {
+        let mut y = safe_m_yaml((ctx.c_dir, ctx.c_stats), &with_stats, "sas");
+        for line in extra {
+            y += &format!("  {line}\n");
+        }
+        y
+    };
+    for score in ["sas", "ratio"] {
+        let m = merge_row(
+            &mut rows,
+            merger,
+            RowKind::SafeMSpec,
+            &format!("safe_m, score {score} (SPEC defaults)"),
+            safe_m_yaml((ctx.c_dir, ctx.c_stats), &with_stats, score),
+        )?;
+        notes.push(format!(
+            "seed {seed}, case {case}, safe_m {score}: {}",
+            mask_note(&m, k - 1, which)
+        ));
+    }
+    // Ablations: each stage of SPEC §1 removed in turn.
+    for a in variants::ablations() {
+        let m = merge_row(
+            &mut rows,
+            merger,
+            RowKind::Ablation,
+            &format!("safe_m sas, {}", a.label),
+            safe_m(&a.params),
+        )?;
+        notes.push(format!(
+            "seed {seed}, case {case}, safe_m sas, {}: {}",
+            a.label,
+            mask_note(&m, k - 1, which)
+        ));
+    }
+    for v in ctx.grid {
+        merge_row(
+            &mut rows,
+            merger,
+            RowKind::Variant,
+            &format!("{VARIANT_PREFIX}{}", v.label),
+            safe_m(&v.params),
+        )?;
+    }
+    for preset in PRESETS {
+        merge_row(
+            &mut rows,
+            merger,
+            RowKind::Preset,
+            &format!("safe_m preset: {preset}"),
+            safe_m(&[format!("preset: {preset}")]),
+        )?;
+    }
+    Ok(rows)
+}
+
+/// `1+2`, `1+2+3`, … (1-based task numbers, receiver first).
+pub fn case_tag(which: &[usize]) -> String {
+    which
+        .iter()
+        .map(|t| (t + 1).to_string())
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// Label of the baseline tuned on validation.
+pub const TA_TUNED: &str = "task_arithmetic, λ tuned on validation (labels)";
+
+/// Prefix of the variant-grid rows.
+pub const VARIANT_PREFIX: &str = "safe_m variant: ";
+
+/// The library's SAFE-M presets other than `spec` (one row each).
+pub const PRESETS: &[&str] = &["keep_all"];
 
 fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String> {
     let verbose = opts.verbose;
@@ -390,172 +681,51 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         .collect();
 
     let mut merger = Merger::new(dir.join("merges"), opts.threads, seed);
+    let grid = variants::grid(opts.full_grid);
     let template = models.ancestor.body().to_vec();
     let t = Instant::now();
     let mut cases = Vec::new();
 
-    // Homologous cases: tasks 1 + 2, then 1 + 2 + 3.
-    for k in [2usize, 3] {
-        let which: Vec<usize> = (0..k).collect();
-        let paths: Vec<&Path> = t_dirs[..k].iter().map(PathBuf::as_path).collect();
-        let with_stats: Vec<(&Path, &Path)> = t_dirs[..k]
-            .iter()
-            .zip(&t_stats[..k])
-            .map(|(m, s)| (m.as_path(), s.as_path()))
-            .collect();
-        let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
-        rows.push((
-            "fine-tuned (each task's own model)".into(),
-            which.iter().map(|&t| finetuned[t]).collect(),
-        ));
-        rows.push((
-            "ancestor body (λ = 0)".into(),
-            which.iter().map(|&t| ancestor_acc[t]).collect(),
-        ));
-        rows.push((
-            "receiver's body alone (task-1 model)".into(),
-            accs(models.finetuned[0].body(), &models, tasks, &which, false),
-        ));
-        let merge_row = |rows: &mut Vec<(String, Vec<f64>)>,
-                         merger: &mut Merger,
-                         label: &str,
-                         yaml: String|
-         -> Result<merges::Merged, String> {
-            let m = merger.run(&format!("{k}-{label}"), &yaml, &template)?;
-            rows.push((
-                label.to_string(),
-                accs(&m.body, &models, tasks, &which, false),
-            ));
-            Ok(m)
-        };
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "linear (plain average)",
-            baseline_yaml("linear", None, &paths, &[]),
-        )?;
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "task_arithmetic λ = 1",
-            baseline_yaml("task_arithmetic", Some(&c_dir), &paths, &["lambda: 1.0"]),
-        )?;
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "task_arithmetic λ = 0.4",
-            baseline_yaml("task_arithmetic", Some(&c_dir), &paths, &["lambda: 0.4"]),
-        )?;
-        // λ tuned on the validation split: mean normalised validation accuracy.
-        let val_ft: Vec<f64> = which
-            .iter()
-            .map(|&t| {
-                eval(
-                    models.finetuned[t].body(),
-                    models.finetuned[t].head(),
-                    &tasks[t].val,
-                )
-            })
-            .collect();
-        let mut best: Option<(f64, f64, Vec<Dense>)> = None;
-        for &lambda in &LAMBDA_GRID {
-            let yaml = baseline_yaml(
-                "task_arithmetic",
-                Some(&c_dir),
-                &paths,
-                &[&format!("lambda: {lambda}")],
-            );
-            let m = merger.run(&format!("{k}-ta-grid-{lambda}"), &yaml, &template)?;
-            let v = accs(&m.body, &models, tasks, &which, true);
-            let score = v.iter().zip(&val_ft).map(|(a, f)| a / f).sum::<f64>() / k as f64;
-            if best.as_ref().is_none_or(|b| score > b.0) {
-                best = Some((score, lambda, m.body));
-            }
-        }
-        let (_, lambda, body) = best.expect("a grid");
-        notes.push(format!(
-            "seed {seed}, {k} models: task_arithmetic λ chosen on validation = {lambda}"
-        ));
-        rows.push((
-            "task_arithmetic, λ tuned on validation".into(),
-            accs(&body, &models, tasks, &which, false),
-        ));
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "ties (density 0.2, λ = 1)",
-            baseline_yaml(
-                "ties",
-                Some(&c_dir),
-                &paths,
-                &["density: 0.2", "lambda: 1.0"],
-            ),
-        )?;
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "dare_ties (density 0.5, λ = 1)",
-            baseline_yaml(
-                "dare_ties",
-                Some(&c_dir),
-                &paths,
-                &["density: 0.5", "lambda: 1.0"],
-            ),
-        )?;
-        merge_row(
-            &mut rows,
-            &mut merger,
-            "dare_linear (density 0.5, λ = 1)",
-            baseline_yaml(
-                "dare_linear",
-                Some(&c_dir),
-                &paths,
-                &["density: 0.5", "lambda: 1.0"],
-            ),
-        )?;
-        for score in ["sas", "ratio"] {
-            let m = merge_row(
-                &mut rows,
-                &mut merger,
-                &format!("safe_m, score {score} (SPEC defaults)"),
-                safe_m_yaml((&c_dir, &c_stats), &with_stats, score),
-            )?;
-            notes.push(format!(
-                "seed {seed}, {k} models, safe_m {score}: {}",
-                mask_note(&m, k - 1)
-            ));
-        }
-        // Diagnostics, not defaults: where SAFE-M's loss on the contributors
-        // comes from — the trim (density 1 keeps every scored entry), then
-        // the halved orthogonal part (λ_ortho 1); what remains is the
-        // removal of entries whose sign conflicts with the receiver's.
-        for (label, extra) in [
-            ("density 1", "  density: 1.0\n"),
-            (
-                "density 1, λ_ortho 1",
-                "  density: 1.0\n  lambda_ortho: 1.0\n",
-            ),
-        ] {
-            let yaml = safe_m_yaml((&c_dir, &c_stats), &with_stats, "sas") + extra;
-            let m = merge_row(
-                &mut rows,
-                &mut merger,
-                &format!("safe_m, score sas, {label} (diagnostic)"),
-                yaml,
-            )?;
-            notes.push(format!(
-                "seed {seed}, {k} models, safe_m sas, {label}: {}",
-                mask_note(&m, k - 1)
-            ));
-        }
-        cases.push(rows);
+    // Homologous cases (receiver first): tasks 1 + 2, 1 + 2 + 3, and the
+    // small-update task as the receiver, 2 + 1 (SAFE-M is not symmetric).
+    let ctx = CaseContext {
+        seed,
+        models: &models,
+        tasks,
+        template: &template,
+        c_dir: &c_dir,
+        c_stats: &c_stats,
+        t_dirs: &t_dirs,
+        t_stats: &t_stats,
+        finetuned: &finetuned,
+        ancestor_acc: &ancestor_acc,
+        grid: &grid,
+    };
+    for which in HOMOLOGOUS {
+        cases.push(homologous_case(&ctx, which, &mut merger, &mut notes)?);
     }
+    // What SPEC §1's stages keep of the contributor (tasks 1 + 2), both score forms.
+    let diagnoses = [
+        ScoreForm::Sas { alpha: 1.0 },
+        ScoreForm::Ratio { epsilon: 1e-8 },
+    ]
+    .iter()
+    .map(|&form| {
+        variants::diagnose(
+            (models.finetuned[0].body(), &t_stats[0]),
+            (models.finetuned[1].body(), &t_stats[1]),
+            (models.ancestor.body(), &c_stats),
+            form,
+        )
+    })
+    .collect::<Result<Vec<_>, _>>()?;
 
     // Heterogeneous pair: task 1 and the neuron-permuted task-2 model.
     {
-        let mut rows: Vec<(String, Vec<f64>)> = Vec::new();
-        rows.push((
-            "fine-tuned (each task's own model)".into(),
+        let mut rows: Vec<SeedRow> = Vec::new();
+        rows.push(fixed_row(
+            "fine-tuned (each task's own model)",
+            RowKind::Reference,
             vec![finetuned[0], finetuned[1]],
         ));
         let pair_acc = |body: &[Dense], head2: &Dense| {
@@ -569,8 +739,9 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
             &baseline_yaml("linear", None, &[&t_dirs[0], &t_dirs[1]], &[]),
             &template,
         )?;
-        rows.push((
-            "reference: linear of the unpermuted pair".into(),
+        rows.push(fixed_row(
+            "reference: linear of the unpermuted pair",
+            RowKind::Reference,
             pair_acc(&m.body, models.finetuned[1].head()),
         ));
         let m = merger.run(
@@ -578,8 +749,9 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
             &baseline_yaml("linear", None, &[&t_dirs[0], &p_dir], &[]),
             &template,
         )?;
-        rows.push((
-            "naive: linear of the permuted pair".into(),
+        rows.push(fixed_row(
+            "naive: linear of the permuted pair",
+            RowKind::Baseline,
             pair_acc(&m.body, permuted.head()),
         ));
         let fam_rows: [(&str, FamGroups, &[&str]); 4] = [
@@ -616,7 +788,7 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
                 Some(a) => merges::remap_head(permuted.head(), &a.matching),
                 None => permuted.head().clone(),
             };
-            rows.push((label.to_string(), pair_acc(&m.body, &head2)));
+            rows.push(fixed_row(label, RowKind::Fam, pair_acc(&m.body, &head2)));
             let recovery: Vec<String> = m
                 .alignments
                 .iter()
@@ -666,6 +838,16 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
 
     Ok(SeedResult {
         cases,
+        finetuned_val: (0..n_tasks)
+            .map(|t| {
+                eval(
+                    models.finetuned[t].body(),
+                    models.finetuned[t].head(),
+                    &tasks[t].val,
+                )
+            })
+            .collect(),
+        diagnoses,
         majority: tasks.iter().map(|t| majority(&t.test, t.classes)).collect(),
         finetuned,
         ancestor: ancestor_acc,
@@ -676,7 +858,7 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
 }
 
 /// What SAFE-M's masks kept of each contributor (from the merge report).
-fn mask_note(m: &merges::Merged, contributors: usize) -> String {
+fn mask_note(m: &merges::Merged, contributors: usize, which: &[usize]) -> String {
     let mut kept = vec![(0u64, 0u64, 0u64); contributors];
     for t in &m.summary.report.tensors {
         for mask in &t.masks {
@@ -692,7 +874,7 @@ fn mask_note(m: &merges::Merged, contributors: usize) -> String {
         .map(|(c, (kp, cf, n))| {
             format!(
                 "task {} keeps {:.1}% of its entries ({:.1}% removed as sign conflicts)",
-                c + 2,
+                which[c + 1] + 1,
                 100.0 * *kp as f64 / (*n).max(1) as f64,
                 100.0 * *cf as f64 / (*n).max(1) as f64
             )
@@ -751,49 +933,72 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             ),
             majority: results.iter().map(|r| r.majority[t]).collect(),
             finetuned: results.iter().map(|r| r.finetuned[t]).collect(),
+            finetuned_val: results.iter().map(|r| r.finetuned_val[t]).collect(),
             ancestor: results.iter().map(|r| r.ancestor[t]).collect(),
             update: results.iter().map(|r| r.update[t]).collect(),
         })
         .collect();
-    let specs = [
-        ("Two models: tasks 1 + 2", "receiver = task 1, contributor = task 2, ancestor C", vec![0, 1]),
-        (
-            "Three models: tasks 1 + 2 + 3",
-            "receiver = task 1, contributors = tasks 2 and 3, ancestor C",
-            vec![0, 1, 2],
-        ),
-        (
-            "Heterogeneous pair: task 1 + neuron-permuted task 2",
-            "B = the task-2 model with both hidden layers' neurons permuted (rows of layer i, columns of layer i+1 and of its head), so its own accuracy is unchanged; no ancestor is used",
-            vec![0, 1],
-        ),
-    ];
-    let cases = specs
+    let mut specs: Vec<(String, String, Vec<usize>)> = HOMOLOGOUS
+        .iter()
+        .map(|which| {
+            let names: Vec<String> = which.iter().map(|t| format!("{}", t + 1)).collect();
+            (
+                format!(
+                    "{} models: tasks {}",
+                    if which.len() == 2 { "Two" } else { "Three" },
+                    names.join(" + ")
+                ),
+                format!(
+                    "receiver = task {}, contributor{} = task{} {}, ancestor C",
+                    which[0] + 1,
+                    if which.len() > 2 { "s" } else { "" },
+                    if which.len() > 2 { "s" } else { "" },
+                    names[1..].join(" and ")
+                ),
+                which.to_vec(),
+            )
+        })
+        .collect();
+    specs.push((
+        "Heterogeneous pair: task 1 + neuron-permuted task 2".into(),
+        "B = the task-2 model with both hidden layers' neurons permuted (rows of layer i, columns of layer i+1 and of its head), so its own accuracy is unchanged; no ancestor is used".into(),
+        vec![0, 1],
+    ));
+    let cases: Vec<Case> = specs
         .iter()
         .enumerate()
         .map(|(c, (title, note, which))| Case {
-            title: title.to_string(),
-            note: note.to_string(),
+            title: title.clone(),
+            note: note.clone(),
             tasks: which.clone(),
             rows: results[0].cases[c]
                 .iter()
                 .enumerate()
-                .map(|(r, (label, _))| Row {
-                    label: label.clone(),
-                    acc: results.iter().map(|s| s.cases[c][r].1.clone()).collect(),
+                .map(|(r, first)| Row {
+                    label: first.label.clone(),
+                    kind: first.kind,
+                    acc: results.iter().map(|s| s.cases[c][r].test.clone()).collect(),
+                    val: results.iter().map(|s| s.cases[c][r].val.clone()).collect(),
                 })
                 .collect(),
         })
         .collect();
-    Ok(Report {
+    let mut report = Report {
         options: opts.clone(),
         seeds,
         sizes,
         tasks: task_info,
         pretrain_acc: results.iter().map(|r| r.pretrain_acc).collect(),
         cases,
-        notes: results.into_iter().flat_map(|r| r.notes).collect(),
-    })
+        notes: Vec::new(),
+        diagnoses: (0..2)
+            .map(|f| results.iter().map(|r| r.diagnoses[f]).collect())
+            .collect(),
+        chosen: None,
+    };
+    report.notes = results.into_iter().flat_map(|r| r.notes).collect();
+    report.chosen = report.choose_on_validation();
+    Ok(report)
 }
 
 /// Mean and sample standard deviation.
@@ -838,6 +1043,49 @@ impl Report {
             .iter()
             .map(|n| n.iter().sum::<f64>() / n.len() as f64)
             .collect()
+    }
+
+    /// Mean normalised *validation* accuracy of `row`, per seed (empty when
+    /// the row has no validation accuracies).
+    pub fn mean_normalised_val(&self, case: &Case, row: &Row) -> Vec<f64> {
+        row.val
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(s, accs)| {
+                accs.iter()
+                    .zip(&case.tasks)
+                    .map(|(a, &t)| a / self.tasks[t].finetuned_val[s])
+                    .sum::<f64>()
+                    / accs.len() as f64
+            })
+            .collect()
+    }
+
+    /// The homologous cases (those with SAFE-M rows).
+    pub fn homologous(&self) -> impl Iterator<Item = &Case> {
+        self.cases
+            .iter()
+            .filter(|c| c.rows.iter().any(|r| r.kind == RowKind::SafeMSpec))
+    }
+
+    /// The variant whose mean normalised validation accuracy, averaged
+    /// over the homologous cases and seeds, is highest (the first on a tie).
+    pub fn choose_on_validation(&self) -> Option<String> {
+        let mut best: Option<(f64, String)> = None;
+        let first = self.homologous().next()?;
+        for row in first.rows.iter().filter(|r| r.kind == RowKind::Variant) {
+            let mut all = Vec::new();
+            for case in self.homologous() {
+                let r = case.rows.iter().find(|r| r.label == row.label)?;
+                all.extend(self.mean_normalised_val(case, r));
+            }
+            let score = mean_sd(&all).0;
+            if best.as_ref().is_none_or(|b| score > b.0) {
+                best = Some((score, row.label.clone()));
+            }
+        }
+        best.map(|b| b.1)
     }
 
     /// The report as markdown tables.
@@ -905,8 +1153,17 @@ impl Report {
             rule += "---|";
             let _ = writeln!(s, "{header}\n{rule}");
             for row in &case.rows {
+                if row.kind == RowKind::Variant
+                    && self.chosen.as_deref() != Some(row.label.as_str())
+                {
+                    continue;
+                }
                 let norm = self.normalised(case, row);
-                let mut line = format!("| {} |", row.label);
+                let mut line = if self.chosen.as_deref() == Some(row.label.as_str()) {
+                    format!("| **chosen on validation:** {} |", row.label)
+                } else {
+                    format!("| {} |", row.label)
+                };
                 for t in 0..case.tasks.len() {
                     let v: Vec<f64> = row.acc.iter().map(|a| a[t]).collect();
                     let _ = write!(line, " {} |", cell(&v));
@@ -919,10 +1176,184 @@ impl Report {
                 let _ = writeln!(s, "{line}");
             }
         }
+        self.summary_markdown(&mut s);
+        self.variants_markdown(&mut s);
+        self.diagnoses_markdown(&mut s);
         let _ = writeln!(s, "\n### Notes per seed\n");
         for n in &self.notes {
             let _ = writeln!(s, "- {n}");
         }
         s
+    }
+}
+
+/// `mean ± sd (min–max)` of a per-seed series.
+fn spread(v: &[f64]) -> String {
+    if v.is_empty() {
+        return "–".into();
+    }
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} ({min:.3}–{max:.3})", cell(v))
+}
+
+impl Report {
+    /// The best baseline of a case by mean test accuracy, and its row.
+    fn best_baseline<'a>(&self, case: &'a Case) -> Option<&'a Row> {
+        case.rows
+            .iter()
+            .filter(|r| r.kind == RowKind::Baseline)
+            .max_by(|a, b| {
+                let m = |r: &Row| mean_sd(&self.mean_normalised(case, r)).0;
+                m(a).total_cmp(&m(b))
+            })
+    }
+
+    /// Per homologous case: the validation-chosen variant, the presets and
+    /// SPEC SAFE-M against the best baseline, with the spread over seeds.
+    fn summary_markdown(&self, s: &mut String) {
+        let _ = writeln!(
+            s,
+            "\n### Summary: SAFE-M against the best baseline (test split, mean normalised accuracy)\n"
+        );
+        if let Some(c) = &self.chosen {
+            let _ = writeln!(
+                s,
+                "Chosen on the validation split (mean over every homologous case and seed): `{c}`.\n"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "| case | best baseline | its score | safe_m SPEC (sas) | chosen variant | chosen − best baseline, per seed |"
+        );
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        for case in self.homologous() {
+            let Some(best) = self.best_baseline(case) else {
+                continue;
+            };
+            let b = self.mean_normalised(case, best);
+            let find = |label: &str| case.rows.iter().find(|r| r.label == label);
+            let spec = find("safe_m, score sas (SPEC defaults)")
+                .map(|r| spread(&self.mean_normalised(case, r)))
+                .unwrap_or_default();
+            let (chosen, diff) = match self.chosen.as_deref().and_then(find) {
+                Some(r) => {
+                    let c = self.mean_normalised(case, r);
+                    let d: Vec<f64> = c.iter().zip(&b).map(|(x, y)| x - y).collect();
+                    (spread(&c), spread(&d))
+                }
+                None => ("–".into(), "–".into()),
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {spec} | {chosen} | {diff} |",
+                case.title,
+                best.label,
+                spread(&b)
+            );
+        }
+    }
+
+    /// Every variant of the grid on every homologous case.
+    fn variants_markdown(&self, s: &mut String) {
+        let cases: Vec<&Case> = self.homologous().collect();
+        let Some(first) = cases.first() else {
+            return;
+        };
+        let _ = writeln!(
+            s,
+            "\n### SAFE-M variants (mean normalised accuracy: validation mean; test mean ± sd)\n"
+        );
+        let mut header = String::from("| variant | val, all cases |");
+        let mut rule = String::from("|---|---|");
+        for c in &cases {
+            let _ = write!(
+                header,
+                " val {} | test {} |",
+                case_tag(&c.tasks),
+                case_tag(&c.tasks)
+            );
+            rule += "---|---|";
+        }
+        let _ = writeln!(s, "{header}\n{rule}");
+        let labels = first.rows.iter().filter(|r| {
+            matches!(
+                r.kind,
+                RowKind::SafeMSpec
+                    | RowKind::Ablation
+                    | RowKind::Variant
+                    | RowKind::Preset
+                    | RowKind::Baseline
+            )
+        });
+        for row in labels {
+            let mut all = Vec::new();
+            let mut cells = String::new();
+            for case in &cases {
+                match case.rows.iter().find(|r| r.label == row.label) {
+                    Some(r) => {
+                        let v = self.mean_normalised_val(case, r);
+                        all.extend(v.iter().copied());
+                        let _ = write!(
+                            cells,
+                            " {:.3} | {} |",
+                            mean_sd(&v).0,
+                            cell(&self.mean_normalised(case, r))
+                        );
+                    }
+                    None => cells += " – | – |",
+                }
+            }
+            let label = row.label.trim_start_matches(VARIANT_PREFIX);
+            let _ = writeln!(s, "| {label} | {:.3} |{cells}", mean_sd(&all).0);
+        }
+    }
+
+    /// What SPEC §1's stages keep of the contributor.
+    fn diagnoses_markdown(&self, s: &mut String) {
+        if self.diagnoses.iter().all(|d| d.is_empty()) {
+            return;
+        }
+        let _ = writeln!(
+            s,
+            "\n### Diagnosis: what SAFE-M (SPEC defaults) keeps of the contributor, tasks 1 + 2\n\n\
+             Body weights (`body.0`, `body.1`), summed; mean ± sd over the seeds.\n"
+        );
+        let _ = writeln!(s, "| measure | sas | ratio |\n|---|---|---|");
+        type Get = fn(&variants::Diagnosis) -> f64;
+        let measures: [(&str, Get); 8] = [
+            (
+                "‖τ_B ⊙ M_B‖² / ‖τ_B‖² (after the election, k = 0.2)",
+                |d| d.elected,
+            ),
+            (
+                "‖τ_B ⊙ M'_B‖² / ‖τ_B‖² (after the conflict removal)",
+                |d| d.kept,
+            ),
+            ("‖P + 0.5·O‖² / ‖τ_B‖² (what is added)", |d| {
+                d.added
+            }),
+            ("‖P‖² / ‖τ_u‖² (share along x̄_A)", |d| {
+                d.along_mean
+            }),
+            ("share of B's elected entries with τ_A·τ_B < 0", |d| {
+                d.opposite
+            }),
+            ("top-20 % overlap: S_B vs \\|τ_B\\| (random 0.2)", |d| {
+                d.overlap_tau
+            }),
+            ("top-20 % overlap: S_B vs \\|W_B\\|", |d| d.overlap_weight),
+            (
+                "top-20 % overlap: S_B vs \\|τ_B ⊙ g'_B\\| (task-vector salience)",
+                |d| d.overlap_tau_salience,
+            ),
+        ];
+        for (label, get) in measures {
+            let col = |f: usize| {
+                let v: Vec<f64> = self.diagnoses[f].iter().map(get).collect();
+                cell(&v)
+            };
+            let _ = writeln!(s, "| {label} | {} | {} |", col(0), col(1));
+        }
     }
 }

@@ -256,9 +256,21 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
         )
         .with_file(&args.config)
     })?;
+    let started = std::time::Instant::now();
     let summary = run_merge(&prepared, out_dir, &args.run)?;
     if !args.run.quiet {
         print_summary(prepared.plan(), &summary);
+        let seconds = started.elapsed().as_secs_f64();
+        let input = prepared.input_bytes() as f64;
+        let peak = flatmerge::engine::peak_resident_bytes()
+            .map(|b| format!(", peak memory {} MB", b / 1_000_000))
+            .unwrap_or_default();
+        println!(
+            "read {:.2} GB and wrote {:.2} GB in {seconds:.2} s ({:.2} GB/s of input){peak}",
+            input / 1e9,
+            prepared.plan().out_bytes() as f64 / 1e9,
+            input / seconds / 1e9
+        );
     }
     Ok(())
 }

@@ -8,6 +8,8 @@
 //! same bits (counts and prefix counts are integers; norms are summed per
 //! chunk in f64 and the chunk sums added in chunk order).
 
+use crate::simd::multiversion;
+
 use crate::select::{RadixSelect, RADIX_BUCKETS};
 
 /// `Σ w_k x_k`, then divided by `Σ w_k` when `normalize` (a zero sum is
@@ -28,12 +30,23 @@ pub fn linear_combine(inputs: &[&[f32]], weights: &[f32], normalize: bool, out: 
     } else {
         1.0
     };
-    for (j, o) in out.iter_mut().enumerate() {
-        let mut acc = 0.0f32;
-        for (x, &w) in inputs.iter().zip(weights) {
-            acc += w * x[j];
+    linear_combine_isa(crate::simd::selected(), inputs, weights, divisor, out)
+}
+
+multiversion!(fn linear_combine_isa = linear_combine_body(inputs: &[&[f32]], weights: &[f32], divisor: f32, out: &mut [f32]));
+
+/// Inputs in the outer loop so the inner one vectorises; each element still
+/// sums `0 + w₀x₀ + w₁x₁ + …` in input order.
+#[inline(always)]
+fn linear_combine_body(inputs: &[&[f32]], weights: &[f32], divisor: f32, out: &mut [f32]) {
+    out.fill(0.0);
+    for (x, &w) in inputs.iter().zip(weights) {
+        for (o, &v) in out.iter_mut().zip(x.iter()) {
+            *o += w * v;
         }
-        *o = acc / divisor;
+    }
+    for o in out.iter_mut() {
+        *o /= divisor;
     }
 }
 
@@ -145,6 +158,73 @@ pub fn keep_rank_window(
     skip: Option<&TopK>,
     ties_before: (u64, u64),
 ) -> (u64, u64) {
+    let ties_top = if top.empty {
+        0
+    } else {
+        count_equal(values, top.threshold)
+    };
+    let ties_skip = skip.map_or(0, |s| count_equal(values, s.threshold));
+    // When every tie of this chunk falls on the same side of each cut, the
+    // decision is per element and the loop vectorises; otherwise ties are
+    // ranked one by one.
+    let uniform = |t: &TopK, before: u64, here: u64| -> Option<bool> {
+        if before + here <= t.ties_kept {
+            Some(true)
+        } else if before >= t.ties_kept {
+            Some(false)
+        } else {
+            None
+        }
+    };
+    let top_ties = uniform(top, ties_before.0, ties_top);
+    let skip_ties = skip.map(|s| uniform(s, ties_before.1, ties_skip));
+    match (top_ties, skip_ties) {
+        (Some(top_tie), None) if !top.empty => keep_above(
+            crate::simd::selected(),
+            values,
+            top.threshold,
+            top_tie,
+            u32::MAX,
+            false,
+        ),
+        (Some(top_tie), Some(Some(skip_tie))) if !top.empty => {
+            let skip = skip.map_or(u32::MAX, |s| s.threshold);
+            keep_above(
+                crate::simd::selected(),
+                values,
+                top.threshold,
+                top_tie,
+                skip,
+                !skip_tie,
+            )
+        }
+        _ => rank_ties_one_by_one(values, top, skip, ties_before),
+    }
+    (ties_top, ties_skip)
+}
+
+multiversion!(fn keep_above = keep_above_body(values: &mut [f32], top: u32, top_tie: bool, skip: u32, skip_tie: bool));
+
+/// Keeps entries whose key is above `top` (or equal, when `top_tie`) and
+/// below `skip` (or equal, when `skip_tie`); zeroes the rest.
+#[inline(always)]
+fn keep_above_body(values: &mut [f32], top: u32, top_tie: bool, skip: u32, skip_tie: bool) {
+    for x in values.iter_mut() {
+        let key = magnitude_key(*x);
+        let in_top = key > top || (top_tie && key == top);
+        let below_skip = key < skip || (skip_tie && key == skip);
+        if !(in_top && below_skip) {
+            *x = 0.0;
+        }
+    }
+}
+
+fn rank_ties_one_by_one(
+    values: &mut [f32],
+    top: &TopK,
+    skip: Option<&TopK>,
+    ties_before: (u64, u64),
+) {
     let (mut ties_top, mut ties_skip) = (0u64, 0u64);
     for x in values.iter_mut() {
         let key = magnitude_key(*x);
@@ -162,7 +242,6 @@ pub fn keep_rank_window(
             *x = 0.0;
         }
     }
-    (ties_top, ties_skip)
 }
 
 /// The ranks breadcrumbs keeps (mergekit 0.1.5): of `n` entries sorted by
@@ -178,18 +257,31 @@ pub fn breadcrumbs_window(density: f64, gamma: f64, n: usize) -> (usize, usize) 
 
 /// Entries of `chunk` whose magnitude key is above `threshold`.
 pub fn count_above(chunk: &[f32], threshold: u32) -> u64 {
-    chunk
-        .iter()
-        .filter(|&&x| magnitude_key(x) > threshold)
-        .count() as u64
+    count_above_isa(crate::simd::selected(), chunk, threshold)
 }
 
 /// Entries of `chunk` whose magnitude key equals `threshold`.
 pub fn count_equal(chunk: &[f32], threshold: u32) -> u64 {
+    count_equal_isa(crate::simd::selected(), chunk, threshold)
+}
+
+multiversion!(fn count_above_isa = count_above_body(chunk: &[f32], threshold: u32) -> u64);
+multiversion!(fn count_equal_isa = count_equal_body(chunk: &[f32], threshold: u32) -> u64);
+
+#[inline(always)]
+fn count_above_body(chunk: &[f32], threshold: u32) -> u64 {
     chunk
         .iter()
-        .filter(|&&x| magnitude_key(x) == threshold)
-        .count() as u64
+        .map(|&x| u64::from(magnitude_key(x) > threshold))
+        .sum()
+}
+
+#[inline(always)]
+fn count_equal_body(chunk: &[f32], threshold: u32) -> u64 {
+    chunk
+        .iter()
+        .map(|&x| u64::from(magnitude_key(x) == threshold))
+        .sum()
 }
 
 /// FNV-1a, 64-bit (offset basis 0xCBF29CE484222325, prime 0x100000001B3).
@@ -224,21 +316,47 @@ pub fn dare_keep(key: u64, i: u64, density: f64) -> bool {
 
 /// DARE's drop on a chunk starting at flat index `start`: kept entries are
 /// copied into `out`, dropped ones zeroed. Returns `(‖τ‖₁, ‖τ_kept‖₁)` of
-/// the chunk in f64, for the rescale.
+/// the chunk in f64, for the rescale (see [`dare_drop_in_place`]).
 pub fn dare_drop(tau: &[f32], key: u64, start: u64, density: f64, out: &mut [f32]) -> (f64, f64) {
     assert_eq!(tau.len(), out.len(), "dare_drop: sizes");
-    let (mut all, mut kept) = (0f64, 0f64);
-    for (i, (o, &t)) in out.iter_mut().zip(tau).enumerate() {
+    out.copy_from_slice(tau);
+    dare_drop_in_place(out, key, start, density)
+}
+
+/// [`dare_drop`] in place. The norms are summed in eight interleaved f64
+/// lanes (element `i` of the chunk in lane `i mod 8`), then the lanes in
+/// order: a fixed order, so the result depends on the chunk alone, and
+/// one that vectorises.
+pub fn dare_drop_in_place(tau: &mut [f32], key: u64, start: u64, density: f64) -> (f64, f64) {
+    dare_drop_isa(crate::simd::selected(), tau, key, start, density)
+}
+
+multiversion!(fn dare_drop_isa = dare_drop_body(tau: &mut [f32], key: u64, start: u64, density: f64) -> (f64, f64));
+
+#[inline(always)]
+fn dare_drop_body(tau: &mut [f32], key: u64, start: u64, density: f64) -> (f64, f64) {
+    const LANES: usize = 8;
+    let (mut all, mut kept) = ([0f64; LANES], [0f64; LANES]);
+    let mut visit = |lane: usize, i: u64, t: &mut f32| {
         let a = t.abs() as f64;
-        all += a;
-        if dare_keep(key, start + i as u64, density) {
-            kept += a;
-            *o = t;
-        } else {
-            *o = 0.0;
+        let keep = dare_keep(key, i, density);
+        all[lane] += a;
+        kept[lane] += if keep { a } else { 0.0 };
+        *t = if keep { *t } else { 0.0 };
+    };
+    let mut blocks = tau.chunks_exact_mut(LANES);
+    let mut index = start;
+    for block in &mut blocks {
+        for (lane, t) in block.iter_mut().enumerate() {
+            visit(lane, index + lane as u64, t);
         }
+        index += LANES as u64;
     }
-    (all, kept)
+    for (lane, t) in blocks.into_remainder().iter_mut().enumerate() {
+        visit(lane, index + lane as u64, t);
+    }
+    let total = |lanes: [f64; LANES]| lanes.iter().fold(0.0, |acc, x| acc + x);
+    (total(all), total(kept))
 }
 
 /// DARE's rescale factor `‖τ‖₁ / ‖τ_kept‖₁`, or 1 when either norm is
@@ -271,6 +389,117 @@ pub fn ties_vote(weighted: &[f32], weights: &[f32], normalize: bool) -> f32 {
         merged / if divisor == 0.0 { 1.0 } else { divisor }
     } else {
         merged
+    }
+}
+
+/// mergekit's generalized task arithmetic on a run of elements:
+/// `out = base + λ·mix`, where `mix` is the TIES vote of
+/// `weighted_k = w_k·τ_k` (`consensus`, [`ties_vote`]) or their sum,
+/// divided by `Σ w_k` (a sum below 10⁻⁸ in magnitude replaced by 1) when
+/// `normalize`. `scratch` is reused between calls.
+#[allow(clippy::too_many_arguments)]
+pub fn task_arithmetic_combine(
+    base: &[f32],
+    taus: &[&[f32]],
+    weights: &[f32],
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+    scratch: &mut alloc::vec::Vec<f32>,
+    out: &mut [f32],
+) {
+    assert_eq!(taus.len(), weights.len(), "one weight per task vector");
+    assert!(
+        base.len() == out.len() && taus.iter().all(|t| t.len() == out.len()),
+        "task_arithmetic_combine: sizes"
+    );
+    scratch.resize(2 * out.len(), 0.0);
+    let (merged, divisor) = scratch.split_at_mut(out.len());
+    combine_isa(
+        crate::simd::selected(),
+        base,
+        taus,
+        weights,
+        consensus,
+        normalize,
+        lambda,
+        merged,
+        divisor,
+        out,
+    )
+}
+
+multiversion!(fn combine_isa = combine_body(base: &[f32], taus: &[&[f32]], weights: &[f32], consensus: bool, normalize: bool, lambda: f32, merged: &mut [f32], divisor: &mut [f32], out: &mut [f32]));
+
+/// [`ties_vote`] and the weighted sum with the task vectors in the outer
+/// loop, so the inner loops vectorise. Per element the arithmetic is
+/// [`ties_vote`]'s, in the same order: adding `+0` for an entry that does
+/// not agree leaves every partial sum's bits as they were, since those
+/// sums start at `+0` and are never `−0`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn combine_body(
+    base: &[f32],
+    taus: &[&[f32]],
+    weights: &[f32],
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+    merged: &mut [f32],
+    divisor: &mut [f32],
+    out: &mut [f32],
+) {
+    // `out` holds Σ_k w_k·τ_k first, from −0 as `Iterator::sum` starts.
+    out.fill(-0.0);
+    for (tau, &w) in taus.iter().zip(weights) {
+        for (o, &t) in out.iter_mut().zip(tau.iter()) {
+            *o += w * t;
+        }
+    }
+    if consensus {
+        merged.fill(0.0);
+        divisor.fill(0.0);
+        for (tau, &w) in taus.iter().zip(weights) {
+            for (((m, d), &sum), &t) in merged
+                .iter_mut()
+                .zip(divisor.iter_mut())
+                .zip(out.iter())
+                .zip(tau.iter())
+            {
+                let weighted = w * t;
+                let agrees = if sum >= 0.0 {
+                    weighted > 0.0
+                } else {
+                    weighted < 0.0
+                };
+                *m += if agrees { weighted } else { 0.0 };
+                *d += if agrees { w } else { 0.0 };
+            }
+        }
+        for (((o, &b), &m), &d) in out
+            .iter_mut()
+            .zip(base)
+            .zip(merged.iter())
+            .zip(divisor.iter())
+        {
+            let mix = if normalize {
+                m / if d == 0.0 { 1.0 } else { d }
+            } else {
+                m
+            };
+            *o = b + lambda * mix;
+        }
+    } else {
+        let total: f32 = weights.iter().sum();
+        let scale = if normalize && total.abs() >= 1e-8 {
+            total
+        } else {
+            1.0
+        };
+        for (o, &b) in out.iter_mut().zip(base) {
+            let mix = if normalize { *o / scale } else { *o };
+            *o = b + lambda * mix;
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use crate::dtype::{encode_f32, Dtype};
 use crate::error::{Error, Result};
 use crate::io::{OutputTensor, SafetensorsWriter};
 use crate::stats::{ActivationStats, LayerStats};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -44,6 +45,30 @@ impl LlamaShape {
         intermediate: 11008,
         layers: 32,
     };
+
+    /// A LLaMA-2-like shape (vocabulary 32000, MLP width 2.6875 × hidden)
+    /// whose checkpoint in `dtype` holds about `bytes` bytes: the hidden
+    /// width grows with the size, the layer count makes up the rest (at
+    /// least one). For benchmarks that scale a model from 100 MB to many GB.
+    pub fn with_bytes(bytes: u64, dtype: Dtype) -> LlamaShape {
+        let params = bytes / dtype.size() as u64;
+        let hidden: usize = match params {
+            p if p < 150_000_000 => 512,
+            p if p < 1_500_000_000 => 2048,
+            _ => 4096,
+        };
+        let vocab = 32000;
+        let intermediate = hidden * 43 / 16;
+        let per_layer = (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) as u64;
+        let fixed = (2 * vocab * hidden + hidden) as u64;
+        let layers = (params.saturating_sub(fixed) as f64 / per_layer as f64).round() as usize;
+        LlamaShape {
+            vocab,
+            hidden,
+            intermediate,
+            layers: layers.max(1),
+        }
+    }
 
     /// Every tensor in the order Hugging Face writes LLaMA checkpoints, with
     /// its shape and whether it is a linear layer's weight (`[out, in]`).
@@ -233,6 +258,7 @@ pub fn write_family(
         // of the layers, each contributor's in a band of its own, and every
         // model also drifts a little everywhere.
         let models: Vec<Vec<f32>> = (0..names.len())
+            .into_par_iter()
             .map(|m| {
                 let mut w = ancestor.clone();
                 if m == 0 {

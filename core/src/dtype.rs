@@ -5,6 +5,7 @@
 //! Conversions are little-endian (the safetensors byte order) and work on
 //! byte slices, because memory-mapped tensor data need not be aligned.
 
+use crate::simd::{multiversion, Isa};
 use core::fmt;
 
 /// An element type as safetensors names it.
@@ -140,11 +141,15 @@ pub fn bf16_to_f32(bits: u16) -> f32 {
 #[inline]
 pub fn f32_to_bf16(value: f32) -> u16 {
     let bits = value.to_bits();
-    if value.is_nan() {
-        return ((bits >> 16) as u16) | 0x0040;
-    }
     let round = 0x7fff + ((bits >> 16) & 1);
-    (bits.wrapping_add(round) >> 16) as u16
+    let rounded = (bits.wrapping_add(round) >> 16) as u16;
+    let quiet_nan = ((bits >> 16) as u16) | 0x0040;
+    // A select rather than an early return, so that loops vectorise.
+    if value.is_nan() {
+        quiet_nan
+    } else {
+        rounded
+    }
 }
 
 /// f16 bits → f32 (exact).
@@ -159,58 +164,146 @@ pub fn f32_to_f16(value: f32) -> u16 {
     half::f16::from_f32(value).to_bits()
 }
 
-/// Decodes little-endian `bytes` of `dtype` (F32, F16 or BF16) into `out`.
+/// Decodes little-endian `bytes` of `dtype` (F32, F16 or BF16) into `out`,
+/// with the instruction set of [`crate::simd::selected`].
 ///
 /// # Panics
 /// If `dtype` is not a float dtype or `bytes.len() != out.len() * dtype.size()`;
 /// callers check both when they plan the merge.
 pub fn decode_f32(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    decode_f32_with(crate::simd::selected(), dtype, bytes, out)
+}
+
+/// [`decode_f32`] compiled for `isa` (the same bits for every `isa`).
+pub fn decode_f32_with(isa: Isa, dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
     assert!(dtype.is_float(), "decode_f32: {dtype} is not a float dtype");
     assert_eq!(bytes.len(), out.len() * dtype.size(), "decode_f32: length");
     match dtype {
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        Dtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
-            }
-        }
+        Dtype::F32 => decode_f32le(isa, bytes, out),
+        Dtype::BF16 => decode_bf16(isa, bytes, out),
         Dtype::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+            #[cfg(target_arch = "x86_64")]
+            if isa.or_supported() >= Isa::Avx2 {
+                // SAFETY: AVX2 support implies F16C (see `Isa::Avx2`).
+                return unsafe { f16c::decode(bytes, out) };
             }
+            decode_f16_scalar(bytes, out)
         }
         _ => unreachable!(),
     }
 }
 
-/// Encodes `values` as little-endian `dtype` (F32, F16 or BF16) into `out`.
+/// Encodes `values` as little-endian `dtype` (F32, F16 or BF16) into `out`,
+/// with the instruction set of [`crate::simd::selected`].
 ///
 /// # Panics
 /// If `dtype` is not a float dtype or `out.len() != values.len() * dtype.size()`.
 pub fn encode_f32(dtype: Dtype, values: &[f32], out: &mut [u8]) {
+    encode_f32_with(crate::simd::selected(), dtype, values, out)
+}
+
+/// [`encode_f32`] compiled for `isa` (the same bits for every `isa`).
+pub fn encode_f32_with(isa: Isa, dtype: Dtype, values: &[f32], out: &mut [u8]) {
     assert!(dtype.is_float(), "encode_f32: {dtype} is not a float dtype");
     assert_eq!(out.len(), values.len() * dtype.size(), "encode_f32: length");
     match dtype {
-        Dtype::F32 => {
-            for (o, v) in out.chunks_exact_mut(4).zip(values) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        Dtype::BF16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
-            }
-        }
+        Dtype::F32 => encode_f32le(isa, values, out),
+        Dtype::BF16 => encode_bf16(isa, values, out),
         Dtype::F16 => {
-            for (o, v) in out.chunks_exact_mut(2).zip(values) {
-                o.copy_from_slice(&f32_to_f16(*v).to_le_bytes());
+            #[cfg(target_arch = "x86_64")]
+            if isa.or_supported() >= Isa::Avx2 {
+                // SAFETY: AVX2 support implies F16C (see `Isa::Avx2`).
+                return unsafe { f16c::encode(values, out) };
             }
+            encode_f16_scalar(values, out)
         }
         _ => unreachable!(),
+    }
+}
+
+multiversion!(fn decode_f32le = decode_f32le_body(bytes: &[u8], out: &mut [f32]));
+multiversion!(fn decode_bf16 = decode_bf16_body(bytes: &[u8], out: &mut [f32]));
+multiversion!(fn encode_f32le = encode_f32le_body(values: &[f32], out: &mut [u8]));
+multiversion!(fn encode_bf16 = encode_bf16_body(values: &[f32], out: &mut [u8]));
+
+#[inline(always)]
+fn decode_f32le_body(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+#[inline(always)]
+fn decode_bf16_body(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = bf16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
+#[inline(always)]
+fn encode_f32le_body(values: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(4).zip(values) {
+        o.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+#[inline(always)]
+fn encode_bf16_body(values: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&f32_to_bf16(*v).to_le_bytes());
+    }
+}
+
+fn decode_f16_scalar(bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+        *o = f16_to_f32(u16::from_le_bytes([b[0], b[1]]));
+    }
+}
+
+fn encode_f16_scalar(values: &[f32], out: &mut [u8]) {
+    for (o, v) in out.chunks_exact_mut(2).zip(values) {
+        o.copy_from_slice(&f32_to_f16(*v).to_le_bytes());
+    }
+}
+
+/// f16 ↔ f32 eight at a time with F16C, which rounds to nearest even and
+/// keeps subnormals, NaN signs and payloads as the `half` crate does.
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use core::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX and F16C; `bytes.len() == 2 * out.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn decode(bytes: &[u8], out: &mut [f32]) {
+        let whole = out.len() / 8 * 8;
+        for (o, b) in out[..whole].chunks_exact_mut(8).zip(bytes.chunks_exact(16)) {
+            // SAFETY: `b` holds 16 bytes and `o` 8 floats; unaligned access.
+            unsafe {
+                let halves = _mm_loadu_si128(b.as_ptr().cast());
+                _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(halves));
+            }
+        }
+        super::decode_f16_scalar(&bytes[whole * 2..], &mut out[whole..]);
+    }
+
+    /// # Safety
+    /// The CPU must support AVX and F16C; `out.len() == 2 * values.len()`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn encode(values: &[f32], out: &mut [u8]) {
+        let whole = values.len() / 8 * 8;
+        for (o, v) in out[..whole * 2]
+            .chunks_exact_mut(16)
+            .zip(values.chunks_exact(8))
+        {
+            // SAFETY: `v` holds 8 floats and `o` 16 bytes; unaligned access.
+            unsafe {
+                let floats = _mm256_loadu_ps(v.as_ptr());
+                let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(floats);
+                _mm_storeu_si128(o.as_mut_ptr().cast(), halves);
+            }
+        }
+        super::encode_f16_scalar(&values[whole..], &mut out[whole * 2..]);
     }
 }
 
@@ -218,44 +311,50 @@ pub fn encode_f32(dtype: Dtype, values: &[f32], out: &mut [u8]) {
 /// float `dtype`, and the index of the first, read from the bit patterns
 /// (an all-ones exponent) without converting.
 pub fn nonfinite(dtype: Dtype, bytes: &[u8]) -> (usize, Option<usize>) {
-    let check = |i: usize, bad: bool, state: &mut (usize, Option<usize>)| {
-        if bad {
-            state.0 += 1;
-            state.1.get_or_insert(i);
-        }
+    let isa = crate::simd::selected();
+    let (width, mask) = match dtype {
+        Dtype::F32 => (4, 0x7f80_0000),
+        Dtype::BF16 => (2, 0x7f80),
+        Dtype::F16 => (2, 0x7c00),
+        _ => return (0, None),
     };
-    let mut state = (0, None);
-    match dtype {
-        Dtype::F32 => {
-            for (i, b) in bytes.chunks_exact(4).enumerate() {
-                check(
-                    i,
-                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x7f80_0000 == 0x7f80_0000,
-                    &mut state,
-                );
-            }
-        }
-        Dtype::BF16 => {
-            for (i, b) in bytes.chunks_exact(2).enumerate() {
-                check(
-                    i,
-                    u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80,
-                    &mut state,
-                );
-            }
-        }
-        Dtype::F16 => {
-            for (i, b) in bytes.chunks_exact(2).enumerate() {
-                check(
-                    i,
-                    u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00,
-                    &mut state,
-                );
-            }
-        }
-        _ => {}
-    }
-    state
+    let count = if width == 4 {
+        count_all_ones_32(isa, bytes, mask)
+    } else {
+        count_all_ones_16(isa, bytes, mask as u16)
+    };
+    // Finding the first is the rare path, taken only when there is one.
+    let first = (count > 0).then(|| {
+        bytes.chunks_exact(width).position(|b| {
+            let bits = if width == 4 {
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+            } else {
+                u32::from(u16::from_le_bytes([b[0], b[1]]))
+            };
+            bits & mask == mask
+        })
+    });
+    (count, first.flatten())
+}
+
+multiversion!(fn count_all_ones_16 = count_all_ones_16_body(bytes: &[u8], mask: u16) -> usize);
+multiversion!(fn count_all_ones_32 = count_all_ones_32_body(bytes: &[u8], mask: u32) -> usize);
+
+/// Elements whose bits under `mask` (the exponent) are all ones.
+#[inline(always)]
+fn count_all_ones_16_body(bytes: &[u8], mask: u16) -> usize {
+    bytes
+        .chunks_exact(2)
+        .map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]) & mask == mask))
+        .sum()
+}
+
+#[inline(always)]
+fn count_all_ones_32_body(bytes: &[u8], mask: u32) -> usize {
+    bytes
+        .chunks_exact(4)
+        .map(|b| usize::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & mask == mask))
+        .sum()
 }
 
 #[cfg(test)]
@@ -309,6 +408,89 @@ mod tests {
                 (0, None),
                 "{dtype}"
             );
+        }
+    }
+
+    /// Every f32 bit pattern class that rounding treats specially, plus a
+    /// stride through all 2³² patterns.
+    fn awkward_f32s() -> alloc::vec::Vec<f32> {
+        let mut bits: alloc::vec::Vec<u32> = (0..=u32::MAX).step_by(65_537).collect();
+        for base in [
+            0u32,
+            0x0000_8000,
+            0x3f80_8000,
+            0x477f_f000,
+            0x7f7f_8000,
+            0x387f_e000,
+        ] {
+            for delta in 0..4u32 {
+                bits.push(base.wrapping_add(delta));
+                bits.push(base.wrapping_sub(delta));
+            }
+        }
+        bits.extend([
+            0x7f80_0000,
+            0xff80_0000,
+            0x7fc0_0001,
+            0xffa0_0000,
+            0x7f80_0001,
+            1,
+            0x8000_0001,
+        ]);
+        bits.into_iter()
+            .flat_map(|b| [f32::from_bits(b), -f32::from_bits(b)])
+            .collect()
+    }
+
+    #[test]
+    fn every_instruction_set_converts_to_the_scalar_bits() {
+        let halves: alloc::vec::Vec<u8> = (0..=u16::MAX).flat_map(u16::to_le_bytes).collect();
+        let floats = awkward_f32s();
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16] {
+            let decoded_bytes: &[u8] = if dtype == Dtype::F32 {
+                &halves[..halves.len() / 4 * 4]
+            } else {
+                &halves
+            };
+            let n = decoded_bytes.len() / dtype.size();
+            let mut reference = alloc::vec![0f32; n];
+            decode_f32_with(Isa::Scalar, dtype, decoded_bytes, &mut reference);
+            let mut encoded_reference = alloc::vec![0u8; floats.len() * dtype.size()];
+            encode_f32_with(Isa::Scalar, dtype, &floats, &mut encoded_reference);
+            for isa in Isa::supported() {
+                // Odd lengths and offsets exercise the vector tails.
+                for cut in [0, 1, 7] {
+                    let mut out = alloc::vec![0f32; n - cut];
+                    decode_f32_with(isa, dtype, &decoded_bytes[cut * dtype.size()..], &mut out);
+                    let same = out
+                        .iter()
+                        .zip(&reference[cut..])
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "decode {dtype} {isa:?} cut {cut}");
+                    let mut bytes = alloc::vec![0u8; (floats.len() - cut) * dtype.size()];
+                    encode_f32_with(isa, dtype, &floats[cut..], &mut bytes);
+                    assert!(
+                        bytes == encoded_reference[cut * dtype.size()..],
+                        "encode {dtype} {isa:?} cut {cut}"
+                    );
+                }
+            }
+        }
+        // The scalar f16 path is the `half` crate's; F16C must agree with it on every pattern.
+        let values: alloc::vec::Vec<f32> = (0..=u16::MAX).map(f16_to_f32).collect();
+        for isa in Isa::supported() {
+            let mut back = alloc::vec![0u8; values.len() * 2];
+            encode_f32_with(isa, Dtype::F16, &values, &mut back);
+            for (bits, b) in (0..=u16::MAX).zip(back.chunks_exact(2)) {
+                let back = u16::from_le_bytes([b[0], b[1]]);
+                // NaNs come back quiet, with sign and payload.
+                let expected = if values[bits as usize].is_nan() {
+                    bits | 0x0200
+                } else {
+                    bits
+                };
+                assert_eq!(back, expected, "{isa:?} {bits:#06x}");
+            }
         }
     }
 

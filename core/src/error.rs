@@ -96,6 +96,12 @@ impl Error {
         self
     }
 
+    /// Replaces the problem's description (kind, file and tensor stay).
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// Keeps the underlying error for `source()`.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));

@@ -22,6 +22,7 @@ pub mod fam;
 pub mod reduce;
 pub mod safe_m;
 pub mod select;
+pub mod simd;
 
 #[cfg(feature = "std")]
 pub mod config;

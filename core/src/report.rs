@@ -7,7 +7,7 @@ use crate::config::params::{Default, Scalar, Setting};
 use crate::config::{MergeConfig, MergeMethod, MethodSettings};
 use crate::io::{FileFingerprint, ShardPlan};
 use crate::plan::{DroppedTensor, Inputs, Plan, TensorPlan};
-use crate::safe_m::{MaskCounts, ScoreForm};
+use crate::safe_m::{ConflictRule, MaskCounts, Salience, ScoreForm, Variant};
 use serde::Serialize;
 use serde_json::{json, Value};
 use std::path::PathBuf;
@@ -35,6 +35,8 @@ pub struct TensorOutcome {
     pub thresholds: Vec<f32>,
     /// Each participating contributor's mask counts, in plan order.
     pub counts: Vec<MaskCounts>,
+    /// SAFE-M with `layer_lambda: activation`: the layer's λ scale.
+    pub layer_lambda: Option<f32>,
 }
 
 /// One input model in the report.
@@ -66,6 +68,9 @@ pub struct TensorReport {
     /// Each contributor's sparsification (baselines that trim or drop).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sparsity: Vec<Sparsity>,
+    /// SAFE-M with `layer_lambda: activation`: the λ scale of the tensor's layer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_lambda: Option<f32>,
 }
 
 /// The receiver's election over one tensor.
@@ -141,17 +146,40 @@ fn form_json(form: ScoreForm) -> Value {
 
 fn parameters(config: &MergeConfig) -> Value {
     match &config.settings {
-        MethodSettings::SafeM(s) => json!({
-            "receiver": {"density": s.receiver.density, "form": form_json(s.receiver.form)},
-            "contributors": s.contributors.iter().map(|c| json!({
-                "density": c.election.density,
-                "form": form_json(c.election.form),
-                "lambda_proj": num(c.lambda_proj),
-                "lambda_ortho": num(c.lambda_ortho),
-            })).collect::<Vec<_>>(),
-            "fallback_weight": num(s.fallback_weight),
-            "epsilon": num(s.epsilon),
-        }),
+        MethodSettings::SafeM(s) => {
+            let mut p = json!({
+                "receiver": {"density": s.receiver.density, "form": form_json(s.receiver.form)},
+                "contributors": s.contributors.iter().map(|c| json!({
+                    "density": c.election.density,
+                    "form": form_json(c.election.form),
+                    "lambda_proj": num(c.lambda_proj),
+                    "lambda_ortho": num(c.lambda_ortho),
+                })).collect::<Vec<_>>(),
+                "fallback_weight": num(s.fallback_weight),
+                "epsilon": num(s.epsilon),
+            });
+            // Only a variant adds keys, so SPEC merges report exactly what they did before.
+            let v = &s.variant;
+            if *v != Variant::default() || s.preset != "spec" {
+                p["variant"] = json!({
+                    "preset": s.preset,
+                    "symmetric": v.symmetric,
+                    "receiver_lambda": [num(v.receiver_lambda.0), num(v.receiver_lambda.1)],
+                    "conflict": match v.conflict {
+                        ConflictRule::Drop => "drop",
+                        ConflictRule::Keep => "keep",
+                        ConflictRule::Score => "score",
+                    },
+                    "salience": match v.salience {
+                        Salience::Weight => "weight",
+                        Salience::TaskVector => "task_vector",
+                    },
+                    "rescale": v.rescale,
+                    "layer_lambda": if v.activation_lambda { "activation" } else { "fixed" },
+                });
+            }
+            p
+        }
         MethodSettings::Fam(f) => json!({
             "preset": f.preset,
             "density": f.density,
@@ -265,6 +293,7 @@ impl MergeReport {
                     receiver: None,
                     masks: Vec::new(),
                     sparsity: Vec::new(),
+                    layer_lambda: None,
                 })
                 .collect(),
             dropped: plan.dropped.clone(),
@@ -277,6 +306,7 @@ impl MergeReport {
     pub fn record(&mut self, index: usize, outcome: TensorOutcome) {
         let tensor = &mut self.tensors[index];
         tensor.sparsity = outcome.sparsity;
+        tensor.layer_lambda = outcome.layer_lambda;
         if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first())
         {
             tensor.receiver = Some(ReceiverMask {

@@ -387,3 +387,390 @@ pub fn merge_tensor(
     );
     MergedTensor { values, counts }
 }
+
+// ---------------------------------------------------------------------------
+// Variants (docs/methods.md). The default `Variant` is SPEC §1 exactly, and
+// `fuse_block_with` with it performs the same operations in the same order
+// as `fuse_block`, so the reference stays bit-identical.
+// ---------------------------------------------------------------------------
+
+/// What the salience `|X ⊙ g'|` of the score multiplies (docs/methods.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Salience {
+    /// `X = W` (SPEC §1.2): the weight itself.
+    #[default]
+    Weight,
+    /// `X = τ = W − W_C`: the update, so the election ranks what the
+    /// fine-tune changed rather than weights that were large already in `C`.
+    TaskVector,
+}
+
+/// How an entry elected by several models with opposite task-vector signs
+/// is resolved (docs/methods.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConflictRule {
+    /// SPEC §1.2: the receiver wins; the contributor's entry is dropped.
+    #[default]
+    Drop,
+    /// No conflict removal: every elected entry is kept.
+    Keep,
+    /// A vote weighted by score: `s = sign(Σ_j S_j·sign(τ_j))` over the
+    /// models that elected the entry (a zero sum votes `+`); entries of
+    /// the opposite sign are dropped. The receiver's entry is dropped too
+    /// in the symmetric form; in the receiver form it is part of `W_A`.
+    Score,
+}
+
+/// The SAFE-M variant: SPEC §1 when `Variant::default()`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variant {
+    /// Symmetric form: `W* = W_C + Σ_{j ∈ {A, B_1..B_m}} (λ_proj,j·P_j + λ_ortho,j·O_j)`,
+    /// the receiver's task vector masked and decomposed like a contributor's.
+    pub symmetric: bool,
+    /// `λ_proj`, `λ_ortho` of the receiver in the symmetric form.
+    pub receiver_lambda: (f32, f32),
+    /// Conflict rule.
+    pub conflict: ConflictRule,
+    /// Salience of the score.
+    pub salience: Salience,
+    /// Per-row L1 rescale of what the mask keeps (see [`row_rescale`]).
+    pub rescale: bool,
+    /// Per-layer λ from the probe rows ([`activation_lambda`]), multiplying
+    /// the λ of every member that gives its task vector.
+    pub activation_lambda: bool,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Variant {
+            symmetric: false,
+            receiver_lambda: (1.0, 1.0),
+            conflict: ConflictRule::Drop,
+            salience: Salience::Weight,
+            rescale: false,
+            activation_lambda: false,
+        }
+    }
+}
+
+/// The per-layer scale of the task vectors from the stored per-example
+/// outputs of a layer (docs/methods.md): with `Δ_k,n = y_k,n − y_C,n` the
+/// shift of model `k`'s representation on probe example `n` (everything
+/// upstream included), the merged representation is modelled as
+/// `y_C,n + λ·S_n`, `S_n = Σ_k Δ_k,n`, and λ minimises
+/// `Σ_n Σ_k r_k,n ‖λ·S_n − Δ_k,n‖²` with `r_k,n = ‖Δ_k,n‖² / Σ_j ‖Δ_j,n‖²`
+/// (an example counts for the models that moved on it):
+///
+/// ```text
+/// λ = Σ_n ⟨S_n, Σ_k r_k,n Δ_k,n⟩ / Σ_n ‖S_n‖²,   clamped to [0, 1]
+/// ```
+///
+/// Shifts on disjoint examples give 1 (task arithmetic); identical shifts
+/// give `1/m` (the average). No shift at all gives 1. `ancestor` and each
+/// of `models` are row-major `[rows, width]`; sums in f64, in order.
+pub fn activation_lambda(ancestor: &[f32], models: &[&[f32]], width: usize) -> f32 {
+    assert!(models.iter().all(|m| m.len() == ancestor.len()));
+    if width == 0 || models.is_empty() {
+        return 1.0;
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    let mut weights = vec![0f64; models.len()];
+    for (n, c) in ancestor.chunks_exact(width).enumerate() {
+        let row = n * width..(n + 1) * width;
+        let mut total = 0f64;
+        for (w, m) in weights.iter_mut().zip(models) {
+            *w = m[row.clone()]
+                .iter()
+                .zip(c)
+                .map(|(&y, &yc)| {
+                    let d = (y - yc) as f64;
+                    d * d
+                })
+                .sum();
+            total += *w;
+        }
+        if total <= 0.0 {
+            continue;
+        }
+        for (j, &yc) in c.iter().enumerate() {
+            let (mut s, mut r) = (0f64, 0f64);
+            for (w, m) in weights.iter().zip(models) {
+                let d = (m[row.start + j] - yc) as f64;
+                s += d;
+                r += w / total * d;
+            }
+            num += s * r;
+            den += s * s;
+        }
+    }
+    if den <= 0.0 {
+        return 1.0;
+    }
+    (num / den).clamp(0.0, 1.0) as f32
+}
+
+/// `out = w − c`: the task vector of a block (the salience of
+/// [`Salience::TaskVector`]).
+pub fn task_vector(weight: &[f32], ancestor: &[f32], out: &mut [f32]) {
+    assert!(weight.len() == ancestor.len() && out.len() == weight.len());
+    for ((o, &w), &c) in out.iter_mut().zip(weight).zip(ancestor) {
+        *o = w - c;
+    }
+}
+
+/// The per-row rescale of a masked task vector, as DARE restores L1 mass
+/// (docs/methods.md): `s = min(‖τ[r]‖₁ / ‖τ_u[r]‖₁, cap)`, and `s = 1`
+/// when either norm is below 1e-7 (nothing to restore, or nothing kept).
+/// The cap (`1/k` in the engine) keeps a row that kept one small entry
+/// from being blown up to the whole row's mass.
+pub fn row_rescale(tau: &[f32], kept: &[f32], cap: f32) -> f32 {
+    let full: f64 = tau.iter().map(|&t| t.abs() as f64).sum();
+    let masked: f64 = kept.iter().map(|&t| t.abs() as f64).sum();
+    if full < 1e-7 || masked < 1e-7 {
+        return 1.0;
+    }
+    ((full / masked) as f32).min(cap)
+}
+
+/// The sign elected by [`ConflictRule::Score`] at one entry from
+/// `(elected, score, τ)` of every model: `Σ_j S_j·sign(τ_j)` over elected
+/// models with `τ_j ≠ 0`, summed in model order; `≥ 0` votes `+`.
+pub fn score_vote(models: impl IntoIterator<Item = (bool, f32, f32)>) -> bool {
+    let mut sum = 0.0f32;
+    for (elected, score, tau) in models {
+        if elected && tau != 0.0 {
+            sum += if tau > 0.0 { score } else { -score };
+        }
+    }
+    sum >= 0.0
+}
+
+/// A model that gives its task vector in [`fuse_block_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    /// `W` of the block.
+    pub weight: &'a [f32],
+    /// Its election over the block.
+    pub election: Election<'a>,
+    /// `λ_proj`.
+    pub lambda_proj: f32,
+    /// `λ_ortho`.
+    pub lambda_ortho: f32,
+    /// Cap of the row rescale (`1/k`; unused without rescale).
+    pub rescale_cap: f32,
+}
+
+/// Whether model `j`'s elected entry `i` survives the conflict rule
+/// (`members[0]` is the receiver; in the receiver form `j ≥ 1`). `taus`
+/// is scratch for every model's task-vector entry.
+fn survives(
+    rule: ConflictRule,
+    j: usize,
+    i: usize,
+    ancestor: f32,
+    members: &[Member<'_>],
+    taus: &mut [f32],
+) -> bool {
+    let elected = |m: &Member<'_>| is_elected(m.election.scores[i], m.election.threshold);
+    let tau_j = members[j].weight[i] - ancestor;
+    match rule {
+        ConflictRule::Keep => true,
+        ConflictRule::Drop => {
+            let receiver = &members[0];
+            j == 0
+                || !is_conflict(
+                    elected(receiver),
+                    true,
+                    receiver.weight[i] - ancestor,
+                    tau_j,
+                )
+        }
+        ConflictRule::Score => {
+            for (t, model) in taus.iter_mut().zip(members) {
+                *t = model.weight[i] - ancestor;
+            }
+            let plus = score_vote(
+                members
+                    .iter()
+                    .zip(taus.iter())
+                    .map(|(m, &t)| (elected(m), m.election.scores[i], t)),
+            );
+            !(plus && tau_j < 0.0 || !plus && tau_j > 0.0)
+        }
+    }
+}
+
+/// Stages 2 and 3 with a [`Variant`] (docs/methods.md) on a block of rows.
+///
+/// `members[0]` is the receiver (`W_A` and its election; its λ are used
+/// only in the symmetric form, where the engine passes the variant's
+/// `receiver_lambda`), `members[1..]` the contributors. `out`
+/// receives `W_A + Σ_k (λ_proj·P_k + λ_ortho·O_k)` (receiver form) or
+/// `W_C + Σ_j …` over all members (symmetric form), summed member by
+/// member in order. `counts` has one entry per member (`counts[0]`: the
+/// receiver's own mask, filled in the symmetric form only).
+/// `direction` is as in [`fuse_block`]; `scratch` holds a few rows.
+#[allow(clippy::too_many_arguments)]
+pub fn fuse_block_with(
+    ancestor: &[f32],
+    members: &[Member<'_>],
+    direction: Option<(&[f32], f64)>,
+    epsilon: f32,
+    variant: &Variant,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+    counts: &mut [MaskCounts],
+) {
+    let n = ancestor.len();
+    assert!(!members.is_empty(), "fuse_block_with: no receiver");
+    assert!(members
+        .iter()
+        .all(|m| m.weight.len() == n && m.election.scores.len() == n));
+    assert!(out.len() == n && counts.len() == members.len());
+    let cols = match direction {
+        Some((d, _)) => d.len(),
+        None => n,
+    };
+    let receiver = &members[0];
+    out.copy_from_slice(if variant.symmetric {
+        ancestor
+    } else {
+        receiver.weight
+    });
+    if cols == 0 || n == 0 {
+        return;
+    }
+    assert_eq!(n % cols, 0, "fuse_block_with: block is not whole rows");
+    let m = members.len();
+    // Row of the masked task vector, row of the full one, and every model's
+    // task-vector entry at one index.
+    scratch.resize(2 * cols + m, 0.0);
+    let (tau_row, rest) = scratch.split_at_mut(cols);
+    let (full_row, taus) = rest.split_at_mut(cols);
+    let receiver_elected = receiver
+        .election
+        .scores
+        .iter()
+        .filter(|&&s| is_elected(s, receiver.election.threshold))
+        .count() as u64;
+    let first = usize::from(!variant.symmetric);
+    for j in first..m {
+        let member = &members[j];
+        let count = &mut counts[j];
+        count.receiver_elected += receiver_elected;
+        for row_start in (0..n).step_by(cols) {
+            let row = row_start..row_start + cols;
+            for (c, i) in row.clone().enumerate() {
+                let tau = member.weight[i] - ancestor[i];
+                let elected = is_elected(member.election.scores[i], member.election.threshold);
+                let keep = elected && survives(variant.conflict, j, i, ancestor[i], members, taus);
+                count.elected += elected as u64;
+                count.conflicts += (elected && !keep) as u64;
+                count.kept += keep as u64;
+                full_row[c] = tau;
+                tau_row[c] = if keep { tau } else { 0.0 };
+            }
+            if variant.rescale {
+                let s = row_rescale(full_row, tau_row, member.rescale_cap);
+                if s != 1.0 {
+                    tau_row.iter_mut().for_each(|t| *t *= s);
+                }
+            }
+            let row_direction =
+                direction.map(|(d, dd)| (d, projection_coefficient(tau_row, d, dd, epsilon)));
+            add_decoupled(
+                &mut out[row],
+                tau_row,
+                row_direction,
+                member.lambda_proj,
+                member.lambda_ortho,
+            );
+        }
+    }
+}
+
+/// SAFE-M with a [`Variant`] on one whole in-memory tensor: the reference
+/// for the engine's variants, as [`merge_tensor`] is for SPEC §1.
+/// `receiver_lambda` of the variant is used in the symmetric form; each
+/// model's rescale cap is `1/k` of its own density. Counts: one per
+/// contributor, then (symmetric form) the receiver's own mask last.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_tensor_with(
+    receiver: &[f32],
+    receiver_y: &[f32],
+    receiver_election: ElectionParams,
+    ancestor: &[f32],
+    ancestor_y: &[f32],
+    x_mean: &[f32],
+    contributors: &[Contributor<'_>],
+    is_bias: bool,
+    epsilon: f32,
+    variant: &Variant,
+) -> MergedTensor {
+    let scores_of = |weight: &[f32], y: &[f32], params: ElectionParams| {
+        let u = output_shift(y, ancestor_y);
+        let salient: Vec<f32> = match variant.salience {
+            Salience::Weight => weight.to_vec(),
+            Salience::TaskVector => {
+                let mut t = vec![0.0f32; weight.len()];
+                task_vector(weight, ancestor, &mut t);
+                t
+            }
+        };
+        let mut scores = vec![0.0f32; weight.len()];
+        if is_bias {
+            score_vector(&salient, &u, params.form, &mut scores);
+        } else {
+            score_matrix(&salient, &u, x_mean, params.form, &mut scores);
+        }
+        let threshold = election_threshold(&scores, params.density);
+        (scores, threshold)
+    };
+    let mut elected = vec![scores_of(receiver, receiver_y, receiver_election)];
+    elected.extend(
+        contributors
+            .iter()
+            .map(|c| scores_of(c.weight, c.y_mean, c.election)),
+    );
+    let weights = core::iter::once(receiver).chain(contributors.iter().map(|c| c.weight));
+    let params = core::iter::once((receiver_election.density, variant.receiver_lambda)).chain(
+        contributors
+            .iter()
+            .map(|c| (c.election.density, (c.lambda_proj, c.lambda_ortho))),
+    );
+    let members: Vec<Member<'_>> = weights
+        .zip(params)
+        .zip(&elected)
+        .map(
+            |((weight, (density, (lp, lo))), (scores, threshold))| Member {
+                weight,
+                election: Election {
+                    scores,
+                    threshold: *threshold,
+                },
+                lambda_proj: lp,
+                lambda_ortho: lo,
+                rescale_cap: (1.0 / density) as f32,
+            },
+        )
+        .collect();
+    let direction = (!is_bias).then(|| (x_mean, reduce::sum_squares(x_mean)));
+    let mut values = vec![0.0f32; receiver.len()];
+    let mut counts = vec![MaskCounts::default(); members.len()];
+    let mut scratch = Vec::new();
+    fuse_block_with(
+        ancestor,
+        &members,
+        direction,
+        epsilon,
+        variant,
+        &mut values,
+        &mut scratch,
+        &mut counts,
+    );
+    let receiver_counts = counts.remove(0);
+    if variant.symmetric {
+        counts.push(receiver_counts);
+    }
+    MergedTensor { values, counts }
+}

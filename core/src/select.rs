@@ -155,6 +155,171 @@ pub fn election_threshold(scores: &[f32], density: f64) -> f32 {
     }
 }
 
+/// What a selection ranks: scores as they are ([`score_key`]), or values by
+/// magnitude (`score_key(|x|)`, the TIES trim's key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyOf {
+    /// [`score_key`] of the value.
+    Score,
+    /// [`score_key`] of the value's magnitude.
+    Magnitude,
+}
+
+impl KeyOf {
+    fn sign_mask(self) -> u32 {
+        match self {
+            KeyOf::Score => u32::MAX,
+            KeyOf::Magnitude => 0x7fff_ffff,
+        }
+    }
+
+    /// The key of `x`.
+    #[inline]
+    pub fn of(self, x: f32) -> u32 {
+        score_key(f32::from_bits(x.to_bits() & self.sign_mask()))
+    }
+}
+
+/// One pass of the bracketed selection over `data`: returns how many keys
+/// lie above `bracket.hi` and appends the keys inside the bracket to
+/// `inside`, in index order.
+pub fn scan_bracket(
+    data: &[f32],
+    key: KeyOf,
+    bracket: SampleBracket,
+    inside: &mut alloc::vec::Vec<u32>,
+) -> u64 {
+    scan_bracket_isa(
+        crate::simd::selected(),
+        data,
+        key.sign_mask(),
+        bracket.lo,
+        bracket.hi,
+        inside,
+    )
+}
+
+crate::simd::multiversion!(fn scan_bracket_isa = scan_bracket_body(data: &[f32], sign_mask: u32, lo: u32, hi: u32, inside: &mut alloc::vec::Vec<u32>) -> u64);
+
+/// Sixteen keys at a time: the comparisons vectorise into a bit mask, and
+/// only the rare blocks with a key inside the bracket are visited again.
+#[inline(always)]
+fn scan_bracket_body(
+    data: &[f32],
+    sign_mask: u32,
+    lo: u32,
+    hi: u32,
+    inside: &mut alloc::vec::Vec<u32>,
+) -> u64 {
+    let key = |x: f32| score_key(f32::from_bits(x.to_bits() & sign_mask));
+    let mut above = 0u64;
+    let blocks = data.chunks_exact(16);
+    let rest = blocks.remainder();
+    for block in blocks {
+        let (mut up, mut hits) = (0u32, 0u32);
+        for (i, &x) in block.iter().enumerate() {
+            let k = key(x);
+            up += u32::from(k > hi);
+            hits |= u32::from(k >= lo && k <= hi) << i;
+        }
+        above += u64::from(up);
+        while hits != 0 {
+            inside.push(key(block[hits.trailing_zeros() as usize]));
+            hits &= hits - 1;
+        }
+    }
+    for &x in rest {
+        let k = key(x);
+        above += u64::from(k > hi);
+        if k >= lo && k <= hi {
+            inside.push(k);
+        }
+    }
+    above
+}
+
+/// Keys sampled by [`SampleBracket`]: enough that the bracket holds a few
+/// percent of the data, few enough to sort in microseconds.
+pub const SAMPLE_SIZE: usize = 1 << 14;
+
+/// A range of keys `[lo, hi]` that holds the `m`-th largest of `n` keys
+/// with high probability, read off a sorted sample: one counting pass then
+/// finds the exact key among the few keys inside the range
+/// ([`SampleBracket::resolve`]). When the sample misleads (rare), the
+/// caller falls back to [`RadixSelect`]: the result is exact either way,
+/// and depends only on the data, never on timing or thread count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SampleBracket {
+    /// Smallest key of the range.
+    pub lo: u32,
+    /// Largest key of the range.
+    pub hi: u32,
+}
+
+impl SampleBracket {
+    /// The flat index of the `i`-th of `SAMPLE_SIZE` sample points of `n`
+    /// elements: one point at a hashed offset in each of `SAMPLE_SIZE` equal
+    /// strata, so that no stride of the data (a column, say) is favoured.
+    pub fn sample_index(i: usize, n: usize) -> usize {
+        let start = (i as u128 * n as u128 / SAMPLE_SIZE as u128) as usize;
+        let end = ((i as u128 + 1) * n as u128 / SAMPLE_SIZE as u128) as usize;
+        let mut h = (i as u64).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
+        start + (h % (end - start).max(1) as u64) as usize
+    }
+
+    /// The bracket of the `m`-th largest (1-based) of `n` keys from the
+    /// keys at the sample points; `sample` is reordered.
+    pub fn from_sample(sample: &mut [u32], n: usize, m: usize) -> SampleBracket {
+        sample.sort_unstable_by(|a, b| b.cmp(a));
+        let s = sample.len();
+        if s == 0 || n == 0 {
+            return SampleBracket {
+                lo: 0,
+                hi: u32::MAX,
+            };
+        }
+        let p = m as f64 / n as f64;
+        let centre = p * s as f64;
+        // Four standard deviations of the sample rank, and a margin for ties.
+        let spread = 4.0 * libm::sqrt(s as f64 * p * (1.0 - p)) + 16.0;
+        let upper = centre - spread;
+        let lower = centre + spread;
+        SampleBracket {
+            hi: if upper < 0.0 {
+                u32::MAX
+            } else {
+                sample[upper as usize]
+            },
+            lo: if lower >= (s - 1) as f64 {
+                0
+            } else {
+                sample[lower as usize]
+            },
+        }
+    }
+
+    /// Whether `key` is inside the bracket.
+    #[inline]
+    pub fn holds(&self, key: u32) -> bool {
+        key >= self.lo && key <= self.hi
+    }
+
+    /// The `m`-th largest key, given the count of keys above `hi` and every
+    /// key inside the bracket (reordered); `None` if the bracket missed it.
+    pub fn resolve(&self, above: u64, candidates: &mut [u32], m: usize) -> Option<u32> {
+        let m = m as u64;
+        if above >= m || above + (candidates.len() as u64) < m {
+            return None;
+        }
+        let rank = (m - above - 1) as usize;
+        let (_, key, _) = candidates.select_nth_unstable_by(rank, |a, b| b.cmp(a));
+        Some(*key)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +345,55 @@ mod tests {
         assert_eq!(kth_largest(&s, 6), 0.0, "NaN and zero count as 0");
         let elected: Vec<bool> = s.iter().map(|&x| is_elected(x, 2.0)).collect();
         assert_eq!(elected, [false, true, false, true, true, false, false]);
+    }
+
+    #[test]
+    fn a_sample_bracket_resolves_to_the_sorted_rank() {
+        let mut state = 0x9e37_79b9u64;
+        let keys: Vec<u32> = (0..200_000)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 44) as u32
+            })
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort_unstable_by(|a, b| b.cmp(a));
+        for m in [1, 7, 40_000, 100_000, 199_999, 200_000] {
+            let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
+                .map(|i| keys[SampleBracket::sample_index(i, keys.len())])
+                .collect();
+            let bracket = SampleBracket::from_sample(&mut sample, keys.len(), m);
+            let above = keys.iter().filter(|&&k| k > bracket.hi).count() as u64;
+            let mut inside: Vec<u32> = keys.iter().copied().filter(|&k| bracket.holds(k)).collect();
+            assert!(inside.len() < keys.len() / 10, "the bracket is narrow");
+            assert_eq!(
+                bracket.resolve(above, &mut inside, m),
+                Some(sorted[m - 1]),
+                "m = {m}"
+            );
+        }
+        // A bracket that misses says so.
+        let miss = SampleBracket { lo: 10, hi: 20 };
+        assert_eq!(miss.resolve(5, &mut [12, 15], 6), Some(15));
+        assert_eq!(miss.resolve(5, &mut [15, 12], 7), Some(12));
+        assert_eq!(miss.resolve(5, &mut [15, 12], 8), None, "below the bracket");
+        assert_eq!(miss.resolve(5, &mut [15, 12], 5), None, "above the bracket");
+    }
+
+    #[test]
+    fn sample_points_cover_every_stratum_once() {
+        for n in [SAMPLE_SIZE, SAMPLE_SIZE + 1, 3 * SAMPLE_SIZE + 7, 1 << 22] {
+            let points: Vec<usize> = (0..SAMPLE_SIZE)
+                .map(|i| SampleBracket::sample_index(i, n))
+                .collect();
+            assert!(
+                points.windows(2).all(|w| w[0] < w[1]),
+                "increasing, distinct"
+            );
+            assert!(*points.last().unwrap() < n);
+        }
     }
 
     #[test]

@@ -1227,3 +1227,122 @@ fn atomic_write_errors_name_the_target_not_the_temporary_file() {
     assert_eq!(e.file(), Some(target.as_path()), "{e}");
     assert!(!e.to_string().contains(".tmp-"), "{e}");
 }
+
+#[test]
+fn stats_non_finite_values_anywhere_are_errors_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    let ok = |n: usize| encode(Dtype::F32, &values(n, 0.0));
+    let with = |n: usize, at: usize, v: f32, dtype: Dtype| {
+        let mut x = values(n, 0.0);
+        x[at] = v;
+        encode(dtype, &x)
+    };
+    for (tensor, entry) in [
+        (
+            "l.x_mean",
+            (
+                "l.x_mean",
+                Dtype::F32,
+                vec![3],
+                with(3, 2, f32::INFINITY, Dtype::F32),
+            ),
+        ),
+        (
+            "l.y_mean",
+            (
+                "l.y_mean",
+                Dtype::F32,
+                vec![3],
+                with(3, 0, f32::NEG_INFINITY, Dtype::F32),
+            ),
+        ),
+        (
+            "l.x_rows",
+            (
+                "l.x_rows",
+                Dtype::F32,
+                vec![2, 3],
+                with(6, 4, f32::NAN, Dtype::F32),
+            ),
+        ),
+        (
+            "l.y_rows",
+            (
+                "l.y_rows",
+                Dtype::BF16,
+                vec![2, 3],
+                with(6, 5, f32::INFINITY, Dtype::BF16),
+            ),
+        ),
+    ] {
+        let mean = if tensor.starts_with("l.x") {
+            "l.x_mean"
+        } else {
+            "l.y_mean"
+        };
+        let mut tensors = vec![entry];
+        if !tensor.ends_with("mean") {
+            tensors.insert(0, (mean, Dtype::F32, vec![3], ok(3)));
+        }
+        stats_file(&path, META, &tensors);
+        let e = stats_err(&path);
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::Stats, Some(tensor)),
+            "{e}"
+        );
+        assert!(e.message().contains("NaN or infinite"), "{e}");
+    }
+}
+
+#[test]
+fn stats_examples_must_be_a_non_negative_integer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.safetensors");
+    let x = (
+        "l.x_mean",
+        Dtype::F32,
+        vec![3],
+        encode(Dtype::F32, &values(3, 0.0)),
+    );
+    for examples in ["two", "-1", "1.5", ""] {
+        stats_file(
+            &path,
+            &[
+                ("format", "flatmerge.activations"),
+                ("version", "1"),
+                ("examples", examples),
+            ],
+            std::slice::from_ref(&x),
+        );
+        let e = stats_err(&path);
+        assert_eq!(
+            (e.kind(), e.tensor()),
+            (ErrorKind::Stats, None),
+            "{examples}: {e}"
+        );
+        assert!(e.message().contains("`examples`"), "{examples}: {e}");
+    }
+}
+
+#[test]
+fn several_safetensors_files_without_an_index_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["adapter.safetensors", "extra.safetensors"] {
+        write_single(&dir.path().join(name), &model(), &BTreeMap::new());
+    }
+    let e = open_err(dir.path());
+    assert_eq!(
+        (e.kind(), e.file()),
+        (ErrorKind::Format, Some(dir.path())),
+        "{e}"
+    );
+    assert!(
+        e.message()
+            .contains("2 safetensors files (adapter.safetensors, extra.safetensors)")
+            && e.message()
+                .contains("add the index, or pass the one file to use"),
+        "{e}"
+    );
+}

@@ -12,7 +12,7 @@ pub mod params;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
-use crate::safe_m::{ElectionParams, ScoreForm, EPSILON};
+use crate::safe_m::{ConflictRule, ElectionParams, Salience, ScoreForm, Variant, EPSILON};
 use params::{Default as D, Kind, ParamDef, Params, Scope};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -70,7 +70,7 @@ pub struct RawModel {
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// The method (`safe_m`).
-    pub merge_method: String,
+    pub merge_method: Spanned<String>,
     /// The common ancestor (SAFE-M) or base model (task-vector methods).
     #[serde(default)]
     pub base_model: Option<String>,
@@ -109,10 +109,10 @@ pub struct RawConfig {
     pub nan_policy: Option<Spanned<String>>,
     /// FAM: how the contributor's tensor names map to the receiver's (SPEC §5).
     #[serde(default)]
-    pub name_map: Option<NameMapSpec>,
+    pub name_map: Option<Spanned<NameMapSpec>>,
     /// FAM: the neuron groups (SPEC §2.1).
     #[serde(default)]
-    pub groups: Option<GroupsSpec>,
+    pub groups: Option<Spanned<GroupsSpec>>,
 }
 
 /// `name_map:` as written: a built-in map's name, a list of rules, or `{file: PATH}`.
@@ -367,7 +367,57 @@ pub struct SafeMSettings {
     pub fallback_weight: f32,
     /// `ε` of the projection and of the `ratio` score (default 1e-8).
     pub epsilon: f32,
+    /// The variant (docs/methods.md); `Variant::default()` is SPEC §1.
+    pub variant: Variant,
+    /// The preset whose defaults were used (`spec` unless `preset:` says otherwise).
+    pub preset: &'static str,
 }
+
+/// Defaults of a SAFE-M preset; keys written in the config win over them.
+#[derive(Debug, Clone, Copy)]
+struct SafeMPreset {
+    name: &'static str,
+    density: f64,
+    lambda_proj: f64,
+    lambda_ortho: f64,
+    variant: Variant,
+}
+
+/// `spec`: SPEC §1's defaults (what `merge_method: safe_m` does unless told otherwise).
+const SAFE_M_SPEC: SafeMPreset = SafeMPreset {
+    name: "spec",
+    density: 0.2,
+    lambda_proj: 1.0,
+    lambda_ortho: 0.5,
+    variant: Variant {
+        symmetric: false,
+        receiver_lambda: (1.0, 1.0),
+        conflict: ConflictRule::Drop,
+        salience: Salience::Weight,
+        rescale: false,
+        activation_lambda: false,
+    },
+};
+
+/// `keep_all`: the setting chosen on the quality benchmark's validation
+/// split (docs/quality.md): every model's task vector over C, nothing
+/// trimmed or dropped, each layer's λ from the probe rows.
+const SAFE_M_KEEP_ALL: SafeMPreset = SafeMPreset {
+    name: "keep_all",
+    density: 1.0,
+    lambda_proj: 1.0,
+    lambda_ortho: 1.0,
+    variant: Variant {
+        symmetric: true,
+        receiver_lambda: (1.0, 1.0),
+        conflict: ConflictRule::Keep,
+        salience: Salience::Weight,
+        rescale: false,
+        activation_lambda: true,
+    },
+};
+
+const SAFE_M_PRESETS: &[SafeMPreset] = &[SAFE_M_SPEC, SAFE_M_KEEP_ALL];
 
 /// A validated merge config.
 #[derive(Debug, Clone, PartialEq)]
@@ -470,8 +520,12 @@ impl MergeConfig {
             Some(path) => e.with_file(path),
             None => e,
         };
-        let raw: RawConfig =
-            serde_saphyr::from_str(text).map_err(|e| with_source(yaml_error(&e)))?;
+        // Non-finite numbers reach validation, whose message names the key
+        // and the allowed range (the parser's own names only the line).
+        let mut options = serde_saphyr::Options::default();
+        options.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
+        let raw: RawConfig = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| with_source(yaml_error(&e)))?;
         validate(raw, base_dir, source).map_err(with_source)
     }
 
@@ -573,6 +627,12 @@ fn yaml_error(err: &serde_saphyr::Error) -> Error {
     let text = err.to_string();
     let first = text.lines().next().unwrap_or("invalid YAML");
     let first = first.strip_prefix("error: ").unwrap_or(first);
+    // Advice meant for programmers using the parser ("set DuplicateKeyPolicy
+    // in Options if acceptable") is no use to someone writing a config.
+    let first = match first.split_once(", set ") {
+        Some((problem, advice)) if advice.contains("Options") => problem,
+        _ => first,
+    };
     Error::new(ErrorKind::Config, first.to_string())
 }
 
@@ -620,6 +680,12 @@ const SAFE_M_PARAMS: ParamSpec = ParamSpec {
         "lambda_ortho",
         "fallback_weight",
         "epsilon",
+        "preset",
+        "symmetric",
+        "conflict",
+        "salience",
+        "rescale",
+        "layer_lambda",
     ],
     per_model: &["density", "alpha", "score", "lambda_proj", "lambda_ortho"],
 };
@@ -689,11 +755,49 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    fn election(&self, epsilon: f32) -> Result<ElectionParams> {
+    fn election(&self, epsilon: f32, density: f64) -> Result<ElectionParams> {
         Ok(ElectionParams {
-            density: self.number("density", 0.2, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
+            density: self.number("density", density, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
             form: self.score_form(epsilon)?,
         })
+    }
+
+    /// A boolean SAFE-M key.
+    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(Spanned {
+                value: ParamValue::Bool(b),
+                ..
+            }) => Ok(*b),
+            Some(spanned) => Err(config_error(
+                Some(&spanned.referenced),
+                key,
+                format!("expected `true` or `false`, found {}", spanned.value),
+            )),
+        }
+    }
+
+    /// A SAFE-M key that takes one of `choices` (word, value).
+    fn choice<T: Copy>(&self, key: &str, default: T, choices: &[(&str, T)]) -> Result<T> {
+        let Some(spanned) = self.get(key) else {
+            return Ok(default);
+        };
+        if let ParamValue::Text(s) = &spanned.value {
+            if let Some((_, v)) = choices.iter().find(|(w, _)| w == s) {
+                return Ok(*v);
+            }
+        }
+        let words: Vec<String> = choices.iter().map(|(w, _)| format!("`{w}`")).collect();
+        Err(config_error(
+            Some(&spanned.referenced),
+            key,
+            format!(
+                "expected one of {}, found {}",
+                words.join(", "),
+                spanned.value
+            ),
+        ))
     }
 }
 
@@ -756,28 +860,28 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
 }
 
 fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
-    let method = MergeMethod::parse(&raw.merge_method).ok_or_else(|| {
+    let method = MergeMethod::parse(&raw.merge_method.value).ok_or_else(|| {
         let supported: Vec<&str> = MergeMethod::ALL.iter().map(|m| m.as_str()).collect();
-        let why = if MergeMethod::REFUSED.contains(&raw.merge_method.as_str()) {
+        let why = if MergeMethod::REFUSED.contains(&raw.merge_method.value.as_str()) {
             "is a mergekit method flatmerge does not run"
         } else {
             "is unknown"
         };
         config_error(
-            None,
+            Some(&raw.merge_method.referenced),
             "merge_method",
             format!(
                 "merge method `{}` {why}; flatmerge runs: {}",
-                raw.merge_method,
+                raw.merge_method.value,
                 supported.join(", ")
             ),
         )
     })?;
     refuse_layouts(&raw)?;
     if method != MergeMethod::Fam {
-        if raw.name_map.is_some() {
+        if let Some(map) = &raw.name_map {
             return Err(config_error(
-                None,
+                Some(&map.referenced),
                 "name_map",
                 format!(
                     "{} merges models with the same tensor names; `name_map` is for fam",
@@ -785,9 +889,9 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
                 ),
             ));
         }
-        if raw.groups.is_some() {
+        if let Some(groups) = &raw.groups {
             return Err(config_error(
-                None,
+                Some(&groups.referenced),
                 "groups",
                 format!("`groups` is for fam, not {}", method.as_str()),
             ));
@@ -961,7 +1065,8 @@ fn fam_settings(
             ))?,
         },
     };
-    let name_map = match &raw.name_map {
+    let name_map_at = raw.name_map.as_ref().map(|m| &m.referenced);
+    let name_map = match raw.name_map.as_ref().map(|m| &m.value) {
         None => crate::namemap::NameMap::identity(),
         Some(NameMapSpec::Builtin(name)) if name == "identity" => {
             crate::namemap::NameMap::identity()
@@ -969,7 +1074,7 @@ fn fam_settings(
         Some(NameMapSpec::Builtin(name)) => {
             crate::namemap::NameMap::builtin(name).ok_or_else(|| {
                 config_error(
-                    None,
+                    name_map_at,
                     "name_map",
                     format!(
                         "unknown built-in name map `{name}`; built in: identity, {}",
@@ -985,11 +1090,15 @@ fn fam_settings(
     };
     let groups = raw
         .groups
-        .clone()
-        .unwrap_or(GroupsSpec::Template("auto".into()));
+        .as_ref()
+        .map_or(GroupsSpec::Template("auto".into()), |g| g.value.clone());
     if let GroupsSpec::Template(t) = &groups {
         if !["auto", "llama_mlp", "sequential", "none"].contains(&t.as_str()) {
-            return Err(config_error(None, "groups", format!("unknown group template `{t}`; expected auto, llama_mlp, sequential, none or a list")));
+            return Err(config_error(
+                raw.groups.as_ref().map(|g| &g.referenced),
+                "groups",
+                format!("unknown group template `{t}`; expected auto, llama_mlp, sequential, none or a list"),
+            ));
         }
     }
     Ok(FamSettings {
@@ -1137,19 +1246,24 @@ fn safe_m_settings(
         }
     }
     let receiver_params = &raw.models[0].parameters;
-    for key in ["lambda_proj", "lambda_ortho"] {
-        if let Some(v) = receiver_params.get(key) {
-            return Err(config_error(
-                Some(&v.referenced),
-                key,
-                "the receiver (first model) gives nothing, so it takes no λ; set it on a contributor or globally",
-            ));
-        }
-    }
     let global = Lookup {
         model: None,
         global: &raw.parameters,
     };
+    let presets: Vec<(&str, SafeMPreset)> = SAFE_M_PRESETS.iter().map(|p| (p.name, *p)).collect();
+    let preset = global.choice("preset", SAFE_M_SPEC, &presets)?;
+    let symmetric = global.flag("symmetric", preset.variant.symmetric)?;
+    if !symmetric {
+        for key in ["lambda_proj", "lambda_ortho"] {
+            if let Some(v) = receiver_params.get(key) {
+                return Err(config_error(
+                    Some(&v.referenced),
+                    key,
+                    "the receiver (first model) gives nothing, so it takes no λ; set it on a contributor or globally (or use `symmetric: true`)",
+                ));
+            }
+        }
+    }
     let epsilon = global.number(
         "epsilon",
         EPSILON as f64,
@@ -1161,7 +1275,17 @@ fn safe_m_settings(
         model: Some(receiver_params),
         global: &raw.parameters,
     }
-    .election(epsilon)?;
+    .election(epsilon, preset.density)?;
+    let lambdas = |lookup: &Lookup<'_>| -> Result<(f32, f32)> {
+        Ok((
+            lookup.number("lambda_proj", preset.lambda_proj, finite, "(finite)")? as f32,
+            lookup.number("lambda_ortho", preset.lambda_ortho, finite, "(finite)")? as f32,
+        ))
+    };
+    let receiver_lambda = lambdas(&Lookup {
+        model: Some(receiver_params),
+        global: &raw.parameters,
+    })?;
     let contributors = raw.models[1..]
         .iter()
         .map(|m| {
@@ -1169,18 +1293,52 @@ fn safe_m_settings(
                 model: Some(&m.parameters),
                 global: &raw.parameters,
             };
+            let (lambda_proj, lambda_ortho) = lambdas(&lookup)?;
             Ok(SafeMContributor {
-                election: lookup.election(epsilon)?,
-                lambda_proj: lookup.number("lambda_proj", 1.0, finite, "(finite)")? as f32,
-                lambda_ortho: lookup.number("lambda_ortho", 0.5, finite, "(finite)")? as f32,
+                election: lookup.election(epsilon, preset.density)?,
+                lambda_proj,
+                lambda_ortho,
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let variant = Variant {
+        symmetric,
+        receiver_lambda: if symmetric {
+            receiver_lambda
+        } else {
+            (1.0, 1.0)
+        },
+        conflict: global.choice(
+            "conflict",
+            preset.variant.conflict,
+            &[
+                ("drop", ConflictRule::Drop),
+                ("keep", ConflictRule::Keep),
+                ("score", ConflictRule::Score),
+            ],
+        )?,
+        salience: global.choice(
+            "salience",
+            preset.variant.salience,
+            &[
+                ("weight", Salience::Weight),
+                ("task_vector", Salience::TaskVector),
+            ],
+        )?,
+        rescale: global.flag("rescale", preset.variant.rescale)?,
+        activation_lambda: global.choice(
+            "layer_lambda",
+            preset.variant.activation_lambda,
+            &[("fixed", false), ("activation", true)],
+        )?,
+    };
     Ok(SafeMSettings {
         receiver,
         contributors,
         fallback_weight,
         epsilon,
+        variant,
+        preset: preset.name,
     })
 }
 

@@ -6,8 +6,9 @@
 use super::chunks::{add_histograms, par_encode, parallel_select, read, read_all, rows_per_chunk};
 use super::CHUNK_ELEMENTS;
 use crate::baselines::{
-    breadcrumbs_window, count_above, count_equal, dare_drop, dare_keep, dare_rescale, dare_stream,
-    keep_rank_window, linear_combine, magnitude_key, ties_vote, trim_count, TopK,
+    breadcrumbs_window, count_above, count_equal, dare_drop_in_place, dare_keep, dare_rescale,
+    dare_stream, keep_rank_window, linear_combine, magnitude_key, task_arithmetic_combine,
+    trim_count, TopK,
 };
 use crate::config::params::{layer_position, Params};
 use crate::config::MergeMethod;
@@ -16,8 +17,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::TensorPlan;
 use crate::report::{Sparsity, TensorOutcome};
-use crate::select::{RadixSelect, RADIX_BUCKETS};
+use crate::select::{KeyOf, RadixSelect, RADIX_BUCKETS};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a baseline tensor is merged from.
 pub(super) struct BaselineTensor<'a> {
@@ -41,6 +43,9 @@ pub(super) struct BaselineTensor<'a> {
     pub model_index: Vec<usize>,
     /// Whole-model quantities of `ties_reference`.
     pub ties_reference: Option<&'a TiesReference>,
+    /// Called with `k` once contributor `k`'s tensor is no longer read, so
+    /// its pages can leave memory while the task vectors are held.
+    pub done_with_contributor: &'a (dyn Fn(usize) + Sync),
 }
 
 impl BaselineTensor<'_> {
@@ -132,16 +137,16 @@ impl BaselineTensor<'_> {
         Ok(self
             .contributors
             .iter()
-            .map(|view| {
+            .enumerate()
+            .map(|(k, view)| {
                 let mut tau = read_all(view);
                 tau.par_chunks_mut(CHUNK_ELEMENTS)
                     .enumerate()
                     .for_each_init(Vec::new, |b, (chunk, values)| {
                         read(base, chunk * CHUNK_ELEMENTS, values.len(), b);
-                        for (t, x) in values.iter_mut().zip(b.iter()) {
-                            *t -= x;
-                        }
+                        subtract(values, b);
                     });
+                (self.done_with_contributor)(k);
                 tau
             })
             .collect())
@@ -150,6 +155,9 @@ impl BaselineTensor<'_> {
     /// mergekit's generalized task arithmetic: sparsify each `τ_k`, weight,
     /// vote (or sum), normalise, scale by `λ`, add to the base.
     fn task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        if self.method == MergeMethod::TaskArithmetic {
+            return self.streamed_task_arithmetic(out);
+        }
         let mut taus = self.task_vectors()?;
         let rescale = self.flag("rescale");
         let mut sparsity = Vec::new();
@@ -172,12 +180,7 @@ impl BaselineTensor<'_> {
                         tau,
                         CHUNK_ELEMENTS,
                         rescale,
-                        |start, values| {
-                            let mut kept = vec![0f32; values.len()];
-                            let norms = dare_drop(values, key, start as u64, density, &mut kept);
-                            values.copy_from_slice(&kept);
-                            norms
-                        },
+                        |start, values| dare_drop_in_place(values, key, start as u64, density),
                     ))
                 }
                 MergeMethod::Della | MergeMethod::DellaLinear if density < 1.0 => {
@@ -203,45 +206,17 @@ impl BaselineTensor<'_> {
         let weights: Vec<f32> = (0..taus.len())
             .map(|k| self.number("weight", Some(k)).map(|w| w as f32))
             .collect::<Result<_>>()?;
-        let consensus = matches!(
-            self.method,
-            MergeMethod::Ties
-                | MergeMethod::DareTies
-                | MergeMethod::BreadcrumbsTies
-                | MergeMethod::Della
-        );
-        let normalize = self.flag("normalize");
-        let lambda = self.number("lambda", None)? as f32;
-        let weight_sum: f32 = weights.iter().sum();
         let base = self.base()?;
-        type Scratch = (Vec<f32>, Vec<f32>);
+        let combine = self.combiner(weights)?;
         let bytes = par_encode(
             self.plan.numel(),
             out,
             CHUNK_ELEMENTS,
-            |start, values, (b, weighted): &mut Scratch| {
+            |start, values, (b, scratch): &mut (Vec<f32>, Vec<f32>)| {
                 read(base, start, values.len(), b);
-                weighted.resize(taus.len(), 0.0);
-                for (j, v) in values.iter_mut().enumerate() {
-                    for ((w, tau), &wk) in weighted.iter_mut().zip(&taus).zip(&weights) {
-                        *w = wk * tau[start + j];
-                    }
-                    let mixed = if consensus {
-                        ties_vote(weighted, &weights, normalize)
-                    } else {
-                        let sum: f32 = weighted.iter().sum();
-                        if normalize {
-                            sum / if weight_sum.abs() < 1e-8 {
-                                1.0
-                            } else {
-                                weight_sum
-                            }
-                        } else {
-                            sum
-                        }
-                    };
-                    *v = b[j] + lambda * mixed;
-                }
+                let end = start + values.len();
+                let slices: Vec<&[f32]> = taus.iter().map(|t| &t[start..end]).collect();
+                combine.apply(b, &slices, scratch, values);
             },
         );
         Ok((
@@ -251,6 +226,71 @@ impl BaselineTensor<'_> {
                 ..TensorOutcome::default()
             },
         ))
+    }
+
+    /// Plain task arithmetic in one pass: each chunk's task vectors are
+    /// formed, combined and encoded without holding whole task vectors.
+    fn streamed_task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+        let weights: Vec<f32> = (0..self.contributors.len())
+            .map(|k| self.number("weight", Some(k)).map(|w| w as f32))
+            .collect::<Result<_>>()?;
+        let base = self.base()?;
+        let combine = self.combiner(weights)?;
+        let nonzero: Vec<AtomicU64> = self
+            .contributors
+            .iter()
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        type Scratch = (Vec<f32>, Vec<Vec<f32>>, Vec<f32>);
+        let bytes = par_encode(
+            self.plan.numel(),
+            out,
+            CHUNK_ELEMENTS,
+            |start, values, (b, taus, scratch): &mut Scratch| {
+                read(base, start, values.len(), b);
+                taus.resize_with(self.contributors.len(), Vec::new);
+                for ((tau, view), count) in taus.iter_mut().zip(&self.contributors).zip(&nonzero) {
+                    read(view, start, values.len(), tau);
+                    subtract(tau, b);
+                    let kept = tau.iter().filter(|x| **x != 0.0).count();
+                    count.fetch_add(kept as u64, Ordering::Relaxed);
+                }
+                let slices: Vec<&[f32]> = taus.iter().map(Vec::as_slice).collect();
+                combine.apply(b, &slices, scratch, values);
+            },
+        );
+        let sparsity = nonzero
+            .iter()
+            .enumerate()
+            .map(|(contributor, kept)| Sparsity {
+                contributor,
+                kept: kept.load(Ordering::Relaxed),
+                rescale: None,
+            })
+            .collect();
+        Ok((
+            bytes,
+            TensorOutcome {
+                sparsity,
+                ..TensorOutcome::default()
+            },
+        ))
+    }
+
+    /// The final combination of the task-arithmetic family.
+    fn combiner(&self, weights: Vec<f32>) -> Result<Combiner> {
+        Ok(Combiner {
+            weights,
+            consensus: matches!(
+                self.method,
+                MergeMethod::Ties
+                    | MergeMethod::DareTies
+                    | MergeMethod::BreadcrumbsTies
+                    | MergeMethod::Della
+            ),
+            normalize: self.flag("normalize"),
+            lambda: self.number("lambda", None)? as f32,
+        })
     }
 
     fn slerp(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -374,6 +414,36 @@ impl BaselineTensor<'_> {
     }
 }
 
+/// The weights and flags of the task-arithmetic family's final step.
+struct Combiner {
+    weights: Vec<f32>,
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+}
+
+impl Combiner {
+    fn apply(&self, base: &[f32], taus: &[&[f32]], scratch: &mut Vec<f32>, out: &mut [f32]) {
+        task_arithmetic_combine(
+            base,
+            taus,
+            &self.weights,
+            self.consensus,
+            self.normalize,
+            self.lambda,
+            scratch,
+            out,
+        );
+    }
+}
+
+/// `tau −= base`, element-wise (a task vector from a decoded weight).
+fn subtract(tau: &mut [f32], base: &[f32]) {
+    for (t, x) in tau.iter_mut().zip(base) {
+        *t -= x;
+    }
+}
+
 /// `f(a[i], b[i])` over two whole tensors, in parallel chunks.
 fn elementwise(
     a: &TensorView<'_>,
@@ -427,39 +497,39 @@ fn scale(tau: &mut [f32], factor: f32) {
 /// Keeps the entries of descending magnitude rank `[skip, keep)` (ties by
 /// lower index), in parallel chunks with exact tie accounting.
 fn keep_top(tau: &mut [f32], keep: usize, skip: usize) {
-    let top = |k: usize| -> TopK {
-        if k == 0 {
-            return TopK::NONE;
-        }
-        let threshold = parallel_select(tau, k, magnitude_key);
-        let above = tau
-            .par_chunks(CHUNK_ELEMENTS)
-            .map(|c| count_above(c, threshold))
-            .sum();
-        TopK::from_threshold(threshold, above, k)
-    };
-    let (top_keep, top_skip) = (top(keep), (skip > 0).then(|| top(skip)));
-    // Ties before each chunk, for both thresholds, as prefix sums in chunk order.
-    let ties: Vec<(u64, u64)> = tau
+    let threshold = |k: usize| (k > 0).then(|| parallel_select(tau, k, KeyOf::Magnitude));
+    let (keep_key, skip_key) = (threshold(keep), threshold(skip));
+    // One pass counts, per chunk, the entries above and at each threshold;
+    // the ties before each chunk are prefix sums in chunk order.
+    let counts: Vec<[u64; 4]> = tau
         .par_chunks(CHUNK_ELEMENTS)
         .map(|c| {
-            (
-                count_equal(c, top_keep.threshold),
-                top_skip.map_or(0, |s| count_equal(c, s.threshold)),
-            )
+            let [a, b] = [keep_key, skip_key].map(|t| t.map_or((0, 0), |t| above_and_equal(c, t)));
+            [a.0, a.1, b.0, b.1]
         })
         .collect();
-    let mut before = Vec::with_capacity(ties.len());
+    let above = |i: usize| counts.iter().map(|c| c[i]).sum::<u64>();
+    let top = |key: Option<u32>, above: u64, k: usize| {
+        key.map_or(TopK::NONE, |t| TopK::from_threshold(t, above, k))
+    };
+    let top_keep = top(keep_key, above(0), keep);
+    let top_skip = skip_key.map(|t| TopK::from_threshold(t, above(2), skip));
+    let mut before = Vec::with_capacity(counts.len());
     let mut acc = (0u64, 0u64);
-    for t in &ties {
+    for c in &counts {
         before.push(acc);
-        acc = (acc.0 + t.0, acc.1 + t.1);
+        acc = (acc.0 + c[1], acc.1 + c[3]);
     }
     tau.par_chunks_mut(CHUNK_ELEMENTS)
         .zip(before)
         .for_each(|(chunk, before)| {
             keep_rank_window(chunk, &top_keep, top_skip.as_ref(), before);
         });
+}
+
+/// Entries of `chunk` whose magnitude key is above, and equal to, `threshold`.
+fn above_and_equal(chunk: &[f32], threshold: u32) -> (u64, u64) {
+    (count_above(chunk, threshold), count_equal(chunk, threshold))
 }
 
 /// Runs a random drop over chunks of `chunk` elements (`drop(start,

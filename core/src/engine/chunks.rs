@@ -10,8 +10,11 @@ use super::CHUNK_ELEMENTS;
 use crate::dtype::{decode_f32, encode_f32, Dtype};
 use crate::io::TensorView;
 use crate::safe_m::fallback_blend;
-use crate::select::{elect_count, score_key, RadixSelect, RADIX_BUCKETS};
+use crate::select::{
+    elect_count, scan_bracket, KeyOf, RadixSelect, SampleBracket, RADIX_BUCKETS, SAMPLE_SIZE,
+};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Rows per work item for rows of `cols` elements (rows are never split).
 pub(super) fn rows_per_chunk(cols: usize) -> usize {
@@ -102,22 +105,61 @@ pub(super) fn blend(
     )
 }
 
-/// The `m`-th largest key (1-based) of `key(x)` over `data`: a radix select
-/// whose histograms are counted in parallel chunks and summed.
-pub(super) fn parallel_select(data: &[f32], m: usize, key: impl Fn(f32) -> u32 + Sync) -> u32 {
+/// The `m`-th largest key (1-based) of `key(x)` over `data`, exactly: a
+/// sample brackets the key, one parallel pass counts the keys above the
+/// bracket and gathers those inside, and the key is selected among them.
+/// Should the bracket miss (or hold too many equal keys), a radix select
+/// whose histograms are counted in parallel chunks decides. Either way the
+/// result depends on the data alone.
+pub(super) fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
+    if data.len() >= 4 * SAMPLE_SIZE {
+        if let Some(found) = sampled_select(data, m, key) {
+            return found;
+        }
+    }
     let mut select = RadixSelect::new(m);
     while !select.is_done() {
         let hist = data
             .par_chunks(CHUNK_ELEMENTS)
             .map(|chunk| {
                 let mut hist = Box::new([0u64; RADIX_BUCKETS]);
-                select.count_keys(chunk.iter().map(|&x| key(x)), &mut hist);
+                select.count_keys(chunk.iter().map(|&x| key.of(x)), &mut hist);
                 hist
             })
             .reduce(|| Box::new([0u64; RADIX_BUCKETS]), add_histograms);
         select.advance(&hist);
     }
     select.key()
+}
+
+/// [`parallel_select`]'s one-pass path; `None` sends it to the radix select.
+fn sampled_select(data: &[f32], m: usize, key: KeyOf) -> Option<u32> {
+    let n = data.len();
+    let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
+        .map(|i| key.of(data[SampleBracket::sample_index(i, n)]))
+        .collect();
+    let bracket = SampleBracket::from_sample(&mut sample, n, m);
+    // Bounds the memory the candidates take when many keys are equal.
+    let cap = n / 16 + 4096;
+    let gathered = AtomicUsize::new(0);
+    let parts: Vec<(u64, usize, Vec<u32>)> = data
+        .par_chunks(CHUNK_ELEMENTS)
+        .map(|chunk| {
+            let mut inside = Vec::new();
+            let above = scan_bracket(chunk, key, bracket, &mut inside);
+            let count = inside.len();
+            if gathered.fetch_add(count, Ordering::Relaxed) + count > cap {
+                inside = Vec::new();
+            }
+            (above, count, inside)
+        })
+        .collect();
+    let above = parts.iter().map(|p| p.0).sum();
+    if parts.iter().map(|p| p.1).sum::<usize>() > cap {
+        return None;
+    }
+    let mut candidates: Vec<u32> = parts.into_iter().flat_map(|p| p.2).collect();
+    bracket.resolve(above, &mut candidates, m)
 }
 
 /// Adds two radix histograms.
@@ -135,6 +177,109 @@ pub(super) fn add_histograms(
 pub(super) fn parallel_threshold(scores: &[f32], density: f64) -> f32 {
     match elect_count(density, scores.len()) {
         0 => 0.0,
-        m => f32::from_bits(parallel_select(scores, m, score_key)),
+        m => f32::from_bits(parallel_select(scores, m, KeyOf::Score)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::select::kth_largest;
+
+    #[test]
+    fn every_instruction_set_scans_a_bracket_alike() {
+        let data: Vec<f32> = (0..10_007)
+            .map(|i| ((i * 7919) % 1000) as f32 - 500.0)
+            .collect();
+        let bracket = SampleBracket {
+            lo: 100f32.to_bits(),
+            hi: 200f32.to_bits(),
+        };
+        for key in [KeyOf::Score, KeyOf::Magnitude] {
+            let mut reference = Vec::new();
+            let above = crate::select::scan_bracket(&data, key, bracket, &mut reference);
+            let expected: Vec<u32> = data
+                .iter()
+                .map(|&x| key.of(x))
+                .filter(|&k| bracket.holds(k))
+                .collect();
+            assert_eq!(reference, expected);
+            assert_eq!(
+                above,
+                data.iter().filter(|&&x| key.of(x) > bracket.hi).count() as u64
+            );
+        }
+    }
+
+    fn radix(data: &[f32], m: usize) -> u32 {
+        kth_largest(data, m).to_bits()
+    }
+
+    #[test]
+    fn the_sampled_select_agrees_with_the_radix_select() {
+        let n = 300_000;
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let uniform: Vec<f32> = (0..n).map(|_| (next() >> 40) as f32).collect();
+        // Mostly zeros (an update that leaves most entries alone).
+        let sparse: Vec<f32> = (0..n)
+            .map(|_| {
+                if next() % 10 == 0 {
+                    (next() >> 44) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let constant = vec![0.5f32; n];
+        let few_values: Vec<f32> = (0..n).map(|_| (next() % 3) as f32).collect();
+        let ascending: Vec<f32> = (0..n).map(|i| i as f32).collect();
+        // One large column in rows of 1024: a strided sample would see it always or never.
+        let columns: Vec<f32> = (0..n)
+            .map(|i| {
+                if i % 1024 == 0 {
+                    1e6
+                } else {
+                    (next() >> 50) as f32
+                }
+            })
+            .collect();
+        let signed: Vec<f32> = uniform
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 3 == 0 { -x } else { x })
+            .collect();
+        let magnitudes: Vec<f32> = signed.iter().map(|x| x.abs()).collect();
+        assert!(
+            sampled_select(&uniform, n / 5, KeyOf::Score).is_some(),
+            "the one-pass path runs"
+        );
+        for m in [1, 293, n / 5, n] {
+            assert_eq!(
+                parallel_select(&signed, m, KeyOf::Magnitude),
+                radix(&magnitudes, m)
+            );
+        }
+        for data in [
+            &uniform,
+            &sparse,
+            &constant,
+            &few_values,
+            &ascending,
+            &columns,
+        ] {
+            for m in [1, 2, 293, n / 5, n / 2, n - 1, n] {
+                assert_eq!(
+                    parallel_select(data, m, KeyOf::Score),
+                    radix(data, m),
+                    "m = {m}"
+                );
+            }
+        }
     }
 }

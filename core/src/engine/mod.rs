@@ -116,6 +116,12 @@ impl PreparedMerge {
         &self.config
     }
 
+    /// Bytes of tensor data in all the inputs (the base and every model).
+    pub fn input_bytes(&self) -> u64 {
+        let inputs = self.inputs.base.iter().chain(&self.inputs.models);
+        inputs.map(|i| i.checkpoint.total_bytes()).sum()
+    }
+
     /// Runs the merge into `options.out_dir`.
     pub fn run(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
         self.check_output_is_not_an_input(&options.out_dir)?;
@@ -165,7 +171,7 @@ impl PreparedMerge {
                 self.config.method.as_str().to_string(),
             ),
         ]);
-        let mut writer = ShardedWriter::create(
+        let writer = ShardedWriter::create(
             &options.out_dir,
             outputs,
             options.max_shard_bytes,
@@ -173,37 +179,46 @@ impl PreparedMerge {
             options.force,
         )?;
         let mut report = MergeReport::new(&self.config, &self.inputs, &self.plan, writer.shards());
-        let bytes_total = self.plan.out_bytes();
-        let mut bytes_done = 0;
         let ties_reference = self.ties_reference()?;
         let fam = self.fam_state()?;
         if let Some(state) = &fam {
             report.fam = Some(state.report());
         }
-        for (index, tensor) in self.plan.tensors.iter().enumerate() {
-            options.check_cancel()?;
-            let (bytes, outcome) = self
-                .merge_tensor(tensor, ties_reference.as_ref(), fam.as_ref())
-                .map_err(|e| {
-                    if e.tensor().is_some() {
-                        e
-                    } else {
-                        e.with_tensor(&tensor.name)
+        // A writer thread copies tensor k into the file while the pool
+        // computes tensor k + 1. The rendezvous channel bounds memory to two
+        // output tensors: the one being written and the one waiting.
+        let (finished, to_write) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(0);
+        let (computed, writer) = std::thread::scope(|scope| {
+            let writing = scope.spawn(|| self.write_tensors(writer, to_write, options));
+            let computed = (|| -> Result<()> {
+                for (index, tensor) in self.plan.tensors.iter().enumerate() {
+                    options.check_cancel()?;
+                    let merged = self.merge_tensor(tensor, ties_reference.as_ref(), fam.as_ref());
+                    self.release_inputs(tensor);
+                    let (bytes, outcome) = merged.map_err(|e| {
+                        if e.tensor().is_some() {
+                            e
+                        } else {
+                            e.with_tensor(&tensor.name)
+                        }
+                    })?;
+                    report.record(index, outcome);
+                    if finished.send((index, bytes)).is_err() {
+                        // The writer stopped on an error, which it returns.
+                        break;
                     }
-                })?;
-            writer.write_tensor(&tensor.name, &bytes)?;
-            report.record(index, outcome);
-            bytes_done += bytes.len() as u64;
-            if let Some(progress) = options.progress {
-                progress(&Progress {
-                    tensors_done: index + 1,
-                    tensors_total: self.plan.tensors.len(),
-                    bytes_done,
-                    bytes_total,
-                    tensor: &tensor.name,
-                });
-            }
-        }
+                }
+                Ok(())
+            })();
+            drop(finished);
+            let writer = writing
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (computed, writer)
+        });
+        // The writer's error first: a failed write also ends the computation.
+        let mut writer = writer?;
+        computed?;
         let out_dtype = self.config.out_dtype;
         report.copied_files = copy_side_files(
             &mut writer,
@@ -217,6 +232,48 @@ impl PreparedMerge {
         }
         let out_dir = writer.finish()?;
         Ok(MergeSummary { out_dir, report })
+    }
+
+    /// The writer thread: writes the tensors in plan order as they come and
+    /// reports progress; hands the writer back for the side files.
+    fn write_tensors(
+        &self,
+        mut writer: ShardedWriter,
+        to_write: std::sync::mpsc::Receiver<(usize, Vec<u8>)>,
+        options: &MergeOptions<'_>,
+    ) -> Result<ShardedWriter> {
+        let bytes_total = self.plan.out_bytes();
+        let mut bytes_done = 0;
+        for (index, bytes) in to_write {
+            let tensor = &self.plan.tensors[index];
+            writer.write_tensor(&tensor.name, &bytes)?;
+            bytes_done += bytes.len() as u64;
+            if let Some(progress) = options.progress {
+                progress(&Progress {
+                    tensors_done: index + 1,
+                    tensors_total: self.plan.tensors.len(),
+                    bytes_done,
+                    bytes_total,
+                    tensor: &tensor.name,
+                });
+            }
+            // A progress callback may have asked to stop: write nothing more.
+            options.check_cancel()?;
+        }
+        Ok(writer)
+    }
+
+    /// Drops the process's mapping of every input of `tensor`, so resident
+    /// memory stays at a few tensors however large the models are.
+    fn release_inputs(&self, tensor: &TensorPlan) {
+        let source = tensor.source.as_deref().unwrap_or(&tensor.name);
+        if let Some(base) = &self.inputs.base {
+            base.checkpoint.release(&tensor.name);
+        }
+        self.inputs.receiver().checkpoint.release(&tensor.name);
+        for &k in &tensor.contributors {
+            self.inputs.contributor(k).checkpoint.release(source);
+        }
     }
 
     fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
@@ -415,6 +472,10 @@ impl PreparedMerge {
                         .map(|&k| self.inputs.contributors[k])
                         .collect(),
                     ties_reference,
+                    done_with_contributor: &|k| {
+                        let k = tensor.contributors[k];
+                        self.inputs.contributor(k).checkpoint.release(source);
+                    },
                 }
                 .merge()
             }
@@ -437,7 +498,7 @@ impl PreparedMerge {
             ) => {
                 let receiver = self.view(Model::Receiver, &tensor.name)?;
                 let ancestor = self.view(Model::Base, &tensor.name)?;
-                let layers = SafeMLayer::gather(&self.inputs, layer, tensor)?;
+                let layers = SafeMLayer::gather(&self.inputs, layer, tensor, s)?;
                 Ok(safe_m_tensor(
                     tensor,
                     s,
@@ -497,6 +558,15 @@ pub fn thread_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
                 format!("cannot start worker threads: {e}"),
             )
         })
+}
+
+/// The peak resident memory of this process so far, in bytes (Linux
+/// `VmHWM`; `None` elsewhere): what a merge's memory bound is checked with.
+pub fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Opens, plans and runs a merge in one call.

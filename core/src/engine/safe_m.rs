@@ -11,8 +11,8 @@ use crate::plan::{Inputs, TensorPlan};
 use crate::reduce;
 use crate::report::TensorOutcome;
 use crate::safe_m::{
-    fuse_block, output_shift, score_matrix, score_vector, ContributorBlock, Election,
-    ElectionParams, MaskCounts,
+    activation_lambda, fuse_block, fuse_block_with, output_shift, score_matrix, score_vector,
+    task_vector, ContributorBlock, Election, ElectionParams, MaskCounts, Member, Salience, Variant,
 };
 use rayon::prelude::*;
 
@@ -22,6 +22,8 @@ pub(super) struct SafeMLayer<'a> {
     receiver_y: &'a [f32],
     ancestor_y: &'a [f32],
     contributor_y: Vec<&'a [f32]>,
+    /// `layer_lambda: activation`: the layer's λ scale, from the probe rows.
+    lambda_scale: Option<f32>,
 }
 
 impl<'a> SafeMLayer<'a> {
@@ -29,6 +31,7 @@ impl<'a> SafeMLayer<'a> {
         inputs: &'a Inputs,
         layer: &str,
         tensor: &TensorPlan,
+        settings: &SafeMSettings,
     ) -> Result<SafeMLayer<'a>> {
         let missing = || {
             Error::new(
@@ -43,7 +46,37 @@ impl<'a> SafeMLayer<'a> {
             v.as_deref().ok_or_else(missing)
         };
         let base = inputs.base.as_ref().ok_or_else(missing)?;
+        let rows = |input: &'a crate::plan::Input| -> Result<&'a [f32]> {
+            let stats = input.stats.as_ref().ok_or_else(missing)?;
+            let l = stats.0.layer(layer).ok_or_else(missing)?;
+            l.y_rows.as_ref().map(|r| r.data.as_slice()).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Stats,
+                    format!(
+                        "`layer_lambda: activation` (also set by `preset: keep_all`) needs per-example output rows (`{layer}.y_rows`) in every statistics file; record them, or set `layer_lambda: fixed`"
+                    ),
+                )
+            })
+        };
+        let lambda_scale = if settings.variant.activation_lambda {
+            let ancestor = rows(base)?;
+            let mut models = vec![rows(inputs.receiver())?];
+            for &k in &tensor.contributors {
+                models.push(rows(inputs.contributor(k))?);
+            }
+            if models.iter().any(|m| m.len() != ancestor.len()) {
+                return Err(Error::new(
+                    ErrorKind::Stats,
+                    format!("`{layer}.y_rows` differ in size between the statistics files (the same probe set is needed)"),
+                ));
+            }
+            let width = tensor.shape[0];
+            Some(activation_lambda(ancestor, &models, width))
+        } else {
+            None
+        };
         Ok(SafeMLayer {
+            lambda_scale,
             x_mean: if tensor.shape.len() == 2 {
                 get(inputs.receiver(), true)?
             } else {
@@ -61,14 +94,27 @@ impl<'a> SafeMLayer<'a> {
 }
 
 /// Scores of one model over a whole tensor, computed in parallel row chunks.
+/// With `ancestor`, the salience is the task vector `W − W_C`
+/// ([`Salience::TaskVector`]), formed chunk by chunk.
 fn score_tensor(
     view: &TensorView<'_>,
+    ancestor: Option<&TensorView<'_>>,
     u: &[f32],
     v: Option<&[f32]>,
     params: ElectionParams,
 ) -> Vec<f32> {
     let n = view.numel();
     let mut scores = vec![0f32; n];
+    let load = |start: usize, len: usize, w: &mut Vec<f32>, c: &mut Vec<f32>| {
+        read(view, start, len, w);
+        if let Some(ancestor) = ancestor {
+            read(ancestor, start, len, c);
+            let weight = core::mem::take(w);
+            w.resize(len, 0.0);
+            task_vector(&weight, c, w);
+            *c = weight;
+        }
+    };
     match v {
         Some(v) => {
             let cols = v.len();
@@ -76,22 +122,25 @@ fn score_tensor(
             scores
                 .par_chunks_mut(rows * cols)
                 .enumerate()
-                .for_each_init(Vec::new, |w, (chunk, out)| {
-                    let first_row = chunk * rows;
-                    let block_rows = out.len() / cols;
-                    read(view, first_row * cols, out.len(), w);
-                    score_matrix(
-                        w,
-                        &u[first_row..first_row + block_rows],
-                        v,
-                        params.form,
-                        out,
-                    );
-                });
+                .for_each_init(
+                    || (Vec::new(), Vec::new()),
+                    |(w, c), (chunk, out)| {
+                        let first_row = chunk * rows;
+                        let block_rows = out.len() / cols;
+                        load(first_row * cols, out.len(), w, c);
+                        score_matrix(
+                            w,
+                            &u[first_row..first_row + block_rows],
+                            v,
+                            params.form,
+                            out,
+                        );
+                    },
+                );
         }
         None => {
-            let mut w = Vec::new();
-            read(view, 0, n, &mut w);
+            let (mut w, mut c) = (Vec::new(), Vec::new());
+            load(0, n, &mut w, &mut c);
             score_vector(&w, u, params.form, &mut scores);
         }
     }
@@ -110,8 +159,11 @@ pub(super) fn safe_m_tensor(
 ) -> (Vec<u8>, TensorOutcome) {
     let is_weight = tensor.shape.len() == 2;
     let v = is_weight.then_some(layer.x_mean);
+    let variant = &settings.variant;
+    let salient_over = (variant.salience == Salience::TaskVector).then_some(ancestor);
     let receiver_scores = score_tensor(
         receiver,
+        salient_over,
         &output_shift(layer.receiver_y, layer.ancestor_y),
         v,
         settings.receiver,
@@ -124,7 +176,13 @@ pub(super) fn safe_m_tensor(
         .zip(&layer.contributor_y)
         .map(|((&k, view), y)| {
             let params = settings.contributors[k].election;
-            let scores = score_tensor(view, &output_shift(y, layer.ancestor_y), v, params);
+            let scores = score_tensor(
+                view,
+                salient_over,
+                &output_shift(y, layer.ancestor_y),
+                v,
+                params,
+            );
             let threshold = parallel_threshold(&scores, params.density);
             (scores, threshold)
         })
@@ -169,8 +227,49 @@ pub(super) fn safe_m_tensor(
                     lambda_ortho: settings.contributors[k].lambda_ortho,
                 })
                 .collect();
-            let mut counts = vec![MaskCounts::default(); blocks.len()];
             scratch.merged.resize(len, 0.0);
+            if *variant != Variant::default() {
+                let scale = layer.lambda_scale.unwrap_or(1.0);
+                let receiver_election = Election {
+                    scores: &receiver_scores[range.clone()],
+                    threshold: receiver_threshold,
+                };
+                let members: Vec<Member<'_>> = core::iter::once(Member {
+                    weight: &scratch.receiver,
+                    election: receiver_election,
+                    lambda_proj: scale * variant.receiver_lambda.0,
+                    lambda_ortho: scale * variant.receiver_lambda.1,
+                    rescale_cap: (1.0 / settings.receiver.density) as f32,
+                })
+                .chain(
+                    blocks
+                        .iter()
+                        .zip(&tensor.contributors)
+                        .map(|(b, &k)| Member {
+                            weight: b.weight,
+                            election: b.election,
+                            lambda_proj: scale * b.lambda_proj,
+                            lambda_ortho: scale * b.lambda_ortho,
+                            rescale_cap: (1.0 / settings.contributors[k].election.density) as f32,
+                        }),
+                )
+                .collect();
+                let mut counts = vec![MaskCounts::default(); members.len()];
+                fuse_block_with(
+                    &scratch.ancestor,
+                    &members,
+                    direction,
+                    settings.epsilon,
+                    variant,
+                    &mut scratch.merged,
+                    &mut scratch.tau,
+                    &mut counts,
+                );
+                encode_f32(out_dtype, &scratch.merged, bytes);
+                counts.remove(0);
+                return counts;
+            }
+            let mut counts = vec![MaskCounts::default(); blocks.len()];
             fuse_block(
                 &scratch.receiver,
                 &scratch.ancestor,
@@ -199,6 +298,7 @@ pub(super) fn safe_m_tensor(
         receiver_threshold: Some(receiver_threshold),
         thresholds: elections.iter().map(|(_, t)| *t).collect(),
         counts,
+        layer_lambda: layer.lambda_scale,
         ..TensorOutcome::default()
     };
     (out, outcome)

@@ -378,6 +378,16 @@ impl Checkpoint {
         })
     }
 
+    /// Drops this process's mapping of the tensor called `name` (see
+    /// [`MappedFile::release`]): for a merge that is done with it.
+    pub fn release(&self, name: &str) {
+        if let Some(info) = self.info(name) {
+            if let Some(shard) = self.shards.get(info.shard) {
+                shard.map.release(info.begin..info.end);
+            }
+        }
+    }
+
     /// The `__metadata__` of the shards (for several shards: the union, the
     /// first shard winning on conflicting keys); empty if none.
     pub fn metadata(&self) -> &BTreeMap<String, String> {

@@ -25,6 +25,30 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// Lets the kernel drop this process's mapping of `range` (its pages
+    /// stay in the page cache and come back on the next access), so that
+    /// reading a large model tensor by tensor keeps the resident set at a
+    /// few tensors. Advisory: failures are ignored.
+    pub(crate) fn release(&self, range: std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if range.start < range.end && range.end <= self.map.len() {
+            // SAFETY: the map is read-only and never written through, so
+            // dropping its pages loses nothing: a later read faults the
+            // file's bytes in again.
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    range.start,
+                    range.end - range.start,
+                )
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
+}
+
 impl Deref for MappedFile {
     type Target = [u8];
 

@@ -3,6 +3,8 @@
 //! streaming, sharded writer.
 
 mod checkpoint;
+#[doc(hidden)]
+pub mod fault;
 mod json;
 mod mmap;
 mod writer;

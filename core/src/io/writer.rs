@@ -5,10 +5,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::is_plain_file_name;
+use super::fault;
 use super::{INDEX_FILE, SINGLE_FILE};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
@@ -22,6 +23,97 @@ const MAX_HEADER_BYTES: usize = 100_000_000;
 
 /// Buffer of the file writers: large writes pass through, small ones batch.
 const BUFFER_BYTES: usize = 1 << 20;
+
+/// A file being written. Every output file goes through it, so that the
+/// simulated faults of [`fault`] reach every write the tests exercise.
+#[derive(Debug)]
+struct Sink {
+    file: File,
+    budget: Option<fault::Budget>,
+    /// Bytes written so far, and up to where writeback was started.
+    written: u64,
+    writeback_started: u64,
+}
+
+/// Writeback of a file being written is started every this many bytes, so
+/// the disk works while the merge computes and the final fsync is short.
+const WRITEBACK_BYTES: u64 = 64 << 20;
+
+impl Sink {
+    /// Creates (or truncates) `path`.
+    fn create(path: &Path) -> io::Result<Sink> {
+        Ok(Sink {
+            file: File::create(path)?,
+            budget: fault::write_budget(path),
+            written: 0,
+            writeback_started: 0,
+        })
+    }
+
+    /// Flushes the data of `path` (this sink's file) to the disk.
+    fn sync(&self, path: &Path) -> io::Result<()> {
+        sync_handle(&self.file, path)
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = match &self.budget {
+            None => self.file.write(buf)?,
+            Some(budget) => {
+                let allowed = budget.take(buf.len())?;
+                self.file.write(&buf[..allowed])?
+            }
+        };
+        self.written += n as u64;
+        if self.written - self.writeback_started >= WRITEBACK_BYTES {
+            start_writeback(&self.file, self.writeback_started, self.written);
+            self.writeback_started = self.written;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Asks the kernel to start writing bytes `[from, to)` of `file` to the
+/// disk without waiting (Linux `sync_file_range`); advisory, so errors are
+/// left to the final fsync, which reports them.
+fn start_writeback(file: &File, from: u64, to: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain system call on a file descriptor we own.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                from as libc::off64_t,
+                (to - from) as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, from, to);
+}
+
+/// fsync of an open file (or directory) `path`.
+fn sync_handle(file: &File, path: &Path) -> io::Result<()> {
+    match fault::sync_error(path) {
+        Some(e) => Err(e),
+        None => file.sync_all(),
+    }
+}
+
+/// `std::fs::rename`, subject to simulated faults.
+fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    match fault::rename_error(to) {
+        Some(e) => Err(e),
+        None => std::fs::rename(from, to),
+    }
+}
 
 /// Name, dtype and shape of a tensor to be written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +243,7 @@ fn header_bytes(
 #[derive(Debug)]
 pub struct SafetensorsWriter {
     path: PathBuf,
-    out: BufWriter<File>,
+    out: BufWriter<Sink>,
     /// Declared tensors: name and byte size.
     tensors: Vec<(String, u64)>,
     next: usize,
@@ -171,7 +263,7 @@ impl SafetensorsWriter {
     ) -> Result<Self> {
         let sizes = checked_sizes(path, tensors)?;
         let header = header_bytes(path, tensors, &sizes, metadata)?;
-        let file = File::create(path).map_err(|e| Error::io(path, e))?;
+        let file = Sink::create(path).map_err(|e| Error::io(path, e))?;
         let mut out = BufWriter::with_capacity(BUFFER_BYTES, file);
         out.write_all(&header).map_err(|e| Error::io(path, e))?;
         Ok(SafetensorsWriter {
@@ -245,7 +337,7 @@ impl SafetensorsWriter {
             .out
             .into_inner()
             .map_err(|e| Error::io(&path, e.into_error()))?;
-        file.sync_all().map_err(|e| Error::io(&path, e))
+        file.sync(&path).map_err(|e| Error::io(&path, e))
     }
 }
 
@@ -266,6 +358,10 @@ pub struct ShardPlan {
 /// a temporary name beside the destination, and renames it into place at
 /// [`finish`](Self::finish). Dropped unfinished, it removes the temporary
 /// directory: a failed or cancelled merge leaves nothing behind.
+///
+/// While it lives it holds the output's lock (`<parent>/.<name>.lock`), so
+/// a second writer of the same output fails at once with
+/// [`ErrorKind::OutputExists`] instead of racing the first one.
 #[derive(Debug)]
 pub struct ShardedWriter {
     out_dir: PathBuf,
@@ -280,6 +376,9 @@ pub struct ShardedWriter {
     /// File names taken in the directory (shards, index, extra files).
     taken: BTreeSet<String>,
     finished: bool,
+    /// Declared last: dropped (released) only after `Drop` has removed the
+    /// temporary directory.
+    _lock: OutputLock,
 }
 
 impl ShardedWriter {
@@ -328,11 +427,14 @@ impl ShardedWriter {
         plans
     }
 
-    /// Prepares to write the model directory `out_dir`, creating its parent
-    /// if needed and the temporary directory `<parent>/.<name>.tmp-<pid>-<nanos>/`.
+    /// Prepares to write the model directory `out_dir`: creates its parent
+    /// if needed, takes the output's lock and creates the temporary
+    /// directory `<parent>/.<name>.tmp-<pid>-<nanos>/`.
     ///
-    /// If `out_dir` exists, this is [`ErrorKind::OutputExists`] unless
-    /// `force`; with `force` the old directory is replaced only at
+    /// If another writer (in this or another process) holds the lock, this
+    /// is [`ErrorKind::OutputExists`] naming the lock file. If `out_dir`
+    /// exists, this is [`ErrorKind::OutputExists`] unless `force`; with
+    /// `force` the old directory is replaced only at
     /// [`finish`](Self::finish), never before. As a guard against a
     /// mistyped path, `force` replaces only a directory that is empty or
     /// holds a model (`model.safetensors`, `model.safetensors.index.json`
@@ -354,9 +456,10 @@ impl ShardedWriter {
             .or_insert_with(|| "pt".to_string());
         let name = dir_name(out_dir)?;
         checked_sizes(out_dir, &tensors)?;
-        check_replaceable(out_dir, force)?;
         let parent = parent_of(out_dir);
         std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+        let lock = OutputLock::acquire(out_dir, parent.join(format!(".{name}.lock")))?;
+        check_replaceable(out_dir, force)?;
         let temp_dir = parent.join(format!(".{name}.tmp-{}", unique_suffix()));
         std::fs::create_dir(&temp_dir).map_err(|e| Error::io(&temp_dir, e))?;
 
@@ -375,6 +478,7 @@ impl ShardedWriter {
             written_in_shard: 0,
             taken,
             finished: false,
+            _lock: lock,
         })
     }
 
@@ -389,6 +493,30 @@ impl ShardedWriter {
         &self.temp_dir
     }
 
+    /// An error about a file in the temporary directory, told about the
+    /// file the user asked for (`OUT/model.safetensors`, not
+    /// `.OUT.tmp-…/model.safetensors`); an I/O error also says that
+    /// nothing was published, since the writer is about to be dropped.
+    fn for_user(&self, e: Error) -> Error {
+        let file = match e.file().map(|f| f.strip_prefix(&self.temp_dir)) {
+            Some(Ok(rel)) if rel.as_os_str().is_empty() => Some(self.out_dir.clone()),
+            Some(Ok(rel)) => Some(self.out_dir.join(rel)),
+            _ => None,
+        };
+        let e = match file {
+            Some(file) => e.with_file(file),
+            None => e,
+        };
+        if e.kind() != ErrorKind::Io || self.finished {
+            return e;
+        }
+        let message = format!(
+            "{}; the output was not written (its temporary files are removed)",
+            e.message()
+        );
+        e.with_message(message)
+    }
+
     fn open_shard(&self) -> Result<SafetensorsWriter> {
         let plan = &self.shards[self.shard];
         SafetensorsWriter::create(
@@ -401,7 +529,13 @@ impl ShardedWriter {
     /// Appends the bytes of tensor `name`, which must be the next tensor in
     /// the declared order and have exactly its byte size; opens the next
     /// shard as needed and finishes (fsyncs) each shard when it is full.
+    /// Errors name the output's file (not the temporary one).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.try_write_tensor(name, data)
+            .map_err(|e| self.for_user(e))
+    }
+
+    fn try_write_tensor(&mut self, name: &str, data: &[u8]) -> Result<()> {
         if self.shard >= self.shards.len() {
             return Err(Error::new(
                 ErrorKind::InvalidInput,
@@ -447,26 +581,46 @@ impl ShardedWriter {
 
     /// Copies `src` into the output directory as `file_name` (for example
     /// `config.json` from the model whose architecture the output keeps).
+    /// Read errors name `src`, write errors the output's file.
     pub fn copy_file(&mut self, src: &Path, file_name: &str) -> Result<()> {
-        let dst = self.claim(file_name)?;
-        std::fs::copy(src, &dst).map_err(|e| Error::io(src, e))?;
-        sync_file(&dst)
+        let result = self.claim(file_name).and_then(|dst| {
+            let mut from = File::open(src).map_err(|e| Error::io(src, e))?;
+            let mut to = Sink::create(&dst).map_err(|e| Error::io(&dst, e))?;
+            let mut buffer = vec![0u8; 64 * 1024];
+            loop {
+                let n = match std::io::Read::read(&mut from, &mut buffer) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(Error::io(src, e)),
+                };
+                to.write_all(&buffer[..n]).map_err(|e| Error::io(&dst, e))?;
+            }
+            to.sync(&dst).map_err(|e| Error::io(&dst, e))
+        });
+        result.map_err(|e| self.for_user(e))
     }
 
     /// Writes `bytes` into the output directory as `file_name` (for example
     /// `merge_report.json`).
     pub fn write_file(&mut self, file_name: &str, bytes: &[u8]) -> Result<()> {
-        let dst = self.claim(file_name)?;
-        let mut file = File::create(&dst).map_err(|e| Error::io(&dst, e))?;
-        file.write_all(bytes).map_err(|e| Error::io(&dst, e))?;
-        file.sync_all().map_err(|e| Error::io(&dst, e))
+        let result = self
+            .claim(file_name)
+            .and_then(|dst| write_synced(&dst, bytes));
+        result.map_err(|e| self.for_user(e))
     }
 
     /// Checks that every tensor was written, writes the index (several
     /// shards), fsyncs, and renames the temporary directory to the output
     /// directory; with `force`, an existing output is first moved aside,
     /// then removed once the new one is in place. Returns the output path.
+    /// On an error the temporary directory is removed and an output that
+    /// `force` was replacing stays as it was.
     pub fn finish(mut self) -> Result<PathBuf> {
+        self.try_finish().map_err(|e| self.for_user(e))
+    }
+
+    fn try_finish(&mut self) -> Result<PathBuf> {
         while self.shard < self.shards.len() {
             let plan = &self.shards[self.shard];
             if let Some(missing) = plan.tensors.get(self.written_in_shard) {
@@ -487,11 +641,7 @@ impl ShardedWriter {
         }
         if self.shards.len() > 1 {
             let index = self.index_json();
-            let path = self.temp_dir.join(INDEX_FILE);
-            let mut file = File::create(&path).map_err(|e| Error::io(&path, e))?;
-            file.write_all(index.as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| Error::io(&path, e))?;
+            write_synced(&self.temp_dir.join(INDEX_FILE), index.as_bytes())?;
         }
         sync_dir(&self.temp_dir)?;
 
@@ -500,12 +650,12 @@ impl ShardedWriter {
             check_replaceable(&self.out_dir, self.force)?;
             let name = dir_name(&self.out_dir)?;
             let aside = parent.join(format!(".{name}.old-{}", unique_suffix()));
-            std::fs::rename(&self.out_dir, &aside).map_err(|e| Error::io(&self.out_dir, e))?;
+            rename(&self.out_dir, &aside).map_err(|e| Error::io(&self.out_dir, e))?;
             Some(aside)
         } else {
             None
         };
-        if let Err(e) = std::fs::rename(&self.temp_dir, &self.out_dir) {
+        if let Err(e) = rename(&self.temp_dir, &self.out_dir) {
             if let Some(old) = &old {
                 // Put the previous output back: a failed merge changes nothing.
                 let _ = std::fs::rename(old, &self.out_dir);
@@ -519,6 +669,8 @@ impl ShardedWriter {
             // remove it is not an error of the merge.
             let _ = std::fs::remove_dir_all(old);
         }
+        // The output is published: a failed fsync of its parent (the
+        // rename may not yet be durable) is reported but removes nothing.
         sync_dir(&parent)?;
         Ok(self.out_dir.clone())
     }
@@ -615,7 +767,15 @@ fn unique_suffix() -> String {
 
 fn sync_file(path: &Path) -> Result<()> {
     File::open(path)
-        .and_then(|f| f.sync_all())
+        .and_then(|f| sync_handle(&f, path))
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Creates `path` holding `bytes`, fsynced.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = Sink::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync(path))
         .map_err(|e| Error::io(path, e))
 }
 
@@ -664,19 +824,138 @@ pub fn write_atomically(path: &Path, f: impl FnOnce(&Path) -> Result<()>) -> Res
     };
     // Errors name the file the caller asked for, not the temporary one.
     let name_target = |e: Error| match e.file() {
-        Some(file) if file == temp.path => {
-            let mut renamed = Error::new(e.kind(), e.message().to_string()).with_file(path);
-            if let Some(tensor) = e.tensor() {
-                renamed = renamed.with_tensor(tensor);
-            }
-            renamed
-        }
+        Some(file) if file == temp.path => e.with_file(path),
         _ => e,
     };
     f(&temp.path).map_err(name_target)?;
     // `f` need not fsync: the rename must not publish unwritten data.
     sync_file(&temp.path).map_err(name_target)?;
-    std::fs::rename(&temp.path, path).map_err(|e| Error::io(path, e))?;
+    rename(&temp.path, path).map_err(|e| Error::io(path, e))?;
     temp.armed = false;
     sync_dir(&parent)
+}
+
+/// The lock of an output path, `<parent>/.<name>.lock`, held from
+/// [`ShardedWriter::create`] until the writer is dropped: two merges into
+/// one output would otherwise both write and the later rename would
+/// silently replace (with `force`) or fail on the earlier output.
+///
+/// On Unix it is an `flock` on the file, which the kernel releases when the
+/// process dies: a killed merge leaves at most an unlocked file, which the
+/// next merge takes over. The file is removed on release; a waiting
+/// process that opened it just before checks that the path still names
+/// the file it locked. Elsewhere the file is created exclusively and a
+/// stale one must be removed by hand (the error says so).
+#[derive(Debug)]
+struct OutputLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl OutputLock {
+    fn acquire(out_dir: &Path, path: PathBuf) -> Result<OutputLock> {
+        // A retry is needed only when the holder released and removed the
+        // file between our open and our lock: a handful suffices.
+        for _ in 0..16 {
+            let Some(mut file) = lock_file(&path)? else {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                let holder = match holder.trim() {
+                    "" => String::new(),
+                    pid => format!(" (process {pid})"),
+                };
+                return Err(Error::new(
+                    ErrorKind::OutputExists,
+                    format!(
+                        "another merge{holder} is writing this output now (it holds the lock {}); \
+                         wait for it to finish or choose another output{STALE_LOCK_HINT}",
+                        path.display()
+                    ),
+                )
+                .with_file(out_dir));
+            };
+            if !still_named(&file, &path) {
+                continue;
+            }
+            // Who holds it, for the message of a second merge; best effort.
+            let _ = file
+                .set_len(0)
+                .and_then(|()| write!(file, "{}", std::process::id()));
+            return Ok(OutputLock { path, _file: file });
+        }
+        Err(Error::new(
+            ErrorKind::OutputExists,
+            "other merges keep taking this output's lock; run one merge at a time",
+        )
+        .with_file(out_dir))
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the file closes after this), so that
+        // nobody can lock the removed file and think they hold the lock.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(unix)]
+const STALE_LOCK_HINT: &str = "";
+#[cfg(not(unix))]
+const STALE_LOCK_HINT: &str =
+    "; if no merge is running, a crashed one left the lock file: remove it";
+
+/// Opens `path` and locks it exclusively without waiting; `None` when
+/// another process (or another writer in this one) holds it.
+#[cfg(unix)]
+fn lock_file(path: &Path) -> Result<Option<File>> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    loop {
+        // SAFETY: `flock` on a descriptor we own, open for the whole call.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(Some(file));
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(Error::io(path, e)),
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn lock_file(path: &Path) -> Result<Option<File>> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Whether `path` still names the open `file` (not removed or replaced by
+/// an earlier holder's release).
+#[cfg(unix)]
+fn still_named(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_named(_file: &File, _path: &Path) -> bool {
+    true
 }

@@ -1,0 +1,253 @@
+//! End-to-end merge throughput against the read floor of the same files.
+//!
+//! Generates a LLaMA-shaped BF16 family — ancestor `C`, receiver `A`,
+//! contributor `B`, with activation statistics — of about `--size` bytes
+//! per checkpoint (kept under `--dir` and reused by later runs), warms the
+//! page cache, measures the read floor as a parallel scan of the
+//! memory-mapped inputs, then merges with every method in a child process
+//! (`flatmerge merge` as a user runs it: open, plan, merge, write, rename)
+//! and prints wall time, input GB/s, the ratio floor ÷ merge time and the
+//! child's peak RSS.
+//!
+//! Run: `cargo bench --bench throughput -- --size 1.1GB` (defaults:
+//! `--sizes 100MB,400MB`, every method, all cores, best of 3).
+//! Options: `--size S` / `--sizes S1,S2,…`, `--methods m1,m2`, `--threads N`,
+//! `--reps N`, `--dir D` (default `target/throughput`), `--out D` (where
+//! merges are written; default beside the inputs).
+
+use flatmerge::config::{parse_byte_size, MergeConfig};
+use flatmerge::demo::{write_family, LlamaShape};
+use flatmerge::dtype::Dtype;
+use flatmerge::engine::{peak_resident_bytes, thread_pool, MergeOptions, PreparedMerge};
+use flatmerge::io::Checkpoint;
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const METHODS: [&str; 6] = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "safe_m",
+];
+
+struct Options {
+    sizes: Vec<u64>,
+    methods: Vec<String>,
+    threads: Option<usize>,
+    reps: usize,
+    dir: PathBuf,
+    out: Option<PathBuf>,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        child(&args[1..]);
+        return;
+    }
+    let options = parse(&args);
+    println!(
+        "# flatmerge {} merge throughput; {} worker thread(s); best of {}",
+        flatmerge::VERSION,
+        options
+            .threads
+            .map_or_else(|| "all".to_string(), |t| t.to_string()),
+        options.reps
+    );
+    for &size in &options.sizes {
+        run_size(&options, size);
+    }
+}
+
+fn parse(args: &[String]) -> Options {
+    let mut options = Options {
+        sizes: vec![100_000_000, 400_000_000],
+        methods: METHODS.iter().map(|m| m.to_string()).collect(),
+        threads: None,
+        reps: 3,
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/throughput"),
+        out: None,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| panic!("{arg} needs a value"))
+                .clone()
+        };
+        match arg.as_str() {
+            "--size" | "--sizes" => {
+                options.sizes = value()
+                    .split(',')
+                    .map(|s| parse_byte_size(s).unwrap_or_else(|e| panic!("{s}: {e}")))
+                    .collect()
+            }
+            "--methods" => options.methods = value().split(',').map(str::to_string).collect(),
+            "--threads" => options.threads = Some(value().parse().expect("--threads N")),
+            "--reps" => options.reps = value().parse::<usize>().expect("--reps N").max(1),
+            "--dir" => options.dir = PathBuf::from(value()),
+            "--out" => options.out = Some(PathBuf::from(value())),
+            // cargo bench passes `--bench`; criterion-style filters are not used.
+            "--bench" => {}
+            other => panic!("unknown option {other}; see the header of benches/throughput.rs"),
+        }
+    }
+    options
+}
+
+fn run_size(options: &Options, size: u64) {
+    let shape = LlamaShape::with_bytes(size, Dtype::BF16);
+    let dir = options
+        .dir
+        .join(format!("h{}-l{}", shape.hidden, shape.layers));
+    let started = Instant::now();
+    let generated = ensure_family(&dir, &shape);
+    let inputs: Vec<PathBuf> = ["C", "A", "B"]
+        .iter()
+        .map(|m| dir.join(m).join("model.safetensors"))
+        .collect();
+    let input_bytes: u64 = inputs
+        .iter()
+        .map(|p| std::fs::metadata(p).expect("generated").len())
+        .sum();
+    println!(
+        "\n## {} parameters per checkpoint (hidden {}, MLP {}, {} layers), 3 × {:.2} GB BF16 = {:.2} GB of input{}",
+        shape.parameters(),
+        shape.hidden,
+        shape.intermediate,
+        shape.layers,
+        input_bytes as f64 / 3e9,
+        input_bytes as f64 / 1e9,
+        if generated {
+            format!(" (generated in {:.1} s)", started.elapsed().as_secs_f64())
+        } else {
+            String::new()
+        }
+    );
+    let pool = thread_pool(options.threads).expect("thread pool");
+    // Each scan maps the files afresh, as a merge does: the floor includes
+    // the page faults that map page-cache pages into the process. The first
+    // scan warms the page cache.
+    let open_and_scan = || {
+        let maps: Vec<Checkpoint> = ["C", "A", "B"]
+            .iter()
+            .map(|m| Checkpoint::open(&dir.join(m)).expect("open"))
+            .collect();
+        std::hint::black_box(pool.install(|| scan(&maps)));
+    };
+    open_and_scan();
+    let floor = best(options.reps.max(3), open_and_scan);
+    println!(
+        "read floor (parallel scan of the memory-mapped inputs): {:.3} s, {:.2} GB/s\n",
+        floor.as_secs_f64(),
+        input_bytes as f64 / floor.as_secs_f64() / 1e9
+    );
+    println!("| method | wall s | input GB/s | floor ÷ wall | peak RSS MB |");
+    println!("|---|---:|---:|---:|---:|");
+    let out_root = options.out.clone().unwrap_or_else(|| dir.clone());
+    for method in &options.methods {
+        let config = dir.join(format!("{method}.yaml"));
+        std::fs::write(&config, config_text(method)).expect("write config");
+        let out = out_root.join(format!("merged-{method}"));
+        let mut peak = 0u64;
+        let wall = best(options.reps, || {
+            let mut command = Command::new(std::env::current_exe().expect("own path"));
+            command.arg("--child").arg(&config).arg(&out);
+            if let Some(t) = options.threads {
+                command.arg(t.to_string());
+            }
+            let output = command.output().expect("run the merge");
+            assert!(
+                output.status.success(),
+                "{method} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let rss: u64 = String::from_utf8_lossy(&output.stdout)
+                .trim()
+                .parse()
+                .expect("child prints its peak RSS");
+            peak = peak.max(rss);
+        });
+        let _ = std::fs::remove_dir_all(&out);
+        println!(
+            "| {method} | {:.3} | {:.2} | {:.3} | {} |",
+            wall.as_secs_f64(),
+            input_bytes as f64 / wall.as_secs_f64() / 1e9,
+            floor.as_secs_f64() / wall.as_secs_f64(),
+            peak / 1_000_000
+        );
+    }
+}
+
+/// Writes the family once; later runs reuse it (a marker file is written last).
+fn ensure_family(dir: &Path, shape: &LlamaShape) -> bool {
+    let marker = dir.join("complete");
+    if marker.exists() {
+        return false;
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    write_family(dir, shape, Dtype::BF16, 1, 7).expect("generate the family");
+    std::fs::write(&marker, b"").expect("marker");
+    true
+}
+
+/// The merge config of `method` over the generated family (mergekit's
+/// documented parameters; SAFE-M at the SPEC defaults).
+fn config_text(method: &str) -> String {
+    let models = "models:\n  - model: ./A\n    parameters: {weight: 0.5, density: 0.2}\n  - model: ./B\n    parameters: {weight: 0.5, density: 0.2}\n";
+    let base = "base_model: ./C\n";
+    match method {
+        "safe_m" => format!("merge_method: safe_m\n{base}base_model_stats: ./C.stats.safetensors\nmodels:\n  - model: ./A\n    stats: ./A.stats.safetensors\n  - model: ./B\n    stats: ./B.stats.safetensors\n"),
+        "linear" => "merge_method: linear\nmodels:\n  - model: ./A\n    parameters: {weight: 0.5}\n  - model: ./B\n    parameters: {weight: 0.5}\n  - model: ./C\n    parameters: {weight: 0.5}\n".to_string(),
+        _ => format!("merge_method: {method}\n{base}{models}"),
+    }
+}
+
+/// XOR of every 8-byte word of the inputs, in parallel 1 MiB blocks: the
+/// least work that touches every byte.
+fn scan(maps: &[Checkpoint]) -> u64 {
+    maps.iter()
+        .flat_map(|c| c.tensors().iter().filter_map(|t| c.view(&t.name)))
+        .map(|view| {
+            let bytes = view.data;
+            bytes
+                .par_chunks(1 << 20)
+                .map(|block| {
+                    block.chunks_exact(8).fold(0u64, |acc, w| {
+                        acc ^ u64::from_le_bytes(w.try_into().unwrap())
+                    })
+                })
+                .reduce(|| 0, |a, b| a ^ b)
+        })
+        .fold(0, |a, b| a ^ b)
+}
+
+fn best(reps: usize, mut f: impl FnMut()) -> Duration {
+    (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed()
+        })
+        .min()
+        .unwrap_or_default()
+}
+
+/// The merge as `flatmerge merge --force` runs it; prints the peak RSS (bytes).
+fn child(args: &[String]) {
+    let config = MergeConfig::from_file(Path::new(&args[0])).expect("config");
+    let options = MergeOptions {
+        out_dir: PathBuf::from(&args[1]),
+        threads: args.get(2).map(|t| t.parse().expect("threads")),
+        force: true,
+        ..MergeOptions::default()
+    };
+    PreparedMerge::new(config)
+        .and_then(|m| m.run(&options))
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!("{}", peak_resident_bytes().unwrap_or(0));
+}
