@@ -11,6 +11,7 @@
 ///
 /// # Panics
 /// If the slices differ in length.
+#[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len(), "dot: slices differ in length");
     let mut lanes = [0f64; 4];

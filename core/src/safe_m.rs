@@ -5,6 +5,8 @@
 //! from the checkpoints; [`merge_tensor`] chains them on whole in-memory
 //! tensors and is the reference the engine is tested against.
 
+use crate::simd::multiversion;
+
 use crate::reduce;
 use crate::select::{election_threshold, is_elected};
 use alloc::vec;
@@ -61,6 +63,13 @@ pub fn output_shift(y_model: &[f32], y_ancestor: &[f32]) -> Vec<f32> {
 /// (SPEC §1.2). `g'` is never materialised: each element is formed as it
 /// is scored. `weight` holds `u.len()` rows of `v.len()` columns.
 pub fn score_matrix(weight: &[f32], u: &[f32], v: &[f32], form: ScoreForm, out: &mut [f32]) {
+    score_matrix_isa(crate::simd::selected(), weight, u, v, form, out)
+}
+
+multiversion!(fn score_matrix_isa = score_matrix_body(weight: &[f32], u: &[f32], v: &[f32], form: ScoreForm, out: &mut [f32]));
+
+#[inline(always)]
+fn score_matrix_body(weight: &[f32], u: &[f32], v: &[f32], form: ScoreForm, out: &mut [f32]) {
     let cols = v.len();
     assert_eq!(weight.len(), u.len() * cols, "score_matrix: weight size");
     assert_eq!(out.len(), weight.len(), "score_matrix: output size");
@@ -115,6 +124,7 @@ pub fn split_row(row: &[f32], d: &[f32], c: f32, parallel: &mut [f32], orthogona
 
 /// `acc += λ_proj·P + λ_ortho·O` for one row, with `P` and `O` formed on the
 /// fly as in [`split_row`] (SPEC §1.3). `d = None` is a bias: `acc += λ_proj·row`.
+#[inline]
 pub fn add_decoupled(
     acc: &mut [f32],
     row: &[f32],
@@ -217,6 +227,45 @@ impl MaskCounts {
 /// (one per contributor) are incremented.
 #[allow(clippy::too_many_arguments)]
 pub fn fuse_block(
+    receiver: &[f32],
+    ancestor: &[f32],
+    receiver_election: Election<'_>,
+    contributors: &[ContributorBlock<'_>],
+    direction: Option<(&[f32], f64)>,
+    epsilon: f32,
+    out: &mut [f32],
+    tau_scratch: &mut Vec<f32>,
+    counts: &mut [MaskCounts],
+) {
+    fuse_block_isa(
+        crate::simd::selected(),
+        receiver,
+        ancestor,
+        receiver_election,
+        contributors,
+        direction,
+        epsilon,
+        out,
+        tau_scratch,
+        counts,
+    )
+}
+
+multiversion!(fn fuse_block_isa = fuse_block_body(
+    receiver: &[f32],
+    ancestor: &[f32],
+    receiver_election: Election<'_>,
+    contributors: &[ContributorBlock<'_>],
+    direction: Option<(&[f32], f64)>,
+    epsilon: f32,
+    out: &mut [f32],
+    tau_scratch: &mut Vec<f32>,
+    counts: &mut [MaskCounts],
+));
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn fuse_block_body(
     receiver: &[f32],
     ancestor: &[f32],
     receiver_election: Election<'_>,

@@ -31,8 +31,15 @@ impl MappedFile {
     /// reading a large model tensor by tensor keeps the resident set at a
     /// few tensors. Advisory: failures are ignored.
     pub(crate) fn release(&self, range: std::ops::Range<usize>) {
+        // The kernel maps pages around each faulting one ("fault-around",
+        // 64 KiB by default), so reading a tensor also maps the tail of the
+        // one before it; widening the range releases those too (a neighbour
+        // still in use simply faults its pages in again).
+        const FAULT_AROUND: usize = 256 << 10;
+        let range = range.start.saturating_sub(FAULT_AROUND)
+            ..range.end.saturating_add(FAULT_AROUND).min(self.map.len());
         #[cfg(unix)]
-        if range.start < range.end && range.end <= self.map.len() {
+        if range.start < range.end {
             // SAFETY: the map is read-only and never written through, so
             // dropping its pages loses nothing: a later read faults the
             // file's bytes in again.
