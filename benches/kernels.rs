@@ -3,12 +3,16 @@
 //! Run: `cargo bench --bench kernels`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use flatmerge::baselines::{dare_drop_in_place, linear_combine};
 use flatmerge::demo::Rng;
-use flatmerge::dtype::{decode_f32, encode_f32, Dtype};
+use flatmerge::dtype::{decode_f32, decode_f32_with, encode_f32, encode_f32_with, Dtype};
 use flatmerge::safe_m::{
     fuse_block, score_matrix, ContributorBlock, Election, MaskCounts, ScoreForm,
 };
-use flatmerge::select::{election_threshold, kth_largest};
+use flatmerge::select::{
+    election_threshold, kth_largest, scan_bracket, KeyOf, SampleBracket, SAMPLE_SIZE,
+};
+use flatmerge::simd::Isa;
 use std::hint::black_box;
 
 const ROWS: usize = 1024;
@@ -99,5 +103,66 @@ fn kernels(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, kernels);
+/// The conversions, the selection scan and the baseline kernels on every
+/// instruction set this CPU has, in f32 bytes per second, beside a memory
+/// scan of the same f32 bytes.
+fn per_instruction_set(c: &mut Criterion) {
+    let n = ROWS * COLS;
+    let mut rng = Rng::new(1, "bench isa");
+    let values = rng.normals(n, 0.02);
+    let other = rng.normals(n, 0.02);
+    let mut group = c.benchmark_group("isa");
+    group.sample_size(20);
+    group.throughput(Throughput::Bytes((n * 4) as u64));
+    group.bench_function("memory_scan_f32", |b| {
+        b.iter(|| {
+            black_box(&values)
+                .iter()
+                .fold(0u32, |acc, x| acc ^ x.to_bits())
+        })
+    });
+    for isa in Isa::supported() {
+        for dtype in [Dtype::BF16, Dtype::F16] {
+            let mut bytes = vec![0u8; n * 2];
+            encode_f32_with(isa, dtype, &values, &mut bytes);
+            let mut out = vec![0f32; n];
+            group.bench_function(
+                BenchmarkId::new(format!("decode_{dtype}"), isa.as_str()),
+                |b| b.iter(|| decode_f32_with(isa, dtype, black_box(&bytes), &mut out)),
+            );
+            group.bench_function(
+                BenchmarkId::new(format!("encode_{dtype}"), isa.as_str()),
+                |b| b.iter(|| encode_f32_with(isa, dtype, black_box(&values), &mut bytes)),
+            );
+        }
+    }
+    // The kernels below run on the selected instruction set
+    // (`FLATMERGE_SIMD=scalar cargo bench --bench kernels` for the reference).
+    let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
+        .map(|i| KeyOf::Magnitude.of(values[SampleBracket::sample_index(i, n)]))
+        .collect();
+    let bracket = SampleBracket::from_sample(&mut sample, n, n / 5);
+    group.bench_function("scan_bracket_k0.2", |b| {
+        let mut inside = Vec::with_capacity(n / 8);
+        b.iter(|| {
+            inside.clear();
+            scan_bracket(black_box(&values), KeyOf::Magnitude, bracket, &mut inside)
+        })
+    });
+    group.bench_function("radix_kth_largest_k0.2", |b| {
+        let magnitudes: Vec<f32> = values.iter().map(|x| x.abs()).collect();
+        b.iter(|| kth_largest(black_box(&magnitudes), n / 5))
+    });
+    group.bench_function("linear_combine_2", |b| {
+        let mut out = vec![0f32; n];
+        b.iter(|| linear_combine(&[black_box(&values), &other], &[0.5, 0.5], false, &mut out))
+    });
+    group.bench_function("dare_drop_k0.2", |b| {
+        let mut tau = values.clone();
+        b.iter(|| dare_drop_in_place(black_box(&mut tau), 7, 0, 0.2))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, kernels, per_instruction_set);
 criterion_main!(benches);

@@ -53,8 +53,8 @@ impl LlamaShape {
     pub fn with_bytes(bytes: u64, dtype: Dtype) -> LlamaShape {
         let params = bytes / dtype.size() as u64;
         let hidden: usize = match params {
-            p if p < 150_000_000 => 512,
-            p if p < 1_500_000_000 => 2048,
+            p if p < 300_000_000 => 512,
+            p if p < 3_000_000_000 => 2048,
             _ => 4096,
         };
         let vocab = 32000;

@@ -301,24 +301,33 @@ fn fuse_block_body(
     for (contributor, count) in contributors.iter().zip(counts.iter_mut()) {
         assert!(contributor.weight.len() == n && contributor.election.scores.len() == n);
         count.receiver_elected += receiver_elected;
+        // Counts in locals and zipped slices: the mask loop vectorises.
+        let (mut elected, mut conflicts, mut kept) = (0u64, 0u64, 0u64);
+        let (threshold_a, threshold_b) =
+            (receiver_election.threshold, contributor.election.threshold);
         for row_start in (0..n).step_by(cols) {
             let row = row_start..row_start + cols;
             let tau = &mut tau_scratch[..];
-            for (j, i) in row.clone().enumerate() {
-                let tau_a = receiver[i] - ancestor[i];
-                let tau_b = contributor.weight[i] - ancestor[i];
-                let elected_a =
-                    is_elected(receiver_election.scores[i], receiver_election.threshold);
-                let elected_b = is_elected(
-                    contributor.election.scores[i],
-                    contributor.election.threshold,
-                );
+            let scores = receiver_election.scores[row.clone()]
+                .iter()
+                .zip(&contributor.election.scores[row.clone()]);
+            let weights = receiver[row.clone()]
+                .iter()
+                .zip(&ancestor[row.clone()])
+                .zip(&contributor.weight[row.clone()]);
+            for ((t, ((&a, &c), &b)), (&score_a, &score_b)) in
+                tau.iter_mut().zip(weights).zip(scores)
+            {
+                let tau_a = a - c;
+                let tau_b = b - c;
+                let elected_a = is_elected(score_a, threshold_a);
+                let elected_b = is_elected(score_b, threshold_b);
                 let conflict = is_conflict(elected_a, elected_b, tau_a, tau_b);
-                count.elected += elected_b as u64;
-                count.conflicts += conflict as u64;
                 let keep = elected_b && !conflict;
-                count.kept += keep as u64;
-                tau[j] = if keep { tau_b } else { 0.0 };
+                elected += u64::from(elected_b);
+                conflicts += u64::from(conflict);
+                kept += u64::from(keep);
+                *t = if keep { tau_b } else { 0.0 };
             }
             let row_direction =
                 direction.map(|(d, dd)| (d, projection_coefficient(tau, d, dd, epsilon)));
@@ -330,6 +339,9 @@ fn fuse_block_body(
                 contributor.lambda_ortho,
             );
         }
+        count.elected += elected;
+        count.conflicts += conflicts;
+        count.kept += kept;
     }
 }
 

@@ -32,9 +32,40 @@ pub(super) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Ve
     );
 }
 
+/// A zeroed buffer of `n` elements for a whole tensor. Large ones ask for
+/// transparent huge pages: a fresh buffer's page faults (one per 4 KiB,
+/// each zeroing its page) otherwise cost more than the merge arithmetic.
+pub(super) fn tensor_buffer<T: Copy + Default>(n: usize) -> Vec<T> {
+    let mut buffer: Vec<T> = Vec::with_capacity(n);
+    let bytes = n * std::mem::size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= HUGE_PAGE {
+        let start = buffer.as_mut_ptr() as usize;
+        let aligned = start.next_multiple_of(HUGE_PAGE);
+        let end = (start + bytes) / HUGE_PAGE * HUGE_PAGE;
+        if aligned < end {
+            // SAFETY: advice on memory this buffer owns and has not touched;
+            // it changes page sizes, never contents.
+            unsafe {
+                libc::madvise(
+                    aligned as *mut libc::c_void,
+                    end - aligned,
+                    libc::MADV_HUGEPAGE,
+                );
+            }
+        }
+    }
+    buffer.resize(n, T::default());
+    buffer
+}
+
+/// Transparent huge pages are 2 MiB on x86-64 and most aarch64 kernels.
+#[cfg(target_os = "linux")]
+const HUGE_PAGE: usize = 2 << 20;
+
 /// The whole tensor as f32, decoded in parallel.
 pub(super) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
-    let mut out = vec![0f32; view.numel()];
+    let mut out = tensor_buffer::<f32>(view.numel());
     out.par_chunks_mut(CHUNK_ELEMENTS)
         .enumerate()
         .for_each(|(chunk, values)| {
@@ -58,7 +89,7 @@ where
     F: Fn(usize, &mut [f32], &mut S) + Sync,
 {
     let chunk = chunk.max(1);
-    let mut out = vec![0u8; n * out_dtype.size()];
+    let mut out = tensor_buffer::<u8>(n * out_dtype.size());
     out.par_chunks_mut(chunk * out_dtype.size())
         .enumerate()
         .for_each_init(

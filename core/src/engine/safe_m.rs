@@ -2,7 +2,7 @@
 //! exact thresholds, then one fusion pass over row chunks, all calling the
 //! kernels of [`crate::safe_m`].
 
-use super::chunks::{parallel_threshold, read, rows_per_chunk};
+use super::chunks::{parallel_threshold, read, rows_per_chunk, tensor_buffer};
 use crate::config::SafeMSettings;
 use crate::dtype::encode_f32;
 use crate::error::{Error, ErrorKind, Result};
@@ -104,7 +104,7 @@ fn score_tensor(
     params: ElectionParams,
 ) -> Vec<f32> {
     let n = view.numel();
-    let mut scores = vec![0f32; n];
+    let mut scores = tensor_buffer::<f32>(n);
     let load = |start: usize, len: usize, w: &mut Vec<f32>, c: &mut Vec<f32>| {
         read(view, start, len, w);
         if let Some(ancestor) = ancestor {
@@ -196,7 +196,7 @@ pub(super) fn safe_m_tensor(
     let chunk = rows_per_chunk(cols) * cols;
     let out_dtype = tensor.out_dtype;
     let n = tensor.numel();
-    let mut out = vec![0u8; n * out_dtype.size()];
+    let mut out = tensor_buffer::<u8>(n * out_dtype.size());
     let chunk_counts: Vec<Vec<MaskCounts>> = out
         .par_chunks_mut(chunk.max(1) * out_dtype.size())
         .enumerate()
