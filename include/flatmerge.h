@@ -101,6 +101,16 @@ enum flatmerge_status
      */
     FLATMERGE_STATUS_CANCELLED = 11,
     /**
+     * No usable CUDA device: flatmerge was built without the `cuda`
+     * feature, the driver or NVRTC library is missing, or there is no such
+     * device. The message says which; kernels that fall back run on the CPU.
+     */
+    FLATMERGE_STATUS_NO_DEVICE = 12,
+    /**
+     * A CUDA call failed (allocation, copy, launch, kernel compilation).
+     */
+    FLATMERGE_STATUS_DEVICE = 13,
+    /**
      * An error of a kind this version of the C API has no code for.
      */
     FLATMERGE_STATUS_OTHER_ERROR = 99,
@@ -220,6 +230,31 @@ enum flatmerge_score_kind
 typedef enum flatmerge_score_kind flatmerge_score_kind;
 #else
 typedef uint32_t flatmerge_score_kind;
+#endif // __STDC_VERSION__ >= 202311L
+#endif // __cplusplus
+
+/**
+ * Where a kernel ran, for the `backend` output of the CUDA kernels.
+ */
+enum flatmerge_backend
+#if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+  : uint32_t
+#endif // defined(__cplusplus) || __STDC_VERSION__ >= 202311L
+ {
+    /**
+     * On the CPU (the reference): no usable CUDA device.
+     */
+    FLATMERGE_BACKEND_CPU = 0,
+    /**
+     * On a CUDA device.
+     */
+    FLATMERGE_BACKEND_CUDA = 1,
+};
+#ifndef __cplusplus
+#if __STDC_VERSION__ >= 202311L
+typedef enum flatmerge_backend flatmerge_backend;
+#else
+typedef uint32_t flatmerge_backend;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
@@ -435,6 +470,22 @@ typedef struct flatmerge_tensor_contributor {
      */
     float lambda_ortho;
 } flatmerge_tensor_contributor;
+
+/**
+ * Which CUDA device to use and how much of its memory. All zero: device
+ * 0, no limit beyond its free memory.
+ */
+typedef struct flatmerge_cuda_options {
+    /**
+     * CUDA device ordinal.
+     */
+    uint32_t device;
+    /**
+     * Bytes of device memory one call may allocate; 0: the device's free
+     * memory less a reserve. Larger tensors are processed in row chunks.
+     */
+    uint64_t memory_limit;
+} flatmerge_cuda_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -808,6 +859,57 @@ flatmerge_status flatmerge_merge_tensor(const float *receiver,
                                         size_t out_len,
                                         struct flatmerge_mask_counts *counts,
                                         size_t counts_len);
+
+/**
+ * Whether the CUDA device of `options` (NULL: the defaults) can run the
+ * kernels: `FLATMERGE_STATUS_OK`, or `FLATMERGE_STATUS_NO_DEVICE` with
+ * the reason as the last error (built without the `cuda` feature, no
+ * driver or NVRTC library, no such device, kernels that did not compile).
+ * The first call for a device opens it and compiles the kernels with
+ * NVRTC; later calls, here and in the kernels, reuse it. Thread-safe.
+ *
+ * # Safety
+ * A non-NULL `options` must be valid for reads.
+ */
+flatmerge_status flatmerge_cuda_device(const struct flatmerge_cuda_options *options);
+
+/**
+ * `flatmerge_merge_tensor` on a CUDA device: the same arguments, checks
+ * and results, plus `cuda` (NULL: the defaults) and `backend`. Scores,
+ * masks, projection coefficients and fusion run on the device, the
+ * election threshold on the host; the results are bit-identical to
+ * `flatmerge_merge_tensor` (the kernels are compiled without FMA
+ * contraction). Without a usable device the CPU runs it instead: the
+ * status is still `FLATMERGE_STATUS_OK` and `backend` (NULL allowed)
+ * receives `FLATMERGE_BACKEND_CPU`; `flatmerge_cuda_device` says why.
+ * A failing CUDA call is `FLATMERGE_STATUS_DEVICE`; a `memory_limit` too
+ * small for one row is `FLATMERGE_STATUS_INVALID_ARGUMENT`. Thread-safe.
+ *
+ * # Safety
+ * As `flatmerge_merge_tensor`; a non-NULL `cuda` must be valid for reads
+ * and a non-NULL `backend` for writes.
+ */
+flatmerge_status flatmerge_merge_tensor_cuda(const float *receiver,
+                                             size_t receiver_len,
+                                             const float *receiver_y,
+                                             size_t receiver_y_len,
+                                             struct flatmerge_election receiver_election,
+                                             const float *ancestor,
+                                             size_t ancestor_len,
+                                             const float *ancestor_y,
+                                             size_t ancestor_y_len,
+                                             const float *x_mean,
+                                             size_t x_mean_len,
+                                             const struct flatmerge_tensor_contributor *contributors,
+                                             size_t contributors_len,
+                                             bool is_bias,
+                                             float epsilon,
+                                             float *out,
+                                             size_t out_len,
+                                             struct flatmerge_mask_counts *counts,
+                                             size_t counts_len,
+                                             const struct flatmerge_cuda_options *cuda,
+                                             uint32_t *backend);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -99,7 +99,7 @@ impl Gpu {
         }
         // SAFETY: as above.
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-            return Err("NVRTC (libnvrtc.so, CUDA 12) was not found".into());
+            return Err("NVRTC (libnvrtc.so.13, .so.12 or .so.11) was not found".into());
         }
         let count = CudaContext::device_count().map_err(|e| format!("CUDA driver: {e}"))?;
         if ordinal >= usize::try_from(count).unwrap_or(0) {

@@ -17,6 +17,11 @@
 //!
 //! Tensors larger than the device memory a call may use ([`CudaOptions`])
 //! are processed in chunks of whole rows ([`chunks`]).
+//!
+//! Tests: `tests/agreement.rs` compares device and CPU on a GPU (and skips
+//! visibly without one); `tests/emulated.rs` runs `kernels.cu` with the
+//! CUDA built-ins emulated on the CPU, so the kernels' arithmetic is
+//! checked on every machine.
 #![deny(missing_docs)]
 
 pub mod chunks;

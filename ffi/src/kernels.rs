@@ -6,7 +6,9 @@
 use crate::args::{density, disjoint, finite, positive, product, threshold, Buffer, Region};
 use crate::status::{call, flatmerge_status, Failure, Outcome};
 use engine::reduce;
-use engine::safe_m::{self, ContributorBlock, Election, ElectionParams, MaskCounts, ScoreForm};
+use engine::safe_m::{
+    self, ContributorBlock, Election, ElectionParams, MaskCounts, MergedTensor, ScoreForm,
+};
 use engine::select::{self, is_elected};
 
 /// Score forms, for the `kind` field of `flatmerge_score_form` (SPEC §1.2).
@@ -580,88 +582,169 @@ pub unsafe extern "C" fn flatmerge_merge_tensor(
     counts_len: usize,
 ) -> flatmerge_status {
     call(|| {
-        let receiver = Buffer::input(receiver, receiver_len, "receiver")?;
-        let receiver_y = Buffer::input(receiver_y, receiver_y_len, "receiver_y")?;
-        let ancestor = Buffer::input(ancestor, ancestor_len, "ancestor")?;
-        let ancestor_y = Buffer::input(ancestor_y, ancestor_y_len, "ancestor_y")?;
-        let x_mean = match is_bias {
-            true => Buffer::optional_input(x_mean, x_mean_len, "x_mean")?,
-            false => Some(Buffer::input(x_mean, x_mean_len, "x_mean")?),
-        };
-        let list = Buffer::input(contributors, contributors_len, "contributors")?;
-        let out = Buffer::output(out, out_len, "out")?;
-        let counts = Buffer::optional_output(counts, counts_len, "counts")?;
-        let rows = receiver_y_len;
-        let n = match (&x_mean, is_bias) {
-            (Some(x), false) => product(rows, x.len(), "receiver_y_len × x_mean_len")?,
-            _ => rows,
-        };
-        let shape = if is_bias {
-            "receiver_y_len, a bias"
-        } else {
-            "receiver_y_len × x_mean_len"
-        };
-        receiver.expect_len(n, shape)?;
-        ancestor.expect_len(n, shape)?;
-        ancestor_y.expect_len(rows, "receiver_y_len")?;
-        out.expect_len(n, shape)?;
-        if let Some(c) = &counts {
-            c.expect_len(contributors_len, "contributors_len")?;
-        }
-        let receiver_election = election(receiver_election, "receiver_election")?;
-        let epsilon = positive(epsilon, "epsilon")?;
-        let mut inputs: Vec<Region> = vec![
-            (&receiver).into(),
-            (&receiver_y).into(),
-            (&ancestor).into(),
-            (&ancestor_y).into(),
-            (&list).into(),
-        ];
-        inputs.extend(x_mean.as_ref().map(Region::from));
-        // SAFETY: checked above; validity by the caller's contract.
-        let list = unsafe { list.slice() };
-        let mut models = Vec::with_capacity(list.len());
-        for c in list {
-            let weight = Buffer::input(c.weight, c.weight_len, "contributors[].weight")?;
-            let y = Buffer::input(c.y_mean, c.y_mean_len, "contributors[].y_mean")?;
-            weight.expect_len(n, shape)?;
-            y.expect_len(rows, "receiver_y_len")?;
-            inputs.push((&weight).into());
-            inputs.push((&y).into());
-            models.push(safe_m::Contributor {
-                // SAFETY: checked above; validity by the caller's contract.
-                weight: unsafe { weight.slice() },
-                // SAFETY: as above.
-                y_mean: unsafe { y.slice() },
-                election: election(c.election, "contributors[].election")?,
-                lambda_proj: finite(c.lambda_proj, "contributors[].lambda_proj")?,
-                lambda_ortho: finite(c.lambda_ortho, "contributors[].lambda_ortho")?,
-            });
-        }
-        let mut outputs: Vec<Region> = vec![(&out).into()];
-        outputs.extend(counts.as_ref().map(Region::from));
-        disjoint(&outputs, &inputs)?;
-        // SAFETY: checked above; validity by the caller's contract.
-        let merged = unsafe {
-            safe_m::merge_tensor(
-                receiver.slice(),
-                receiver_y.slice(),
+        // SAFETY: forwarded; the caller's contract.
+        unsafe {
+            checked_merge_tensor(
+                receiver,
+                receiver_len,
+                receiver_y,
+                receiver_y_len,
                 receiver_election,
-                ancestor.slice(),
-                ancestor_y.slice(),
-                x_mean.map(|x| x.slice()).unwrap_or(&[]),
-                &models,
+                ancestor,
+                ancestor_len,
+                ancestor_y,
+                ancestor_y_len,
+                x_mean,
+                x_mean_len,
+                contributors,
+                contributors_len,
                 is_bias,
                 epsilon,
+                out,
+                out_len,
+                counts,
+                counts_len,
+                |t| {
+                    Ok(safe_m::merge_tensor(
+                        t.receiver,
+                        t.receiver_y,
+                        t.receiver_election,
+                        t.ancestor,
+                        t.ancestor_y,
+                        t.x_mean,
+                        t.contributors,
+                        t.is_bias,
+                        t.epsilon,
+                    ))
+                },
             )
-        };
-        // SAFETY: checked above.
-        unsafe {
-            out.slice_mut().copy_from_slice(&merged.values);
-            write_counts(counts, &merged.counts);
         }
-        Ok(())
     })
+}
+
+/// The checked arguments of `merge_tensor`, as `flatmerge::safe_m::merge_tensor` takes them.
+pub(crate) struct TensorMerge<'a> {
+    pub receiver: &'a [f32],
+    pub receiver_y: &'a [f32],
+    pub receiver_election: ElectionParams,
+    pub ancestor: &'a [f32],
+    pub ancestor_y: &'a [f32],
+    pub x_mean: &'a [f32],
+    pub contributors: &'a [safe_m::Contributor<'a>],
+    pub is_bias: bool,
+    pub epsilon: f32,
+}
+
+/// Checks the arguments of `flatmerge_merge_tensor` (and of its CUDA
+/// variant), runs `merge` on them and writes its result: the one place
+/// their validation lives.
+///
+/// # Safety
+/// As `flatmerge_merge_tensor`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn checked_merge_tensor(
+    receiver: *const f32,
+    receiver_len: usize,
+    receiver_y: *const f32,
+    receiver_y_len: usize,
+    receiver_election: flatmerge_election,
+    ancestor: *const f32,
+    ancestor_len: usize,
+    ancestor_y: *const f32,
+    ancestor_y_len: usize,
+    x_mean: *const f32,
+    x_mean_len: usize,
+    contributors: *const flatmerge_tensor_contributor,
+    contributors_len: usize,
+    is_bias: bool,
+    epsilon: f32,
+    out: *mut f32,
+    out_len: usize,
+    counts: *mut flatmerge_mask_counts,
+    counts_len: usize,
+    merge: impl FnOnce(&TensorMerge<'_>) -> Outcome<MergedTensor>,
+) -> Outcome {
+    let receiver = Buffer::input(receiver, receiver_len, "receiver")?;
+    let receiver_y = Buffer::input(receiver_y, receiver_y_len, "receiver_y")?;
+    let ancestor = Buffer::input(ancestor, ancestor_len, "ancestor")?;
+    let ancestor_y = Buffer::input(ancestor_y, ancestor_y_len, "ancestor_y")?;
+    let x_mean = match is_bias {
+        true => Buffer::optional_input(x_mean, x_mean_len, "x_mean")?,
+        false => Some(Buffer::input(x_mean, x_mean_len, "x_mean")?),
+    };
+    let list = Buffer::input(contributors, contributors_len, "contributors")?;
+    let out = Buffer::output(out, out_len, "out")?;
+    let counts = Buffer::optional_output(counts, counts_len, "counts")?;
+    let rows = receiver_y_len;
+    let n = match (&x_mean, is_bias) {
+        (Some(x), false) => product(rows, x.len(), "receiver_y_len × x_mean_len")?,
+        _ => rows,
+    };
+    let shape = if is_bias {
+        "receiver_y_len, a bias"
+    } else {
+        "receiver_y_len × x_mean_len"
+    };
+    receiver.expect_len(n, shape)?;
+    ancestor.expect_len(n, shape)?;
+    ancestor_y.expect_len(rows, "receiver_y_len")?;
+    out.expect_len(n, shape)?;
+    if let Some(c) = &counts {
+        c.expect_len(contributors_len, "contributors_len")?;
+    }
+    let receiver_election = election(receiver_election, "receiver_election")?;
+    let epsilon = positive(epsilon, "epsilon")?;
+    let mut inputs: Vec<Region> = vec![
+        (&receiver).into(),
+        (&receiver_y).into(),
+        (&ancestor).into(),
+        (&ancestor_y).into(),
+        (&list).into(),
+    ];
+    inputs.extend(x_mean.as_ref().map(Region::from));
+    // SAFETY: checked above; validity by the caller's contract.
+    let list = unsafe { list.slice() };
+    let mut models = Vec::with_capacity(list.len());
+    for c in list {
+        let weight = Buffer::input(c.weight, c.weight_len, "contributors[].weight")?;
+        let y = Buffer::input(c.y_mean, c.y_mean_len, "contributors[].y_mean")?;
+        weight.expect_len(n, shape)?;
+        y.expect_len(rows, "receiver_y_len")?;
+        inputs.push((&weight).into());
+        inputs.push((&y).into());
+        models.push(safe_m::Contributor {
+            // SAFETY: checked above; validity by the caller's contract.
+            weight: unsafe { weight.slice() },
+            // SAFETY: as above.
+            y_mean: unsafe { y.slice() },
+            election: election(c.election, "contributors[].election")?,
+            lambda_proj: finite(c.lambda_proj, "contributors[].lambda_proj")?,
+            lambda_ortho: finite(c.lambda_ortho, "contributors[].lambda_ortho")?,
+        });
+    }
+    let mut outputs: Vec<Region> = vec![(&out).into()];
+    outputs.extend(counts.as_ref().map(Region::from));
+    disjoint(&outputs, &inputs)?;
+    // SAFETY: checked above; validity by the caller's contract.
+    let merged = merge(unsafe {
+        &TensorMerge {
+            receiver: receiver.slice(),
+            receiver_y: receiver_y.slice(),
+            receiver_election,
+            ancestor: ancestor.slice(),
+            ancestor_y: ancestor_y.slice(),
+            x_mean: x_mean.map(|x| x.slice()).unwrap_or(&[]),
+            contributors: &models,
+            is_bias,
+            epsilon,
+        }
+    })?;
+    // SAFETY: checked above.
+    unsafe {
+        out.slice_mut().copy_from_slice(&merged.values);
+        write_counts(counts, &merged.counts);
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -28,6 +28,9 @@ pub mod recorder;
 
 pub mod kernels;
 
+pub mod cuda;
+
+pub use cuda::*;
 pub use kernels::*;
 pub use merge::*;
 pub use recorder::*;

@@ -40,6 +40,12 @@ pub enum flatmerge_status {
     InvalidInput = 10,
     /// The caller cancelled the merge; nothing was written.
     Cancelled = 11,
+    /// No usable CUDA device: flatmerge was built without the `cuda`
+    /// feature, the driver or NVRTC library is missing, or there is no such
+    /// device. The message says which; kernels that fall back run on the CPU.
+    NoDevice = 12,
+    /// A CUDA call failed (allocation, copy, launch, kernel compilation).
+    Device = 13,
     /// An error of a kind this version of the C API has no code for.
     OtherError = 99,
     /// A pointer argument that must not be NULL was NULL.
@@ -59,7 +65,7 @@ pub enum flatmerge_status {
 }
 
 /// Every code, for the describe function and the tests.
-const ALL: [flatmerge_status; 18] = [
+const ALL: [flatmerge_status; 20] = [
     flatmerge_status::Ok,
     flatmerge_status::Io,
     flatmerge_status::Format,
@@ -72,6 +78,8 @@ const ALL: [flatmerge_status; 18] = [
     flatmerge_status::OutputExists,
     flatmerge_status::InvalidInput,
     flatmerge_status::Cancelled,
+    flatmerge_status::NoDevice,
+    flatmerge_status::Device,
     flatmerge_status::OtherError,
     flatmerge_status::NullPointer,
     flatmerge_status::InvalidArgument,
@@ -123,6 +131,8 @@ impl flatmerge_status {
             flatmerge_status::OutputExists => "the output exists and `force` was not set",
             flatmerge_status::InvalidInput => "a value is not allowed",
             flatmerge_status::Cancelled => "the merge was cancelled; nothing was written",
+            flatmerge_status::NoDevice => "no usable CUDA device",
+            flatmerge_status::Device => "a CUDA call failed",
             flatmerge_status::OtherError => "an error this version of the C API has no code for",
             flatmerge_status::NullPointer => "a pointer argument was NULL",
             flatmerge_status::InvalidArgument => "an argument is out of range or inconsistent",
@@ -266,12 +276,12 @@ mod tests {
         let numbers: Vec<u32> = ALL.iter().map(|s| *s as u32).collect();
         assert_eq!(
             numbers,
-            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 99, 100, 101, 102, 103, 104]
+            [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 99, 100, 101, 102, 103, 104]
         );
         for s in ALL {
             assert_eq!(flatmerge_status::from_code(s as u32), Some(s));
         }
-        assert_eq!(flatmerge_status::from_code(12), None);
+        assert_eq!(flatmerge_status::from_code(14), None);
     }
 
     #[test]

@@ -155,7 +155,10 @@ impl BaselineTensor<'_> {
     /// mergekit's generalized task arithmetic: sparsify each `τ_k`, weight,
     /// vote (or sum), normalise, scale by `λ`, add to the base.
     fn task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        if self.method == MergeMethod::TaskArithmetic {
+        if matches!(
+            self.method,
+            MergeMethod::TaskArithmetic | MergeMethod::DareLinear | MergeMethod::DareTies
+        ) {
             return self.streamed_task_arithmetic(out);
         }
         let mut taus = self.task_vectors()?;
@@ -173,15 +176,6 @@ impl BaselineTensor<'_> {
                     let gamma = self.number("gamma", Some(k))?;
                     let (a, b) = breadcrumbs_window(density, gamma, tau.len());
                     rescaled(tau, rescale, |tau| keep_top(tau, b, a))
-                }
-                MergeMethod::DareLinear | MergeMethod::DareTies if density < 1.0 => {
-                    let key = dare_stream(self.seed, k, &self.plan.name);
-                    Some(drop_and_rescale(
-                        tau,
-                        CHUNK_ELEMENTS,
-                        rescale,
-                        |start, values| dare_drop_in_place(values, key, start as u64, density),
-                    ))
                 }
                 MergeMethod::Della | MergeMethod::DellaLinear if density < 1.0 => {
                     let epsilon = self.number("epsilon", Some(k))?;
@@ -228,14 +222,56 @@ impl BaselineTensor<'_> {
         ))
     }
 
-    /// Plain task arithmetic in one pass: each chunk's task vectors are
-    /// formed, combined and encoded without holding whole task vectors.
+    /// Task arithmetic and DARE without whole task vectors: each chunk's
+    /// task vectors are formed, dropped, rescaled, combined and encoded in
+    /// one pass. DARE's L1 rescale needs the tensor's norms first: a pass
+    /// before computes them over the same chunks, in the same order, as the
+    /// whole-tensor path would.
     fn streamed_task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
         let weights: Vec<f32> = (0..self.contributors.len())
             .map(|k| self.number("weight", Some(k)).map(|w| w as f32))
             .collect::<Result<_>>()?;
         let base = self.base()?;
         let combine = self.combiner(weights)?;
+        let n = self.plan.numel();
+        let dare = matches!(self.method, MergeMethod::DareLinear | MergeMethod::DareTies);
+        let rescale = self.flag("rescale");
+        let mut drops: Vec<Option<DareDrop>> = Vec::new();
+        for (k, view) in self.contributors.iter().enumerate() {
+            let density = self.number("density", Some(k))?;
+            if !dare || density >= 1.0 {
+                drops.push(None);
+                continue;
+            }
+            let key = dare_stream(self.seed, k, &self.plan.name);
+            let factor = if rescale {
+                let norms: Vec<(f64, f64)> = (0..n.div_ceil(CHUNK_ELEMENTS))
+                    .into_par_iter()
+                    .map_init(
+                        || (Vec::new(), Vec::new()),
+                        |(b, tau), chunk| {
+                            let start = chunk * CHUNK_ELEMENTS;
+                            let len = CHUNK_ELEMENTS.min(n - start);
+                            read(base, start, len, b);
+                            read(view, start, len, tau);
+                            subtract(tau, b);
+                            dare_drop_in_place(tau, key, start as u64, density)
+                        },
+                    )
+                    .collect();
+                let (all, kept) = norms
+                    .iter()
+                    .fold((0f64, 0f64), |(a, k), (x, y)| (a + x, k + y));
+                dare_rescale(all, kept)
+            } else {
+                1.0
+            };
+            drops.push(Some(DareDrop {
+                key,
+                density,
+                factor,
+            }));
+        }
         let nonzero: Vec<AtomicU64> = self
             .contributors
             .iter()
@@ -243,15 +279,20 @@ impl BaselineTensor<'_> {
             .collect();
         type Scratch = (Vec<f32>, Vec<Vec<f32>>, Vec<f32>);
         let bytes = par_encode(
-            self.plan.numel(),
+            n,
             out,
             CHUNK_ELEMENTS,
             |start, values, (b, taus, scratch): &mut Scratch| {
                 read(base, start, values.len(), b);
                 taus.resize_with(self.contributors.len(), Vec::new);
-                for ((tau, view), count) in taus.iter_mut().zip(&self.contributors).zip(&nonzero) {
+                let inputs = self.contributors.iter().zip(&drops).zip(&nonzero);
+                for (tau, ((view, drop), count)) in taus.iter_mut().zip(inputs) {
                     read(view, start, values.len(), tau);
                     subtract(tau, b);
+                    if let Some(drop) = drop {
+                        dare_drop_in_place(tau, drop.key, start as u64, drop.density);
+                        scale_chunk(tau, drop.factor);
+                    }
                     let kept = tau.iter().filter(|x| **x != 0.0).count();
                     count.fetch_add(kept as u64, Ordering::Relaxed);
                 }
@@ -261,11 +302,12 @@ impl BaselineTensor<'_> {
         );
         let sparsity = nonzero
             .iter()
+            .zip(&drops)
             .enumerate()
-            .map(|(contributor, kept)| Sparsity {
+            .map(|(contributor, (kept, drop))| Sparsity {
                 contributor,
                 kept: kept.load(Ordering::Relaxed),
-                rescale: None,
+                rescale: drop.as_ref().map(|d| d.factor),
             })
             .collect();
         Ok((
@@ -434,6 +476,24 @@ impl Combiner {
             scratch,
             out,
         );
+    }
+}
+
+/// DARE's drop of one contributor in the streamed pass.
+struct DareDrop {
+    key: u64,
+    density: f64,
+    /// The L1 rescale factor (1 without `rescale`).
+    factor: f32,
+}
+
+/// Multiplies every entry of a chunk by `factor` (skipped for 1), as
+/// [`scale`] does on a whole task vector.
+fn scale_chunk(tau: &mut [f32], factor: f32) {
+    if factor != 1.0 {
+        for x in tau.iter_mut() {
+            *x *= factor;
+        }
     }
 }
 
