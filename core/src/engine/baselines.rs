@@ -12,12 +12,13 @@ use crate::baselines::{
 };
 use crate::config::params::{layer_position, Params};
 use crate::config::MergeMethod;
+use crate::dtype::decode_f32;
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::TensorPlan;
 use crate::report::{Sparsity, TensorOutcome};
-use crate::select::{KeyOf, RadixSelect, RADIX_BUCKETS};
+use crate::select::{scan_bracket, KeyOf, RadixSelect, SampleBracket, RADIX_BUCKETS, SAMPLE_SIZE};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -159,7 +160,20 @@ impl BaselineTensor<'_> {
             self.method,
             MergeMethod::TaskArithmetic | MergeMethod::DareLinear | MergeMethod::DareTies
         ) {
-            return self.streamed_task_arithmetic(out);
+            return self.streamed_task_arithmetic(out, None);
+        }
+        if self.method == MergeMethod::Ties && !self.flag("rescale") {
+            let keeps = (0..self.contributors.len())
+                .map(|k| {
+                    Ok(trim_count(
+                        self.number("density", Some(k))?,
+                        self.plan.numel(),
+                    ))
+                })
+                .collect::<Result<Vec<usize>>>()?;
+            if let Some(tops) = self.streamed_top_k(&keeps) {
+                return self.streamed_task_arithmetic(out, Some(&tops));
+            }
         }
         let mut taus = self.task_vectors()?;
         let rescale = self.flag("rescale");
@@ -227,7 +241,11 @@ impl BaselineTensor<'_> {
     /// one pass. DARE's L1 rescale needs the tensor's norms first: a pass
     /// before computes them over the same chunks, in the same order, as the
     /// whole-tensor path would.
-    fn streamed_task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
+    fn streamed_task_arithmetic(
+        &self,
+        out: Dtype,
+        tops: Option<&[StreamedTop]>,
+    ) -> Result<(Vec<u8>, TensorOutcome)> {
         let weights: Vec<f32> = (0..self.contributors.len())
             .map(|k| self.number("weight", Some(k)).map(|w| w as f32))
             .collect::<Result<_>>()?;
@@ -286,12 +304,16 @@ impl BaselineTensor<'_> {
                 read(base, start, values.len(), b);
                 taus.resize_with(self.contributors.len(), Vec::new);
                 let inputs = self.contributors.iter().zip(&drops).zip(&nonzero);
-                for (tau, ((view, drop), count)) in taus.iter_mut().zip(inputs) {
+                for (k, (tau, ((view, drop), count))) in taus.iter_mut().zip(inputs).enumerate() {
                     read(view, start, values.len(), tau);
                     subtract(tau, b);
                     if let Some(drop) = drop {
                         dare_drop_in_place(tau, drop.key, start as u64, drop.density);
                         scale_chunk(tau, drop.factor);
+                    }
+                    if let Some(top) = tops.map(|tops| &tops[k]) {
+                        let before = top.ties_before[start / CHUNK_ELEMENTS];
+                        keep_rank_window(tau, &top.top, None, (before, 0));
                     }
                     let kept = tau.iter().filter(|x| **x != 0.0).count();
                     count.fetch_add(kept as u64, Ordering::Relaxed);
@@ -317,6 +339,95 @@ impl BaselineTensor<'_> {
                 ..TensorOutcome::default()
             },
         ))
+    }
+
+    /// TIES' trim without holding task vectors: the exact top-`keeps[k]`
+    /// of each contributor's `|τ_k|`, as [`keep_top`] finds it, from a
+    /// sample and one pass that gathers the keys near each threshold per
+    /// chunk (which also gives each chunk's ties). `None` when a sample
+    /// misleads or too many keys are equal: the caller then holds the task
+    /// vectors.
+    fn streamed_top_k(&self, keeps: &[usize]) -> Option<Vec<StreamedTop>> {
+        let n = self.plan.numel();
+        if n < 4 * SAMPLE_SIZE {
+            return None;
+        }
+        let base = self.base().ok()?;
+        let chunks = n.div_ceil(CHUNK_ELEMENTS);
+        let element = |view: &TensorView<'_>, i: usize| {
+            let size = view.dtype.size();
+            let mut x = [0f32];
+            decode_f32(view.dtype, &view.data[i * size..(i + 1) * size], &mut x);
+            x[0]
+        };
+        let brackets: Vec<SampleBracket> = self
+            .contributors
+            .iter()
+            .zip(keeps)
+            .map(|(view, &keep)| {
+                let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
+                    .map(|i| {
+                        let at = SampleBracket::sample_index(i, n);
+                        KeyOf::Magnitude.of(element(view, at) - element(base, at))
+                    })
+                    .collect();
+                SampleBracket::from_sample(&mut sample, n, keep.max(1))
+            })
+            .collect();
+        // Per chunk and contributor: keys above the bracket, keys inside it.
+        let parts: Vec<Vec<(u64, Vec<u32>)>> = (0..chunks)
+            .into_par_iter()
+            .map_init(
+                || (Vec::new(), Vec::new()),
+                |(b, tau), chunk| {
+                    let start = chunk * CHUNK_ELEMENTS;
+                    let len = CHUNK_ELEMENTS.min(n - start);
+                    read(base, start, len, b);
+                    self.contributors
+                        .iter()
+                        .zip(&brackets)
+                        .map(|(view, &bracket)| {
+                            read(view, start, len, tau);
+                            subtract(tau, b);
+                            let mut inside = Vec::new();
+                            let above = scan_bracket(tau, KeyOf::Magnitude, bracket, &mut inside);
+                            (above, inside)
+                        })
+                        .collect()
+                },
+            )
+            .collect();
+        let mut tops = Vec::with_capacity(keeps.len());
+        for (k, (&keep, bracket)) in keeps.iter().zip(&brackets).enumerate() {
+            if keep == 0 {
+                tops.push(StreamedTop {
+                    top: TopK::NONE,
+                    ties_before: vec![0; chunks],
+                });
+                continue;
+            }
+            let above_bracket: u64 = parts.iter().map(|p| p[k].0).sum();
+            let mut candidates: Vec<u32> =
+                parts.iter().flat_map(|p| p[k].1.iter().copied()).collect();
+            if candidates.len() > n / 16 + 4096 {
+                return None;
+            }
+            let threshold = bracket.resolve(above_bracket, &mut candidates, keep)?;
+            let mut above = 0u64;
+            let mut ties_before = Vec::with_capacity(chunks);
+            let mut ties = 0u64;
+            for part in &parts {
+                let (above_chunk, inside) = &part[k];
+                ties_before.push(ties);
+                above += above_chunk + inside.iter().filter(|&&key| key > threshold).count() as u64;
+                ties += inside.iter().filter(|&&key| key == threshold).count() as u64;
+            }
+            tops.push(StreamedTop {
+                top: TopK::from_threshold(threshold, above, keep),
+                ties_before,
+            });
+        }
+        Some(tops)
     }
 
     /// The final combination of the task-arithmetic family.
@@ -477,6 +588,13 @@ impl Combiner {
             out,
         );
     }
+}
+
+/// TIES' trim of one contributor in the streamed pass: its top-k and the
+/// ties at the threshold in the chunks before each chunk.
+struct StreamedTop {
+    top: TopK,
+    ties_before: Vec<u64>,
 }
 
 /// DARE's drop of one contributor in the streamed pass.
