@@ -399,22 +399,149 @@ pub fn merge_tensor(
     is_bias: bool,
     epsilon: f32,
 ) -> MergedTensor {
+    let merged = merge_tensor_on(
+        &CpuKernels,
+        receiver,
+        receiver_y,
+        receiver_election,
+        ancestor,
+        ancestor_y,
+        x_mean,
+        contributors,
+        is_bias,
+        epsilon,
+    );
+    match merged {
+        Ok(merged) => merged,
+        Err(never) => match never {},
+    }
+}
+
+/// The element-wise stages of [`merge_tensor`], so that another device
+/// (the CUDA crate) can run them while the orchestration — output shifts,
+/// exact thresholds, the projection direction — stays here, once.
+pub trait Kernels {
+    /// What a failed kernel reports.
+    type Error;
+    /// [`score_matrix`].
+    fn score_matrix(
+        &self,
+        weight: &[f32],
+        u: &[f32],
+        v: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Self::Error>;
+    /// [`score_vector`].
+    fn score_vector(
+        &self,
+        bias: &[f32],
+        u: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Self::Error>;
+    /// [`fuse_block`] on a whole tensor.
+    #[allow(clippy::too_many_arguments)]
+    fn fuse_block(
+        &self,
+        receiver: &[f32],
+        ancestor: &[f32],
+        receiver_election: Election<'_>,
+        contributors: &[ContributorBlock<'_>],
+        direction: Option<(&[f32], f64)>,
+        epsilon: f32,
+        out: &mut [f32],
+        counts: &mut [MaskCounts],
+    ) -> Result<(), Self::Error>;
+}
+
+/// This crate's kernels (the reference).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuKernels;
+
+impl Kernels for CpuKernels {
+    type Error = core::convert::Infallible;
+
+    fn score_matrix(
+        &self,
+        weight: &[f32],
+        u: &[f32],
+        v: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Self::Error> {
+        score_matrix(weight, u, v, form, out);
+        Ok(())
+    }
+
+    fn score_vector(
+        &self,
+        bias: &[f32],
+        u: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Self::Error> {
+        score_vector(bias, u, form, out);
+        Ok(())
+    }
+
+    fn fuse_block(
+        &self,
+        receiver: &[f32],
+        ancestor: &[f32],
+        receiver_election: Election<'_>,
+        contributors: &[ContributorBlock<'_>],
+        direction: Option<(&[f32], f64)>,
+        epsilon: f32,
+        out: &mut [f32],
+        counts: &mut [MaskCounts],
+    ) -> Result<(), Self::Error> {
+        let mut scratch = Vec::new();
+        fuse_block(
+            receiver,
+            ancestor,
+            receiver_election,
+            contributors,
+            direction,
+            epsilon,
+            out,
+            &mut scratch,
+            counts,
+        );
+        Ok(())
+    }
+}
+
+/// [`merge_tensor`] with the element-wise stages run by `kernels`.
+#[allow(clippy::too_many_arguments)]
+pub fn merge_tensor_on<K: Kernels>(
+    kernels: &K,
+    receiver: &[f32],
+    receiver_y: &[f32],
+    receiver_election: ElectionParams,
+    ancestor: &[f32],
+    ancestor_y: &[f32],
+    x_mean: &[f32],
+    contributors: &[Contributor<'_>],
+    is_bias: bool,
+    epsilon: f32,
+) -> Result<MergedTensor, K::Error> {
     let scores_of = |weight: &[f32], y: &[f32], params: ElectionParams| {
         let u = output_shift(y, ancestor_y);
         let mut scores = vec![0.0f32; weight.len()];
         if is_bias {
-            score_vector(weight, &u, params.form, &mut scores);
+            kernels.score_vector(weight, &u, params.form, &mut scores)?;
         } else {
-            score_matrix(weight, &u, x_mean, params.form, &mut scores);
+            kernels.score_matrix(weight, &u, x_mean, params.form, &mut scores)?;
         }
         let threshold = election_threshold(&scores, params.density);
-        (scores, threshold)
+        Ok((scores, threshold))
     };
-    let (scores_a, threshold_a) = scores_of(receiver, receiver_y, receiver_election);
+    let (scores_a, threshold_a) = scores_of(receiver, receiver_y, receiver_election)?;
     let elected: Vec<(Vec<f32>, f32)> = contributors
         .iter()
         .map(|c| scores_of(c.weight, c.y_mean, c.election))
-        .collect();
+        .collect::<Result<_, K::Error>>()?;
     let blocks: Vec<ContributorBlock<'_>> = contributors
         .iter()
         .zip(&elected)
@@ -431,8 +558,7 @@ pub fn merge_tensor(
     let direction = (!is_bias).then(|| (x_mean, reduce::sum_squares(x_mean)));
     let mut values = vec![0.0f32; receiver.len()];
     let mut counts = vec![MaskCounts::default(); contributors.len()];
-    let mut scratch = Vec::new();
-    fuse_block(
+    kernels.fuse_block(
         receiver,
         ancestor,
         Election {
@@ -443,10 +569,9 @@ pub fn merge_tensor(
         direction,
         epsilon,
         &mut values,
-        &mut scratch,
         &mut counts,
-    );
-    MergedTensor { values, counts }
+    )?;
+    Ok(MergedTensor { values, counts })
 }
 
 // ---------------------------------------------------------------------------

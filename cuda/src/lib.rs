@@ -30,7 +30,7 @@ mod device;
 
 use flatmerge::safe_m::{self, Contributor, ContributorBlock, Election, ElectionParams};
 use flatmerge::safe_m::{MaskCounts, MergedTensor, ScoreForm};
-use flatmerge::{fam, reduce, select};
+use flatmerge::{fam, select};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 #[cfg(feature = "cuda")]
@@ -349,65 +349,18 @@ impl Accelerator {
         is_bias: bool,
         epsilon: f32,
     ) -> Result<MergedTensor, Error> {
-        if !self.is_gpu() {
-            return Ok(safe_m::merge_tensor(
-                receiver,
-                receiver_y,
-                receiver_election,
-                ancestor,
-                ancestor_y,
-                x_mean,
-                contributors,
-                is_bias,
-                epsilon,
-            ));
-        }
-        let scores_of = |weight: &[f32], y: &[f32], params: ElectionParams| {
-            let u = safe_m::output_shift(y, ancestor_y);
-            let mut scores = vec![0.0f32; weight.len()];
-            if is_bias {
-                self.score_vector(weight, &u, params.form, &mut scores)?;
-            } else {
-                self.score_matrix(weight, &u, x_mean, params.form, &mut scores)?;
-            }
-            let threshold = select::election_threshold(&scores, params.density);
-            Ok::<_, Error>((scores, threshold))
-        };
-        let (scores_a, threshold_a) = scores_of(receiver, receiver_y, receiver_election)?;
-        let elected = contributors
-            .iter()
-            .map(|c| scores_of(c.weight, c.y_mean, c.election))
-            .collect::<Result<Vec<_>, _>>()?;
-        let blocks: Vec<ContributorBlock<'_>> = contributors
-            .iter()
-            .zip(&elected)
-            .map(|(c, (scores, threshold))| ContributorBlock {
-                weight: c.weight,
-                election: Election {
-                    scores,
-                    threshold: *threshold,
-                },
-                lambda_proj: c.lambda_proj,
-                lambda_ortho: c.lambda_ortho,
-            })
-            .collect();
-        let direction = (!is_bias).then(|| (x_mean, reduce::sum_squares(x_mean)));
-        let mut values = vec![0.0f32; receiver.len()];
-        let mut counts = vec![MaskCounts::default(); contributors.len()];
-        self.fuse_block(
+        safe_m::merge_tensor_on(
+            self,
             receiver,
+            receiver_y,
+            receiver_election,
             ancestor,
-            Election {
-                scores: &scores_a,
-                threshold: threshold_a,
-            },
-            &blocks,
-            direction,
+            ancestor_y,
+            x_mean,
+            contributors,
+            is_bias,
             epsilon,
-            &mut values,
-            &mut counts,
-        )?;
-        Ok(MergedTensor { values, counts })
+        )
     }
 
     /// `fam::correlation` (SPEC §2.3): `Â Bᵀ` of standardised columns
@@ -437,5 +390,56 @@ impl Accelerator {
             return gpu.correlation(self.memory_limit, a, n_a, b, n_b, rows);
         }
         Ok(fam::correlation(a, n_a, b, n_b))
+    }
+}
+
+/// The accelerator as the element-wise stages of `safe_m::merge_tensor_on`:
+/// each runs on the device when there is one, else on the CPU.
+impl safe_m::Kernels for Accelerator {
+    type Error = Error;
+
+    fn score_matrix(
+        &self,
+        weight: &[f32],
+        u: &[f32],
+        v: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        Accelerator::score_matrix(self, weight, u, v, form, out)
+    }
+
+    fn score_vector(
+        &self,
+        bias: &[f32],
+        u: &[f32],
+        form: ScoreForm,
+        out: &mut [f32],
+    ) -> Result<(), Error> {
+        Accelerator::score_vector(self, bias, u, form, out)
+    }
+
+    fn fuse_block(
+        &self,
+        receiver: &[f32],
+        ancestor: &[f32],
+        receiver_election: Election<'_>,
+        contributors: &[ContributorBlock<'_>],
+        direction: Option<(&[f32], f64)>,
+        epsilon: f32,
+        out: &mut [f32],
+        counts: &mut [MaskCounts],
+    ) -> Result<(), Error> {
+        Accelerator::fuse_block(
+            self,
+            receiver,
+            ancestor,
+            receiver_election,
+            contributors,
+            direction,
+            epsilon,
+            out,
+            counts,
+        )
     }
 }
