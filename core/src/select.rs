@@ -270,6 +270,21 @@ impl SampleBracket {
         start + (h % (end - start).max(1) as u64) as usize
     }
 
+    /// The bracket of the `m`-th largest (1-based) of the `n` keys
+    /// `key_at(0..n)`, from the keys at the sample points.
+    pub fn for_rank(n: usize, m: usize, key_at: impl Fn(usize) -> u32) -> SampleBracket {
+        let mut sample: alloc::vec::Vec<u32> = (0..SAMPLE_SIZE)
+            .map(|i| key_at(SampleBracket::sample_index(i, n)))
+            .collect();
+        SampleBracket::from_sample(&mut sample, n, m)
+    }
+
+    /// The most keys a bracket may gather over `n` keys before the caller
+    /// gives up on it (many equal keys): bounds the candidates' memory.
+    pub fn candidate_cap(n: usize) -> usize {
+        n / 16 + 4096
+    }
+
     /// The bracket of the `m`-th largest (1-based) of `n` keys from the
     /// keys at the sample points; `sample` is reordered.
     pub fn from_sample(sample: &mut [u32], n: usize, m: usize) -> SampleBracket {

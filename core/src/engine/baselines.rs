@@ -1,7 +1,9 @@
 //! The baseline methods (SPEC §3) on tensors read from the checkpoints.
-//! Each tensor's task vectors are decoded once, sparsified in parallel
-//! chunks with exact, thread-independent selections, and combined in one
-//! output pass. Kernels live in [`crate::baselines`].
+//! Task arithmetic, DARE and plain TIES stream their task vectors chunk by
+//! chunk (a first pass finds DARE's norms or TIES' thresholds); the other
+//! sparsifying methods decode whole task vectors once. Selections are
+//! exact and thread-independent, and one output pass combines. Kernels
+//! live in [`crate::baselines`].
 
 use super::chunks::{add_histograms, par_encode, parallel_select, read, read_all, rows_per_chunk};
 use super::CHUNK_ELEMENTS;
@@ -365,13 +367,9 @@ impl BaselineTensor<'_> {
             .iter()
             .zip(keeps)
             .map(|(view, &keep)| {
-                let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
-                    .map(|i| {
-                        let at = SampleBracket::sample_index(i, n);
-                        KeyOf::Magnitude.of(element(view, at) - element(base, at))
-                    })
-                    .collect();
-                SampleBracket::from_sample(&mut sample, n, keep.max(1))
+                SampleBracket::for_rank(n, keep.max(1), |i| {
+                    KeyOf::Magnitude.of(element(view, i) - element(base, i))
+                })
             })
             .collect();
         // Per chunk and contributor: keys above the bracket, keys inside it.
@@ -409,7 +407,7 @@ impl BaselineTensor<'_> {
             let above_bracket: u64 = parts.iter().map(|p| p[k].0).sum();
             let mut candidates: Vec<u32> =
                 parts.iter().flat_map(|p| p[k].1.iter().copied()).collect();
-            if candidates.len() > n / 16 + 4096 {
+            if candidates.len() > SampleBracket::candidate_cap(n) {
                 return None;
             }
             let threshold = bracket.resolve(above_bracket, &mut candidates, keep)?;
@@ -605,8 +603,7 @@ struct DareDrop {
     factor: f32,
 }
 
-/// Multiplies every entry of a chunk by `factor` (skipped for 1), as
-/// [`scale`] does on a whole task vector.
+/// Multiplies every entry of a chunk by `factor` (skipped for 1).
 fn scale_chunk(tau: &mut [f32], factor: f32) {
     if factor != 1.0 {
         for x in tau.iter_mut() {
@@ -667,9 +664,8 @@ fn rescaled(tau: &mut [f32], rescale: bool, sparsify: impl FnOnce(&mut [f32])) -
 
 /// Multiplies every entry by `factor` (skipped for 1).
 fn scale(tau: &mut [f32], factor: f32) {
-    if factor != 1.0 {
-        tau.par_iter_mut().for_each(|x| *x *= factor);
-    }
+    tau.par_chunks_mut(CHUNK_ELEMENTS)
+        .for_each(|chunk| scale_chunk(chunk, factor));
 }
 
 /// Keeps the entries of descending magnitude rank `[skip, keep)` (ties by

@@ -166,12 +166,8 @@ pub(super) fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
 /// [`parallel_select`]'s one-pass path; `None` sends it to the radix select.
 fn sampled_select(data: &[f32], m: usize, key: KeyOf) -> Option<u32> {
     let n = data.len();
-    let mut sample: Vec<u32> = (0..SAMPLE_SIZE)
-        .map(|i| key.of(data[SampleBracket::sample_index(i, n)]))
-        .collect();
-    let bracket = SampleBracket::from_sample(&mut sample, n, m);
-    // Bounds the memory the candidates take when many keys are equal.
-    let cap = n / 16 + 4096;
+    let bracket = SampleBracket::for_rank(n, m, |i| key.of(data[i]));
+    let cap = SampleBracket::candidate_cap(n);
     let gathered = AtomicUsize::new(0);
     let parts: Vec<(u64, usize, Vec<u32>)> = data
         .par_chunks(CHUNK_ELEMENTS)

@@ -2,12 +2,14 @@
 //! kernels of [`crate::safe_m`] on memory-mapped data in parallel, and
 //! streams the result through the sharded writer, tensor by tensor.
 //!
-//! Memory: one tensor at a time is held — its output bytes and, for SAFE-M,
-//! one f32 score per element and model — plus a few rows of scratch per
-//! thread. Determinism: every element's value depends only on its own row
-//! (row dot products use [`crate::reduce`]) and on the tensor's thresholds,
-//! which are exact integer-count radix selections; chunk boundaries are
-//! fixed by the shape alone. Any thread count gives the same bytes.
+//! Memory: one tensor is merged at a time while the writer thread writes
+//! the one before — two outputs, the merged tensor's input pages (released
+//! after it), for SAFE-M one f32 score per element and model, for the
+//! whole-tensor baselines their f32 task vectors — plus a few rows of
+//! scratch per thread. Determinism: every element's value depends only on
+//! its own row (row dot products use [`crate::reduce`]) and on the tensor's
+//! thresholds, which are exact integer-count selections; chunk boundaries
+//! are fixed by the shape alone. Any thread count gives the same bytes.
 
 mod baselines;
 mod chunks;
