@@ -1,0 +1,94 @@
+//! Every registered method's documented example (`tests/method_examples/`)
+//! merged on a small generated family, with the SHA-256 of the output
+//! tensors, of `config.json` and of the report's per-tensor rules and
+//! parameters compared against `tests/method_examples/digests.txt`.
+//!
+//! The digests were written by the binary before the method registry
+//! existed (`FLATMERGE_BLESS=1 cargo test --test method_bytes` rewrites
+//! them): the move into `core/src/methods/` changed no output byte. A new
+//! method adds its example and its digest line; the test fails for a
+//! registered method without both.
+
+use flatmerge::config::MergeConfig;
+use flatmerge::demo::{write_family, write_heterogeneous_pair, LlamaShape, PairShape};
+use flatmerge::dtype::Dtype;
+use flatmerge::engine::PreparedMerge;
+use flatmerge_suite::{options, report, tempdir};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const SHAPE: LlamaShape = LlamaShape {
+    vocab: 64,
+    hidden: 32,
+    intermediate: 88,
+    layers: 4,
+};
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/method_examples")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `example → digest` of one merge: the output tensors, `config.json`, and
+/// the report's `tensors` and `parameters` (paths and versions left out).
+fn digest(dir: &Path, example: &str) -> String {
+    let config_path = dir.join(format!("example-{example}"));
+    std::fs::copy(examples_dir().join(example), &config_path).expect("copy the example");
+    let config = MergeConfig::from_file(&config_path)
+        .unwrap_or_else(|e| panic!("{example} does not load: {e}"));
+    let out = dir.join(format!("out-{example}"));
+    PreparedMerge::new(config)
+        .and_then(|p| p.run(&options(&out, Some(2), None)))
+        .unwrap_or_else(|e| panic!("{example} does not merge: {e}"));
+    let mut hasher = Sha256::new();
+    for file in ["model.safetensors", "config.json"] {
+        let bytes = std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{example}: {file}: {e}"));
+        hasher.update(hex(&bytes));
+    }
+    let json = report(&out);
+    hasher.update(json["tensors"].to_string());
+    hasher.update(json["parameters"].to_string());
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn every_method_example_gives_the_recorded_bytes() {
+    let dir = tempdir();
+    write_family(dir.path(), &SHAPE, Dtype::BF16, 2, 3).expect("write the family");
+    write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 7).expect("write the pair");
+    let mut examples: Vec<String> = std::fs::read_dir(examples_dir())
+        .expect("examples")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    examples.sort();
+    let digests: BTreeMap<String, String> = examples
+        .iter()
+        .map(|e| (e.clone(), digest(dir.path(), e)))
+        .collect();
+    let recorded_path = examples_dir().join("digests.txt");
+    let text: String = digests.iter().map(|(e, d)| format!("{e} {d}\n")).collect();
+    if std::env::var_os("FLATMERGE_BLESS").is_some() {
+        std::fs::write(&recorded_path, &text).expect("write the digests");
+        return;
+    }
+    let recorded = std::fs::read_to_string(&recorded_path).expect("digests.txt");
+    for line in text.lines() {
+        assert!(
+            recorded.lines().any(|r| r == line),
+            "output changed or digest missing: {line}"
+        );
+    }
+    assert_eq!(recorded, text, "digests.txt lists exactly the examples");
+}
