@@ -1163,7 +1163,7 @@ fn task_arithmetic_family_defaults_are_mergekits() {
             assert_eq!(def("epsilon").default, D::Number(0.15));
         }
     }
-    let linear = MergeMethod::Linear.params();
+    let linear = MergeMethod::parse("linear").expect("linear").params();
     assert!(linear
         .iter()
         .any(|d| d.name == "normalize" && d.default == D::Bool(true)));

@@ -196,7 +196,7 @@ fn lambda_search_reports_the_whole_grid() {
             ..Default::default()
         })
         .unwrap();
-    let fam = summary.report.fam.as_ref().unwrap();
+    let fam = summary.report.results.get("fam").unwrap();
     let grid = fam["lambda_grid"].as_array().unwrap();
     assert_eq!(grid.len(), 9);
     let best = grid
@@ -274,7 +274,7 @@ fn the_searched_loss_is_the_merged_layers_relative_error() {
             ..Default::default()
         })
         .unwrap();
-    let grid = summary.report.fam.as_ref().unwrap()["lambda_grid"]
+    let grid = summary.report.results.get("fam").unwrap()["lambda_grid"]
         .as_array()
         .unwrap()
         .clone();

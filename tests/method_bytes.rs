@@ -49,7 +49,8 @@ fn digest(dir: &Path, example: &str) -> String {
         .unwrap_or_else(|e| panic!("{example} does not merge: {e}"));
     let mut hasher = Sha256::new();
     for file in ["model.safetensors", "config.json"] {
-        let bytes = std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{example}: {file}: {e}"));
+        let bytes =
+            std::fs::read(out.join(file)).unwrap_or_else(|e| panic!("{example}: {file}: {e}"));
         hasher.update(hex(&bytes));
     }
     let json = report(&out);

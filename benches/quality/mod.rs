@@ -817,7 +817,7 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
                 })
                 .collect();
             let mut note = format!("seed {seed}, {label}: {}", recovery.join(", "));
-            if let Some(f) = m.summary.report.fam.as_ref() {
+            if let Some(f) = m.summary.report.results.get("fam") {
                 if params.contains(&"lambda_search: true") {
                     let _ = write!(
                         note,

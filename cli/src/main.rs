@@ -371,7 +371,7 @@ fn demo_fam(dir: &Path, out_dir: PathBuf, run: &RunArgs) -> Result<(), Error> {
     if !run.quiet {
         println!("config: {}", pair.config.display());
         print_summary(prepared.plan(), &summary);
-        if let Some(fam) = &summary.report.fam {
+        if let Some(fam) = summary.report.results.get("fam") {
             for (group, perm) in fam["groups"]
                 .as_array()
                 .into_iter()

@@ -333,11 +333,7 @@ pub fn write_family(
     })
 }
 
-/// The decoder layer index in a name such as `model.layers.3.mlp.up_proj.weight`.
-pub fn layer_index(name: &str) -> Option<usize> {
-    let rest = name.split("layers.").nth(1)?;
-    rest.split('.').next()?.parse().ok()
-}
+pub use crate::layers::layer_index;
 
 /// The demo's inputs: writes a [`LlamaShape::DEMO`] family under `dir`
 /// (BF16, one contributor) and prepares its SAFE-M merge.

@@ -7,6 +7,7 @@
 //! - the **std layer** (feature `std`, on by default): memory-mapped
 //!   safetensors checkpoints ([`io`]), activation statistics files
 //!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
+//!   method registry ([`methods`], one module per method), the
 //!   streaming engine ([`engine`]), the merge report ([`report`]), the
 //!   activation [`recorder`], native probes ([`probe`]) and a
 //!   self-contained [`demo`].
@@ -38,6 +39,10 @@ pub mod groups;
 pub mod inspect;
 #[cfg(feature = "std")]
 pub mod io;
+#[cfg(feature = "std")]
+pub mod layers;
+#[cfg(feature = "std")]
+pub mod methods;
 #[cfg(feature = "std")]
 pub mod namemap;
 #[cfg(feature = "std")]

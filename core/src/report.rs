@@ -3,13 +3,14 @@
 //! tensor the rule applied with its mask counts — enough to reproduce the
 //! merge and to see what each contributor actually gave.
 
-use crate::config::params::{Default, Scalar, Setting};
-use crate::config::{MergeConfig, MergeMethod, MethodSettings};
+use crate::config::MergeConfig;
 use crate::io::{FileFingerprint, ShardPlan};
+use crate::methods::Roles;
 use crate::plan::{DroppedTensor, Inputs, Plan, TensorPlan};
-use crate::safe_m::{ConflictRule, MaskCounts, Salience, ScoreForm, Variant};
+use crate::safe_m::MaskCounts;
 use serde::Serialize;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// What a baseline's sparsification left of one contributor's task vector.
@@ -123,123 +124,20 @@ pub struct MergeReport {
     pub dropped: Vec<DroppedTensor>,
     /// Non-weight files copied from the receiver.
     pub copied_files: Vec<String>,
-    /// FAM: each group's alignment summary and mapping, and the λ used (with the searched grid).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fam: Option<Value>,
+    /// Whole-model results of the method, by section name (FAM: `fam`,
+    /// each group's alignment summary and mapping, and the λ used with the
+    /// searched grid).
+    #[serde(flatten)]
+    pub results: BTreeMap<String, Value>,
 }
 
 /// An f32 parameter as the number a user wrote (`1e-8`, not the f64 widening `9.99999993922529e-9`).
-fn num(x: f32) -> Value {
+pub(crate) fn num(x: f32) -> Value {
     x.to_string()
         .parse::<f64>()
         .ok()
         .and_then(serde_json::Number::from_f64)
         .map_or(Value::Null, Value::Number)
-}
-
-fn form_json(form: ScoreForm) -> Value {
-    match form {
-        ScoreForm::Sas { alpha } => json!({"score": "sas", "alpha": num(alpha)}),
-        ScoreForm::Ratio { epsilon } => json!({"score": "ratio", "epsilon": num(epsilon)}),
-    }
-}
-
-fn parameters(config: &MergeConfig) -> Value {
-    match &config.settings {
-        MethodSettings::SafeM(s) => {
-            let mut p = json!({
-                "receiver": {"density": s.receiver.density, "form": form_json(s.receiver.form)},
-                "contributors": s.contributors.iter().map(|c| json!({
-                    "density": c.election.density,
-                    "form": form_json(c.election.form),
-                    "lambda_proj": num(c.lambda_proj),
-                    "lambda_ortho": num(c.lambda_ortho),
-                })).collect::<Vec<_>>(),
-                "fallback_weight": num(s.fallback_weight),
-                "epsilon": num(s.epsilon),
-            });
-            // Only a variant adds keys, so SPEC merges report exactly what they did before.
-            let v = &s.variant;
-            if *v != Variant::default() || s.preset != "spec" {
-                p["variant"] = json!({
-                    "preset": s.preset,
-                    "symmetric": v.symmetric,
-                    "receiver_lambda": [num(v.receiver_lambda.0), num(v.receiver_lambda.1)],
-                    "conflict": match v.conflict {
-                        ConflictRule::Drop => "drop",
-                        ConflictRule::Keep => "keep",
-                        ConflictRule::Score => "score",
-                    },
-                    "salience": match v.salience {
-                        Salience::Weight => "weight",
-                        Salience::TaskVector => "task_vector",
-                    },
-                    "rescale": v.rescale,
-                    "layer_lambda": if v.activation_lambda { "activation" } else { "fixed" },
-                });
-            }
-            p
-        }
-        MethodSettings::Fam(f) => json!({
-            "preset": f.preset,
-            "density": f.density,
-            "fos_min": num(f.fos_min),
-            "sigma": num(f.sigma),
-            "beta": num(f.beta),
-            "lambda_proj": num(f.lambda_proj),
-            "lambda_ortho": num(f.lambda_ortho),
-            "epsilon": num(f.epsilon),
-            "matching": if f.greedy { "greedy" } else { "exact" },
-            "similarity": if f.raw_cosine { "raw_cosine" } else { "pearson" },
-            "lambda_search": f.lambda_search,
-            "lambda_grid": f.lambda_grid.iter().map(|&x| num(x)).collect::<Vec<_>>(),
-            "name_map": f.name_map.source,
-            "strict": config.strict,
-        }),
-        MethodSettings::Baseline(p) => {
-            let block = |m: &std::collections::BTreeMap<String, Setting>| -> Value {
-                Value::Object(
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), setting_json(v)))
-                        .collect(),
-                )
-            };
-            let defaults: serde_json::Map<String, Value> = p
-                .defs
-                .iter()
-                .map(|d| {
-                    let v = match d.default {
-                        Default::Number(x) => json!(x),
-                        Default::Bool(b) => json!(b),
-                        Default::Text(t) => json!(t),
-                        Default::Required => json!("required"),
-                    };
-                    (d.name.to_string(), v)
-                })
-                .collect();
-            json!({
-                "global": block(&p.global),
-                "models": p.per_model.iter().map(block).collect::<Vec<_>>(),
-                "defaults": defaults,
-                "seed": config.seed,
-            })
-        }
-    }
-}
-
-fn setting_json(setting: &Setting) -> Value {
-    match setting {
-        Setting::Value(Scalar::Number(x)) => json!(x),
-        Setting::Value(Scalar::Bool(b)) => json!(b),
-        Setting::Value(Scalar::Text(t)) => json!(t),
-        Setting::Gradient(points) => json!(points),
-        Setting::Filtered(entries) => Value::Array(
-            entries
-                .iter()
-                .map(|(filter, value)| json!({"filter": filter, "value": setting_json(value)}))
-                .collect(),
-        ),
-    }
 }
 
 impl MergeReport {
@@ -259,7 +157,7 @@ impl MergeReport {
         let mut input_reports: Vec<InputReport> =
             inputs.base.iter().map(|b| input("base", b)).collect();
         for (i, model) in inputs.models.iter().enumerate() {
-            let role = if matches!(config.method, MergeMethod::SafeM | MergeMethod::Fam) && i == 0 {
+            let role = if config.method.roles() == Roles::ReceiverFirst && i == 0 {
                 "receiver"
             } else if inputs.contributors.contains(&i) {
                 "contributor"
@@ -276,7 +174,7 @@ impl MergeReport {
         MergeReport {
             tool: json!({"name": "flatmerge", "version": crate::VERSION}),
             method: config.method.as_str(),
-            parameters: parameters(config),
+            parameters: config.method.report_parameters(config),
             config_file: config.source.clone(),
             out_dtype: config.out_dtype.map(|d| d.as_str()),
             inputs: input_reports,
@@ -298,7 +196,7 @@ impl MergeReport {
                 .collect(),
             dropped: plan.dropped.clone(),
             copied_files: Vec::new(),
-            fam: None,
+            results: BTreeMap::new(),
         }
     }
 

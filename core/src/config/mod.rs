@@ -12,8 +12,9 @@ pub mod params;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
-use crate::safe_m::{ConflictRule, ElectionParams, Salience, ScoreForm, Variant, EPSILON};
-use params::{Default as D, Kind, ParamDef, Params, Scope};
+use crate::methods::{Registry, SettingsInput};
+use crate::safe_m::{ElectionParams, ScoreForm};
+use params::Params;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
@@ -140,181 +141,6 @@ pub enum GroupsSpec {
     List(Vec<crate::groups::NeuronGroup>),
 }
 
-/// A merge method flatmerge runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MergeMethod {
-    /// SAFE-M (SPEC §1).
-    SafeM,
-    /// FAM (SPEC §2).
-    Fam,
-    /// `Σ w_k W_k / Σ w_k` (SPEC §3).
-    Linear,
-    /// `W_base + λ Σ w_k τ_k`.
-    TaskArithmetic,
-    /// TIES: magnitude trim, sign vote, disjoint mean.
-    Ties,
-    /// DARE drop and rescale, then a linear sum of task vectors.
-    DareLinear,
-    /// DARE drop and rescale, then the TIES vote.
-    DareTies,
-    /// Model breadcrumbs: drop the smallest and the largest magnitudes.
-    Breadcrumbs,
-    /// Breadcrumbs with the TIES vote.
-    BreadcrumbsTies,
-    /// DELLA: magnitude-ranked random drop, rescale, TIES vote.
-    Della,
-    /// DELLA without the vote.
-    DellaLinear,
-    /// The original TIES paper code: one threshold over the whole model.
-    TiesReference,
-    /// Spherical interpolation between the base and one model.
-    Slerp,
-    /// Interpolation towards the base where the two models are close.
-    Nearswap,
-    /// Model Stock: the base pulled towards the mean by the angle between fine-tunes.
-    ModelStock,
-    /// One model, optionally scaled.
-    Passthrough,
-}
-
-impl MergeMethod {
-    /// Every method, in the order above.
-    pub const ALL: [MergeMethod; 16] = [
-        MergeMethod::SafeM,
-        MergeMethod::Fam,
-        MergeMethod::Linear,
-        MergeMethod::TaskArithmetic,
-        MergeMethod::Ties,
-        MergeMethod::DareLinear,
-        MergeMethod::DareTies,
-        MergeMethod::Breadcrumbs,
-        MergeMethod::BreadcrumbsTies,
-        MergeMethod::Della,
-        MergeMethod::DellaLinear,
-        MergeMethod::TiesReference,
-        MergeMethod::Slerp,
-        MergeMethod::Nearswap,
-        MergeMethod::ModelStock,
-        MergeMethod::Passthrough,
-    ];
-
-    /// mergekit methods flatmerge refuses by name (random sampling that
-    /// cannot be reproduced, or layouts it does not run).
-    pub const REFUSED: [&'static str; 9] = [
-        "sce",
-        "karcher",
-        "arcee_fusion",
-        "nuslerp",
-        "multislerp",
-        "ram",
-        "ramplus_tl",
-        "core_space",
-        "task_adapter",
-    ];
-
-    /// The name used in configs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MergeMethod::SafeM => "safe_m",
-            MergeMethod::Fam => "fam",
-            MergeMethod::Linear => "linear",
-            MergeMethod::TaskArithmetic => "task_arithmetic",
-            MergeMethod::Ties => "ties",
-            MergeMethod::DareLinear => "dare_linear",
-            MergeMethod::DareTies => "dare_ties",
-            MergeMethod::Breadcrumbs => "breadcrumbs",
-            MergeMethod::BreadcrumbsTies => "breadcrumbs_ties",
-            MergeMethod::Della => "della",
-            MergeMethod::DellaLinear => "della_linear",
-            MergeMethod::TiesReference => "ties_reference",
-            MergeMethod::Slerp => "slerp",
-            MergeMethod::Nearswap => "nearswap",
-            MergeMethod::ModelStock => "model_stock",
-            MergeMethod::Passthrough => "passthrough",
-        }
-    }
-
-    /// Parses a config name.
-    pub fn parse(name: &str) -> Option<MergeMethod> {
-        MergeMethod::ALL.into_iter().find(|m| m.as_str() == name)
-    }
-
-    /// Whether the method adds task vectors `τ_k = W_k − W_base` of the
-    /// contributors (mergekit's generalized task arithmetic family).
-    pub fn is_task_arithmetic(self) -> bool {
-        matches!(
-            self,
-            MergeMethod::TaskArithmetic
-                | MergeMethod::Ties
-                | MergeMethod::DareLinear
-                | MergeMethod::DareTies
-                | MergeMethod::Breadcrumbs
-                | MergeMethod::BreadcrumbsTies
-                | MergeMethod::Della
-                | MergeMethod::DellaLinear
-        )
-    }
-
-    /// Whether `base_model` is required.
-    pub fn needs_base(self) -> bool {
-        !matches!(
-            self,
-            MergeMethod::Linear | MergeMethod::Passthrough | MergeMethod::Fam
-        )
-    }
-
-    /// The parameters the method accepts (mergekit 0.1.5 names and defaults).
-    pub fn params(self) -> Vec<ParamDef> {
-        let def = |name, scope, kind, default| ParamDef {
-            name,
-            scope,
-            kind,
-            default,
-        };
-        let weight = def("weight", Scope::PerModel, Kind::ANY, D::Required);
-        let flag = |name, default| def(name, Scope::Shared, Kind::Bool, D::Bool(default));
-        let gta = |normalize: bool, rescale: bool| {
-            vec![
-                weight,
-                def("density", Scope::PerModel, Kind::UNIT, D::Number(1.0)),
-                flag("normalize", normalize),
-                flag("rescale", rescale),
-                def("lambda", Scope::Shared, Kind::ANY, D::Number(1.0)),
-                flag("int8_mask", false),
-            ]
-        };
-        let with = |mut defs: Vec<ParamDef>, extra: ParamDef| {
-            defs.push(extra);
-            defs
-        };
-        let gamma = def("gamma", Scope::PerModel, Kind::UNIT, D::Number(0.01));
-        let della_eps = def("epsilon", Scope::PerModel, Kind::UNIT, D::Number(0.15));
-        match self {
-            MergeMethod::SafeM | MergeMethod::Fam => Vec::new(),
-            MergeMethod::Linear => vec![weight, flag("normalize", true)],
-            MergeMethod::TaskArithmetic => gta(false, false),
-            MergeMethod::Ties => gta(true, false),
-            MergeMethod::DareLinear | MergeMethod::DareTies => gta(false, true),
-            MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies => {
-                with(gta(false, false), gamma)
-            }
-            MergeMethod::Della => with(gta(true, true), della_eps),
-            MergeMethod::DellaLinear => with(gta(false, true), della_eps),
-            MergeMethod::TiesReference => vec![
-                def("density", Scope::Shared, Kind::DENSITY, D::Number(0.2)),
-                def("lambda", Scope::Shared, Kind::ANY, D::Number(1.0)),
-            ],
-            MergeMethod::Slerp => vec![def("t", Scope::Shared, Kind::ANY, D::Required)],
-            MergeMethod::Nearswap => vec![def("t", Scope::Shared, Kind::POSITIVE, D::Required)],
-            MergeMethod::ModelStock => vec![flag("filter_wise", false)],
-            MergeMethod::Passthrough => {
-                vec![def("scale", Scope::PerModel, Kind::ANY, D::Number(1.0))]
-            }
-        }
-    }
-}
-
 /// What a merge does with NaN or infinite input weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NanPolicy {
@@ -345,79 +171,9 @@ pub struct ModelRef {
     pub stats: Option<PathBuf>,
 }
 
-/// SAFE-M settings of one contributor.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SafeMContributor {
-    /// Election of its parameters.
-    pub election: ElectionParams,
-    /// `λ_proj` (default 1.0).
-    pub lambda_proj: f32,
-    /// `λ_ortho` (default 0.5).
-    pub lambda_ortho: f32,
-}
-
-/// Validated SAFE-M settings (SPEC §1).
-#[derive(Debug, Clone, PartialEq)]
-pub struct SafeMSettings {
-    /// Election of the receiver's parameters.
-    pub receiver: ElectionParams,
-    /// One entry per contributor, in the order of `models` after the receiver.
-    pub contributors: Vec<SafeMContributor>,
-    /// `w` of the fallback `(1 − w)·W_A + w·B̄` (default 0.5).
-    pub fallback_weight: f32,
-    /// `ε` of the projection and of the `ratio` score (default 1e-8).
-    pub epsilon: f32,
-    /// The variant (docs/methods.md); `Variant::default()` is SPEC §1.
-    pub variant: Variant,
-    /// The preset whose defaults were used (`spec` unless `preset:` says otherwise).
-    pub preset: &'static str,
-}
-
-/// Defaults of a SAFE-M preset; keys written in the config win over them.
-#[derive(Debug, Clone, Copy)]
-struct SafeMPreset {
-    name: &'static str,
-    density: f64,
-    lambda_proj: f64,
-    lambda_ortho: f64,
-    variant: Variant,
-}
-
-/// `spec`: SPEC §1's defaults (what `merge_method: safe_m` does unless told otherwise).
-const SAFE_M_SPEC: SafeMPreset = SafeMPreset {
-    name: "spec",
-    density: 0.2,
-    lambda_proj: 1.0,
-    lambda_ortho: 0.5,
-    variant: Variant {
-        symmetric: false,
-        receiver_lambda: (1.0, 1.0),
-        conflict: ConflictRule::Drop,
-        salience: Salience::Weight,
-        rescale: false,
-        activation_lambda: false,
-    },
-};
-
-/// `keep_all`: the setting chosen on the quality benchmark's validation
-/// split (docs/quality.md): every model's task vector over C, nothing
-/// trimmed or dropped, each layer's λ from the probe rows.
-const SAFE_M_KEEP_ALL: SafeMPreset = SafeMPreset {
-    name: "keep_all",
-    density: 1.0,
-    lambda_proj: 1.0,
-    lambda_ortho: 1.0,
-    variant: Variant {
-        symmetric: true,
-        receiver_lambda: (1.0, 1.0),
-        conflict: ConflictRule::Keep,
-        salience: Salience::Weight,
-        rescale: false,
-        activation_lambda: true,
-    },
-};
-
-const SAFE_M_PRESETS: &[SafeMPreset] = &[SAFE_M_SPEC, SAFE_M_KEEP_ALL];
+pub use crate::methods::fam::FamSettings;
+pub use crate::methods::safe_m::{SafeMContributor, SafeMSettings};
+pub use crate::methods::MergeMethod;
 
 /// A validated merge config.
 #[derive(Debug, Clone, PartialEq)]
@@ -454,58 +210,6 @@ pub enum MethodSettings {
     Fam(FamSettings),
 }
 
-/// Validated FAM settings (SPEC §2), defaults as in §2.4.
-#[derive(Debug, Clone)]
-pub struct FamSettings {
-    /// `k_n`: share of each model's neurons that are candidates (default 1).
-    pub density: f64,
-    /// FOS gate (default −1: no gate).
-    pub fos_min: f32,
-    /// `σ` of the flatness term of FOS (default 0.1).
-    pub sigma: f32,
-    /// `β` of the flatness factor (default 0).
-    pub beta: f32,
-    /// `λ_proj` (default 0.5).
-    pub lambda_proj: f32,
-    /// `λ_ortho` (default 0.5).
-    pub lambda_ortho: f32,
-    /// `ε` (default 1e-8).
-    pub epsilon: f32,
-    /// Greedy matching instead of the exact assignment.
-    pub greedy: bool,
-    /// Plain cosine instead of Pearson correlation.
-    pub raw_cosine: bool,
-    /// Choose `λ_proj, λ_ortho` by the unsupervised grid search of SPEC §2.5.
-    pub lambda_search: bool,
-    /// The grid of that search.
-    pub lambda_grid: Vec<f32>,
-    /// The preset the values started from (`default` or `sketch`).
-    pub preset: String,
-    /// The name map.
-    pub name_map: crate::namemap::NameMap,
-    /// The groups as configured.
-    pub groups: GroupsSpec,
-}
-
-impl PartialEq for FamSettings {
-    fn eq(&self, other: &Self) -> bool {
-        self.density == other.density
-            && self.fos_min == other.fos_min
-            && self.sigma == other.sigma
-            && self.beta == other.beta
-            && self.lambda_proj == other.lambda_proj
-            && self.lambda_ortho == other.lambda_ortho
-            && self.epsilon == other.epsilon
-            && self.greedy == other.greedy
-            && self.raw_cosine == other.raw_cosine
-            && self.lambda_search == other.lambda_search
-            && self.lambda_grid == other.lambda_grid
-            && self.preset == other.preset
-            && self.name_map.source == other.name_map.source
-            && self.groups == other.groups
-    }
-}
-
 impl MergeConfig {
     /// Reads and validates a config file.
     pub fn from_file(path: &Path) -> Result<MergeConfig> {
@@ -516,6 +220,17 @@ impl MergeConfig {
 
     /// Parses and validates YAML text; relative paths resolve against `base_dir`.
     pub fn from_yaml(text: &str, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
+        MergeConfig::from_yaml_in(text, base_dir, source, &Registry::builtin())
+    }
+
+    /// [`MergeConfig::from_yaml`] with the methods of `registry` (the
+    /// built-ins plus a library user's own, see [`Registry::with`]).
+    pub fn from_yaml_in(
+        text: &str,
+        base_dir: &Path,
+        source: Option<&Path>,
+        registry: &Registry,
+    ) -> Result<MergeConfig> {
         let with_source = |e: Error| match source {
             Some(path) => e.with_file(path),
             None => e,
@@ -526,7 +241,7 @@ impl MergeConfig {
         options.non_finite_float_policy = serde_saphyr::NonFiniteFloatPolicy::PassThrough;
         let raw: RawConfig = serde_saphyr::from_str_with_options(text, options)
             .map_err(|e| with_source(yaml_error(&e)))?;
-        validate(raw, base_dir, source).map_err(with_source)
+        validate(raw, base_dir, source, registry).map_err(with_source)
     }
 
     /// A FAM config for two models (what `flatmerge map` uses): `name_map`
@@ -594,22 +309,12 @@ impl MergeConfig {
         }
     }
 
-    /// Indices (into `models`) of the contributors: SAFE-M's models after
-    /// the receiver; for the other methods with a base, the models that are
-    /// not the base (mergekit never treats the base as a contributor).
+    /// Indices (into `models`) of the contributors, as the method's
+    /// [`crate::methods::Roles`] say: the models after the receiver, every
+    /// model, or the models that are not the base (mergekit never treats
+    /// the base as a contributor).
     pub fn contributors(&self) -> Vec<usize> {
-        match self.method {
-            MergeMethod::SafeM | MergeMethod::Fam => (1..self.models.len()).collect(),
-            // mergekit: every listed model is an input of these, the base included.
-            MergeMethod::Linear | MergeMethod::Passthrough => (0..self.models.len()).collect(),
-            _ => (0..self.models.len())
-                .filter(|&i| {
-                    self.base
-                        .as_ref()
-                        .is_none_or(|b| !same_model(&b.path, &self.models[i].path))
-                })
-                .collect(),
-        }
+        self.method.contributors(self)
     }
 }
 
@@ -652,7 +357,7 @@ pub(crate) fn config_error(
 
 /// `path` relative to `base_dir`, with `.` components dropped so that
 /// reports and messages show `dir/A` rather than `dir/./A`.
-fn resolve(base_dir: &Path, path: &str) -> PathBuf {
+pub(crate) fn resolve(base_dir: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
     let joined = if p.is_absolute() {
         p.to_path_buf()
@@ -665,32 +370,12 @@ fn resolve(base_dir: &Path, path: &str) -> PathBuf {
         .collect()
 }
 
-/// Parameter names a method accepts, globally and per model.
-struct ParamSpec {
-    global: &'static [&'static str],
-    per_model: &'static [&'static str],
-}
-
-const SAFE_M_PARAMS: ParamSpec = ParamSpec {
-    global: &[
-        "density",
-        "alpha",
-        "score",
-        "lambda_proj",
-        "lambda_ortho",
-        "fallback_weight",
-        "epsilon",
-        "preset",
-        "symmetric",
-        "conflict",
-        "salience",
-        "rescale",
-        "layer_lambda",
-    ],
-    per_model: &["density", "alpha", "score", "lambda_proj", "lambda_ortho"],
-};
-
-fn check_keys(params: &RawParams, allowed: &[&str], place: &str, method: &str) -> Result<()> {
+pub(crate) fn check_keys(
+    params: &RawParams,
+    allowed: &[&str],
+    place: &str,
+    method: &str,
+) -> Result<()> {
     for (key, value) in params {
         if !allowed.contains(&key.as_str()) {
             return Err(config_error(
@@ -707,19 +392,19 @@ fn check_keys(params: &RawParams, allowed: &[&str], place: &str, method: &str) -
 }
 
 /// Looks a parameter up: the model's own value first, then the global one.
-struct Lookup<'a> {
-    model: Option<&'a RawParams>,
-    global: &'a RawParams,
+pub(crate) struct Lookup<'a> {
+    pub(crate) model: Option<&'a RawParams>,
+    pub(crate) global: &'a RawParams,
 }
 
 impl<'a> Lookup<'a> {
-    fn get(&self, key: &str) -> Option<&'a Spanned<ParamValue>> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Spanned<ParamValue>> {
         self.model
             .and_then(|m| m.get(key))
             .or_else(|| self.global.get(key))
     }
 
-    fn number(
+    pub(crate) fn number(
         &self,
         key: &str,
         default: f64,
@@ -739,7 +424,7 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    fn score_form(&self, epsilon: f32) -> Result<ScoreForm> {
+    pub(crate) fn score_form(&self, epsilon: f32) -> Result<ScoreForm> {
         let alpha = self.number("alpha", 1.0, |a| a.is_finite() && a >= 0.0, "≥ 0")? as f32;
         let Some(spanned) = self.get("score") else {
             return Ok(ScoreForm::Sas { alpha });
@@ -755,7 +440,7 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    fn election(&self, epsilon: f32, density: f64) -> Result<ElectionParams> {
+    pub(crate) fn election(&self, epsilon: f32, density: f64) -> Result<ElectionParams> {
         Ok(ElectionParams {
             density: self.number("density", density, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
             form: self.score_form(epsilon)?,
@@ -763,7 +448,7 @@ impl<'a> Lookup<'a> {
     }
 
     /// A boolean SAFE-M key.
-    fn flag(&self, key: &str, default: bool) -> Result<bool> {
+    pub(crate) fn flag(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
             Some(Spanned {
@@ -779,7 +464,12 @@ impl<'a> Lookup<'a> {
     }
 
     /// A SAFE-M key that takes one of `choices` (word, value).
-    fn choice<T: Copy>(&self, key: &str, default: T, choices: &[(&str, T)]) -> Result<T> {
+    pub(crate) fn choice<T: Copy>(
+        &self,
+        key: &str,
+        default: T,
+        choices: &[(&str, T)],
+    ) -> Result<T> {
         let Some(spanned) = self.get(key) else {
             return Ok(default);
         };
@@ -801,7 +491,7 @@ impl<'a> Lookup<'a> {
     }
 }
 
-fn finite(x: f64) -> bool {
+pub(crate) fn finite(x: f64) -> bool {
     x.is_finite()
 }
 
@@ -859,10 +549,15 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
     }
 }
 
-fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<MergeConfig> {
-    let method = MergeMethod::parse(&raw.merge_method.value).ok_or_else(|| {
-        let supported: Vec<&str> = MergeMethod::ALL.iter().map(|m| m.as_str()).collect();
-        let why = if MergeMethod::REFUSED.contains(&raw.merge_method.value.as_str()) {
+fn validate(
+    raw: RawConfig,
+    base_dir: &Path,
+    source: Option<&Path>,
+    registry: &Registry,
+) -> Result<MergeConfig> {
+    let method = registry.find(&raw.merge_method.value).ok_or_else(|| {
+        let supported = registry.names();
+        let why = if crate::methods::REFUSED.contains(&raw.merge_method.value.as_str()) {
             "is a mergekit method flatmerge does not run"
         } else {
             "is unknown"
@@ -878,7 +573,7 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
         )
     })?;
     refuse_layouts(&raw)?;
-    if method != MergeMethod::Fam {
+    if !method.uses_name_map() {
         if let Some(map) = &raw.name_map {
             return Err(config_error(
                 Some(&map.referenced),
@@ -919,13 +614,12 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
             "given without `base_model`",
         ));
     }
-    let settings = match method {
-        MergeMethod::SafeM => MethodSettings::SafeM(safe_m_settings(&raw, &models, base.as_ref())?),
-        MergeMethod::Fam => {
-            MethodSettings::Fam(fam_settings(&raw, &models, base.as_ref(), base_dir)?)
-        }
-        _ => MethodSettings::Baseline(baseline_params(method, &raw, &models, base.as_ref())?),
-    };
+    let settings = method.settings(&SettingsInput {
+        raw: &raw,
+        models: &models,
+        base: base.as_ref(),
+        base_dir,
+    })?;
     Ok(MergeConfig {
         method,
         base,
@@ -945,400 +639,6 @@ fn validate(raw: RawConfig, base_dir: &Path, source: Option<&Path>) -> Result<Me
             })?,
         },
         source: source.map(Path::to_path_buf),
-    })
-}
-
-const FAM_PARAMS: ParamSpec = ParamSpec {
-    global: &[
-        "density",
-        "fos_min",
-        "sigma",
-        "beta",
-        "lambda_proj",
-        "lambda_ortho",
-        "epsilon",
-        "preset",
-        "matching",
-        "similarity",
-        "lambda_search",
-        "lambda_grid",
-    ],
-    per_model: &[],
-};
-
-fn fam_settings(
-    raw: &RawConfig,
-    models: &[ModelRef],
-    base: Option<&ModelRef>,
-    base_dir: &Path,
-) -> Result<FamSettings> {
-    check_keys(&raw.parameters, FAM_PARAMS.global, "`parameters`", "fam")?;
-    for (i, m) in raw.models.iter().enumerate() {
-        check_keys(
-            &m.parameters,
-            FAM_PARAMS.per_model,
-            &format!("`models[{i}].parameters`"),
-            "fam",
-        )?;
-    }
-    if base.is_some() {
-        return Err(config_error(
-            None,
-            "base_model",
-            "fam merges models without a common ancestor: remove `base_model`",
-        ));
-    }
-    if models.len() != 2 {
-        return Err(config_error(
-            None,
-            "models",
-            "fam merges exactly two models: the receiver A first, then B",
-        ));
-    }
-    for (i, m) in models.iter().enumerate() {
-        if m.stats.is_none() {
-            return Err(config_error(
-                None,
-                &format!("models[{i}].stats"),
-                format!(
-                    "fam needs activation statistics with per-example rows for {}",
-                    m.path.display()
-                ),
-            ));
-        }
-    }
-    let global = Lookup {
-        model: None,
-        global: &raw.parameters,
-    };
-    let text = |key: &str, default: &str, choices: &[&str]| -> Result<String> {
-        match raw.parameters.get(key) {
-            None => Ok(default.to_string()),
-            Some(v) => match &v.value {
-                ParamValue::Text(t) if choices.contains(&t.as_str()) => Ok(t.clone()),
-                other => Err(config_error(
-                    Some(&v.referenced),
-                    key,
-                    format!("expected one of {}, found {other}", choices.join(", ")),
-                )),
-            },
-        }
-    };
-    let flag = |key: &str| -> Result<bool> {
-        match raw.parameters.get(key) {
-            None => Ok(false),
-            Some(v) => match &v.value {
-                ParamValue::Bool(b) => Ok(*b),
-                other => Err(config_error(
-                    Some(&v.referenced),
-                    key,
-                    format!("expected true or false, found {other}"),
-                )),
-            },
-        }
-    };
-    let preset = text("preset", "default", &["default", "sketch"])?;
-    // SPEC §2.4: the defaults reach the aligned average; `sketch` is the method sketch's values.
-    let (k, fos, sigma, beta) = if preset == "sketch" {
-        (0.2, 0.5, 0.1, 0.5)
-    } else {
-        (1.0, -1.0, 0.1, 0.0)
-    };
-    let lambda_grid = match raw.parameters.get("lambda_grid") {
-        None => vec![0.0, 0.25, 0.5, 0.75, 1.0],
-        Some(v) => match &v.value {
-            ParamValue::List(items) if !items.is_empty() => items
-                .iter()
-                .map(|i| match i {
-                    ParamValue::Number(x) if x.is_finite() => Ok(*x as f32),
-                    other => Err(config_error(
-                        Some(&v.referenced),
-                        "lambda_grid",
-                        format!("expected numbers, found {other}"),
-                    )),
-                })
-                .collect::<Result<_>>()?,
-            other => Err(config_error(
-                Some(&v.referenced),
-                "lambda_grid",
-                format!("expected a list of numbers, found {other}"),
-            ))?,
-        },
-    };
-    let name_map_at = raw.name_map.as_ref().map(|m| &m.referenced);
-    let name_map = match raw.name_map.as_ref().map(|m| &m.value) {
-        None => crate::namemap::NameMap::identity(),
-        Some(NameMapSpec::Builtin(name)) if name == "identity" => {
-            crate::namemap::NameMap::identity()
-        }
-        Some(NameMapSpec::Builtin(name)) => {
-            crate::namemap::NameMap::builtin(name).ok_or_else(|| {
-                config_error(
-                    name_map_at,
-                    "name_map",
-                    format!(
-                        "unknown built-in name map `{name}`; built in: identity, {}",
-                        crate::namemap::BUILTIN.join(", ")
-                    ),
-                )
-            })?
-        }
-        Some(NameMapSpec::Rules(rules)) => crate::namemap::NameMap::new("config", rules)?,
-        Some(NameMapSpec::File { file }) => {
-            crate::namemap::NameMap::from_file(&resolve(base_dir, file))?
-        }
-    };
-    let groups = raw
-        .groups
-        .as_ref()
-        .map_or(GroupsSpec::Template("auto".into()), |g| g.value.clone());
-    if let GroupsSpec::Template(t) = &groups {
-        if !["auto", "llama_mlp", "sequential", "none"].contains(&t.as_str()) {
-            return Err(config_error(
-                raw.groups.as_ref().map(|g| &g.referenced),
-                "groups",
-                format!("unknown group template `{t}`; expected auto, llama_mlp, sequential, none or a list"),
-            ));
-        }
-    }
-    Ok(FamSettings {
-        density: global.number("density", k, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
-        fos_min: global.number("fos_min", fos, finite, "(finite)")? as f32,
-        sigma: global.number("sigma", sigma, |s| s > 0.0 && s.is_finite(), "> 0")? as f32,
-        beta: global.number("beta", beta, |b| b >= 0.0 && b.is_finite(), "≥ 0")? as f32,
-        lambda_proj: global.number("lambda_proj", 0.5, finite, "(finite)")? as f32,
-        lambda_ortho: global.number("lambda_ortho", 0.5, finite, "(finite)")? as f32,
-        epsilon: global.number(
-            "epsilon",
-            EPSILON as f64,
-            |e| e > 0.0 && e.is_finite(),
-            "> 0",
-        )? as f32,
-        greedy: text("matching", "exact", &["exact", "greedy"])? == "greedy",
-        raw_cosine: text("similarity", "pearson", &["pearson", "raw_cosine"])? == "raw_cosine",
-        lambda_search: flag("lambda_search")?,
-        lambda_grid,
-        preset,
-        name_map,
-        groups,
-    })
-}
-
-fn baseline_params(
-    method: MergeMethod,
-    raw: &RawConfig,
-    models: &[ModelRef],
-    base: Option<&ModelRef>,
-) -> Result<Params> {
-    let name = method.as_str();
-    if method.needs_base() && base.is_none() {
-        return Err(config_error(
-            None,
-            "base_model",
-            format!("{name} needs `base_model`"),
-        ));
-    }
-    if models.is_empty() {
-        return Err(config_error(
-            None,
-            "models",
-            format!("{name} needs at least one model under `models:`"),
-        ));
-    }
-    for (i, m) in raw.models.iter().enumerate() {
-        if let Some(stats) = &m.stats {
-            return Err(config_error(
-                None,
-                &format!("models[{i}].stats"),
-                format!("{name} uses no activation statistics (`{stats}`)"),
-            ));
-        }
-    }
-    if raw.base_model_stats.is_some() {
-        return Err(config_error(
-            None,
-            "base_model_stats",
-            format!("{name} uses no activation statistics"),
-        ));
-    }
-    let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();
-    let params = Params::validate(name, &method.params(), &raw.parameters, &per_model)?;
-    let is_base = |i: usize| base.is_some_and(|b| same_model(&b.path, &models[i].path));
-    let contributors: Vec<usize> = (0..models.len()).filter(|&i| !is_base(i)).collect();
-    let count_error = |what: &str| Err(config_error(None, "models", format!("{name} {what}")));
-    match method {
-        MergeMethod::Slerp | MergeMethod::Nearswap if contributors.len() != 1 => {
-            return count_error("merges the base with exactly one other model");
-        }
-        MergeMethod::ModelStock if contributors.len() < 2 => {
-            return count_error("needs at least two models besides the base");
-        }
-        MergeMethod::Passthrough if models.len() != 1 => {
-            return count_error("takes exactly one model")
-        }
-        _ if contributors.is_empty() => {
-            return count_error("needs at least one model besides the base")
-        }
-        _ => {}
-    }
-    let weighted: Vec<usize> = if method == MergeMethod::Linear {
-        (0..models.len()).collect()
-    } else {
-        contributors
-    };
-    params.check_required(&weighted, |i| {
-        format!("models[{i}] ({})", models[i].path.display())
-    })?;
-    Ok(params)
-}
-
-fn safe_m_settings(
-    raw: &RawConfig,
-    models: &[ModelRef],
-    base: Option<&ModelRef>,
-) -> Result<SafeMSettings> {
-    let method = "safe_m";
-    check_keys(
-        &raw.parameters,
-        SAFE_M_PARAMS.global,
-        "`parameters`",
-        method,
-    )?;
-    for (i, m) in raw.models.iter().enumerate() {
-        check_keys(
-            &m.parameters,
-            SAFE_M_PARAMS.per_model,
-            &format!("`models[{i}].parameters`"),
-            method,
-        )?;
-    }
-    let base = base.ok_or_else(|| {
-        config_error(
-            None,
-            "base_model",
-            "safe_m needs `base_model`: the common ancestor C of all models",
-        )
-    })?;
-    if models.len() < 2 {
-        return Err(config_error(
-            None,
-            "models",
-            "safe_m needs at least two models: the receiver A first, then one or more contributors",
-        ));
-    }
-    if base.stats.is_none() {
-        return Err(config_error(
-            None,
-            "base_model_stats",
-            "safe_m needs the ancestor's activation statistics",
-        ));
-    }
-    for (i, m) in models.iter().enumerate() {
-        if m.stats.is_none() {
-            return Err(config_error(
-                None,
-                &format!("models[{i}].stats"),
-                format!(
-                    "safe_m needs activation statistics for {}",
-                    m.path.display()
-                ),
-            ));
-        }
-    }
-    let receiver_params = &raw.models[0].parameters;
-    let global = Lookup {
-        model: None,
-        global: &raw.parameters,
-    };
-    let presets: Vec<(&str, SafeMPreset)> = SAFE_M_PRESETS.iter().map(|p| (p.name, *p)).collect();
-    let preset = global.choice("preset", SAFE_M_SPEC, &presets)?;
-    let symmetric = global.flag("symmetric", preset.variant.symmetric)?;
-    if !symmetric {
-        for key in ["lambda_proj", "lambda_ortho"] {
-            if let Some(v) = receiver_params.get(key) {
-                return Err(config_error(
-                    Some(&v.referenced),
-                    key,
-                    "the receiver (first model) gives nothing, so it takes no λ; set it on a contributor or globally (or use `symmetric: true`)",
-                ));
-            }
-        }
-    }
-    let epsilon = global.number(
-        "epsilon",
-        EPSILON as f64,
-        |e| e > 0.0 && e.is_finite(),
-        "> 0",
-    )? as f32;
-    let fallback_weight = global.number("fallback_weight", 0.5, finite, "(finite)")? as f32;
-    let receiver = Lookup {
-        model: Some(receiver_params),
-        global: &raw.parameters,
-    }
-    .election(epsilon, preset.density)?;
-    let lambdas = |lookup: &Lookup<'_>| -> Result<(f32, f32)> {
-        Ok((
-            lookup.number("lambda_proj", preset.lambda_proj, finite, "(finite)")? as f32,
-            lookup.number("lambda_ortho", preset.lambda_ortho, finite, "(finite)")? as f32,
-        ))
-    };
-    let receiver_lambda = lambdas(&Lookup {
-        model: Some(receiver_params),
-        global: &raw.parameters,
-    })?;
-    let contributors = raw.models[1..]
-        .iter()
-        .map(|m| {
-            let lookup = Lookup {
-                model: Some(&m.parameters),
-                global: &raw.parameters,
-            };
-            let (lambda_proj, lambda_ortho) = lambdas(&lookup)?;
-            Ok(SafeMContributor {
-                election: lookup.election(epsilon, preset.density)?,
-                lambda_proj,
-                lambda_ortho,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let variant = Variant {
-        symmetric,
-        receiver_lambda: if symmetric {
-            receiver_lambda
-        } else {
-            (1.0, 1.0)
-        },
-        conflict: global.choice(
-            "conflict",
-            preset.variant.conflict,
-            &[
-                ("drop", ConflictRule::Drop),
-                ("keep", ConflictRule::Keep),
-                ("score", ConflictRule::Score),
-            ],
-        )?,
-        salience: global.choice(
-            "salience",
-            preset.variant.salience,
-            &[
-                ("weight", Salience::Weight),
-                ("task_vector", Salience::TaskVector),
-            ],
-        )?,
-        rescale: global.flag("rescale", preset.variant.rescale)?,
-        activation_lambda: global.choice(
-            "layer_lambda",
-            preset.variant.activation_lambda,
-            &[("fixed", false), ("activation", true)],
-        )?,
-    };
-    Ok(SafeMSettings {
-        receiver,
-        contributors,
-        fallback_weight,
-        epsilon,
-        variant,
-        preset: preset.name,
     })
 }
 
@@ -1375,6 +675,7 @@ pub fn parse_byte_size(text: &str) -> std::result::Result<u64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::safe_m::EPSILON;
 
     #[test]
     fn byte_sizes_parse_like_mergekit() {
@@ -1409,7 +710,7 @@ dtype: float32                  # optional: output dtype; default the receiver's
     #[test]
     fn the_issue_example_parses() {
         let c = MergeConfig::from_yaml(EXAMPLE, Path::new("/m"), None).unwrap();
-        assert_eq!(c.method, MergeMethod::SafeM);
+        assert_eq!(c.method.as_str(), "safe_m");
         assert_eq!(c.base.as_ref().unwrap().path, Path::new("/m/C"));
         assert_eq!(
             c.models[1].stats.as_deref(),

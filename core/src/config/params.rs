@@ -86,16 +86,7 @@ pub fn interpolate(points: &[f64], t: f64) -> f64 {
     }
 }
 
-/// The layer position of a tensor for gradients: `layer / (layers − 1)` for
-/// tensors of decoder layer `layer` (`1` when there is one layer), `0` for
-/// the others.
-pub fn layer_position(name: &str, layers: usize) -> f64 {
-    match crate::demo::layer_index(name) {
-        Some(_) if layers <= 1 => 1.0,
-        Some(layer) => layer as f64 / (layers - 1) as f64,
-        None => 0.0,
-    }
-}
+pub use crate::layers::layer_position;
 
 /// Where a parameter may be given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,6 +113,8 @@ pub enum Kind {
     Bool,
     /// One of these words.
     Choice(&'static [&'static str]),
+    /// A list of numbers (FAM's `lambda_grid`; read by the method itself).
+    NumberList,
 }
 
 impl Kind {
@@ -168,6 +161,7 @@ impl Kind {
             },
             Kind::Bool => "true or false".to_string(),
             Kind::Choice(words) => format!("one of {}", words.join(", ")),
+            Kind::NumberList => "a list of numbers".to_string(),
         }
     }
 

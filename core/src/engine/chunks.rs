@@ -17,12 +17,12 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Rows per work item for rows of `cols` elements (rows are never split).
-pub(super) fn rows_per_chunk(cols: usize) -> usize {
+pub(crate) fn rows_per_chunk(cols: usize) -> usize {
     (CHUNK_ELEMENTS / cols.max(1)).max(1)
 }
 
 /// Decodes elements `[start, start + len)` of a float tensor into `buf`.
-pub(super) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Vec<f32>) {
+pub(crate) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Vec<f32>) {
     buf.resize(len, 0.0);
     let size = view.dtype.size();
     decode_f32(
@@ -35,7 +35,7 @@ pub(super) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Ve
 /// A zeroed buffer of `n` elements for a whole tensor. Large ones ask for
 /// transparent huge pages: a fresh buffer's page faults (one per 4 KiB,
 /// each zeroing its page) otherwise cost more than the merge arithmetic.
-pub(super) fn tensor_buffer<T: Copy + Default>(n: usize) -> Vec<T> {
+pub(crate) fn tensor_buffer<T: Copy + Default>(n: usize) -> Vec<T> {
     let mut buffer: Vec<T> = Vec::with_capacity(n);
     let bytes = n * std::mem::size_of::<T>();
     #[cfg(target_os = "linux")]
@@ -64,7 +64,7 @@ pub(super) fn tensor_buffer<T: Copy + Default>(n: usize) -> Vec<T> {
 const HUGE_PAGE: usize = 2 << 20;
 
 /// The whole tensor as f32, decoded in parallel.
-pub(super) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
+pub(crate) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
     let mut out = tensor_buffer::<f32>(view.numel());
     out.par_chunks_mut(CHUNK_ELEMENTS)
         .enumerate()
@@ -83,7 +83,7 @@ pub(super) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
 /// An output tensor of `n` elements in `out_dtype`, filled in parallel
 /// chunks of `chunk` elements: `fill(start, values, scratch)` writes the f32
 /// values of elements `[start, start + values.len())`; `scratch` is per thread.
-pub(super) fn par_encode<S, F>(n: usize, out_dtype: Dtype, chunk: usize, fill: F) -> Vec<u8>
+pub(crate) fn par_encode<S, F>(n: usize, out_dtype: Dtype, chunk: usize, fill: F) -> Vec<u8>
 where
     S: Default + Send,
     F: Fn(usize, &mut [f32], &mut S) + Sync,
@@ -105,7 +105,7 @@ where
 
 /// The receiver's tensor in the output dtype: a byte copy when the dtype is
 /// kept, else decoded and re-encoded.
-pub(super) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
+pub(crate) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
     if view.dtype == out_dtype {
         return view.data.to_vec();
     }
@@ -113,7 +113,7 @@ pub(super) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
 }
 
 /// SPEC §1.4 on a whole tensor: `(1 − w)·A + w·mean(B)`.
-pub(super) fn blend(
+pub(crate) fn blend(
     receiver: &TensorView<'_>,
     contributors: &[TensorView<'_>],
     weight: f32,
@@ -142,7 +142,7 @@ pub(super) fn blend(
 /// Should the bracket miss (or hold too many equal keys), a radix select
 /// whose histograms are counted in parallel chunks decides. Either way the
 /// result depends on the data alone.
-pub(super) fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
+pub(crate) fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
     if data.len() >= 4 * SAMPLE_SIZE {
         if let Some(found) = sampled_select(data, m, key) {
             return found;
@@ -190,7 +190,7 @@ fn sampled_select(data: &[f32], m: usize, key: KeyOf) -> Option<u32> {
 }
 
 /// Adds two radix histograms.
-pub(super) fn add_histograms(
+pub(crate) fn add_histograms(
     mut a: Box<[u64; RADIX_BUCKETS]>,
     b: Box<[u64; RADIX_BUCKETS]>,
 ) -> Box<[u64; RADIX_BUCKETS]> {
@@ -201,7 +201,7 @@ pub(super) fn add_histograms(
 }
 
 /// The election threshold over all scores (SPEC §1.2).
-pub(super) fn parallel_threshold(scores: &[f32], density: f64) -> f32 {
+pub(crate) fn parallel_threshold(scores: &[f32], density: f64) -> f32 {
     match elect_count(density, scores.len()) {
         0 => 0.0,
         m => f32::from_bits(parallel_select(scores, m, KeyOf::Score)),

@@ -11,27 +11,27 @@
 //! thresholds, which are exact integer-count selections; chunk boundaries
 //! are fixed by the shape alone. Any thread count gives the same bytes.
 
-mod baselines;
-mod chunks;
-pub mod fam;
-mod safe_m;
+pub(crate) mod chunks;
 
-use crate::config::{MergeConfig, MergeMethod, MethodSettings, NanPolicy};
+/// FAM's alignment and fusion on checkpoints (it lives with the method).
+pub use crate::methods::fam::tensor as fam;
+
+use crate::config::{MergeConfig, NanPolicy};
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{OutputTensor, ShardedWriter, TensorView};
+use crate::methods::TensorInput;
 use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
 use crate::report::{MergeReport, TensorOutcome};
-use baselines::TiesReference;
-use chunks::{blend, convert};
+use chunks::convert;
 use rayon::prelude::*;
-use safe_m::{safe_m_tensor, SafeMLayer};
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements per work item; rows are never split.
-const CHUNK_ELEMENTS: usize = 1 << 16;
+pub(crate) const CHUNK_ELEMENTS: usize = 1 << 16;
 
 /// Where a merge is, for progress bars.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +118,11 @@ impl PreparedMerge {
         &self.config
     }
 
+    /// The opened inputs.
+    pub fn inputs(&self) -> &Inputs {
+        &self.inputs
+    }
+
     /// Bytes of tensor data in all the inputs (the base and every model).
     pub fn input_bytes(&self) -> u64 {
         let inputs = self.inputs.base.iter().chain(&self.inputs.models);
@@ -181,11 +186,11 @@ impl PreparedMerge {
             options.force,
         )?;
         let mut report = MergeReport::new(&self.config, &self.inputs, &self.plan, writer.shards());
-        let ties_reference = self.ties_reference()?;
-        let fam = self.fam_state()?;
-        if let Some(state) = &fam {
-            report.fam = Some(state.report());
+        let prepared = self.config.method.prepare(self)?;
+        if let Some((key, value)) = prepared.report {
+            report.results.insert(key.to_string(), value);
         }
+        let state = prepared.state.as_ref();
         // A writer thread copies tensor k into the file while the pool
         // computes tensor k + 1. The rendezvous channel bounds memory to two
         // output tensors: the one being written and the one waiting.
@@ -195,7 +200,7 @@ impl PreparedMerge {
             let computed = (|| -> Result<()> {
                 for (index, tensor) in self.plan.tensors.iter().enumerate() {
                     options.check_cancel()?;
-                    let merged = self.merge_tensor(tensor, ties_reference.as_ref(), fam.as_ref());
+                    let merged = self.merge_tensor(tensor, state);
                     self.release_inputs(tensor);
                     let (bytes, outcome) = merged.map_err(|e| {
                         if e.tensor().is_some() {
@@ -278,7 +283,8 @@ impl PreparedMerge {
         }
     }
 
-    fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
+    /// The tensor `name` of one input, as planned.
+    pub(crate) fn view<'a>(&'a self, model: Model, name: &str) -> Result<TensorView<'a>> {
         let checkpoint = match model {
             Model::Base => {
                 &self
@@ -298,58 +304,10 @@ impl PreparedMerge {
         })
     }
 
-    /// The whole-model pass of `ties_reference` (SPEC §3), before any tensor is written.
-    fn ties_reference(&self) -> Result<Option<TiesReference>> {
-        let Some(params) = self
-            .config
-            .baseline()
-            .filter(|_| self.config.method == MergeMethod::TiesReference)
-        else {
-            return Ok(None);
-        };
-        let density = params.number("density", None, "", 0.0)?;
-        let tensors = self
-            .plan
-            .tensors
-            .iter()
-            .map(|t| {
-                let contributors = (0..self.inputs.contributors.len())
-                    .map(|k| self.view(Model::Contributor(k), &t.name))
-                    .collect::<Result<Vec<_>>>()?;
-                Ok((self.view(Model::Base, &t.name)?, contributors))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(TiesReference::compute(density, &tensors)))
-    }
-
     /// FAM's alignment of every neuron group (SPEC §2.2–2.3), from the
-    /// statistics alone: what `flatmerge map` prints.
+    /// statistics alone: what `flatmerge map` prints (empty for other methods).
     pub fn align(&self) -> Result<Vec<fam::GroupAlignment>> {
-        match self.config.fam() {
-            Some(settings) => fam::align(settings, &self.inputs, &self.plan),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// FAM's alignments and λ (searched when asked), before any tensor is written.
-    fn fam_state(&self) -> Result<Option<FamState>> {
-        let Some(settings) = self.config.fam() else {
-            return Ok(None);
-        };
-        let alignments = self.align()?;
-        let (lambdas, grid) = if settings.lambda_search {
-            let view = |receiver: bool, name: &str| self.fam_view(receiver, name);
-            let (chosen, grid) =
-                fam::lambda_search(settings, &self.inputs, &self.plan, &alignments, view)?;
-            (chosen, Some(grid))
-        } else {
-            ((settings.lambda_proj, settings.lambda_ortho), None)
-        };
-        Ok(Some(FamState {
-            alignments,
-            lambdas,
-            grid,
-        }))
+        crate::methods::fam::alignments(self)
     }
 
     /// Refuses NaN or infinite values in the inputs of a tensor, naming the
@@ -402,7 +360,7 @@ impl PreparedMerge {
     }
 
     /// A FAM tensor by the receiver's name: A's, or B's counterpart.
-    fn fam_view(&self, receiver: bool, name: &str) -> Result<TensorView<'_>> {
+    pub(crate) fn fam_view(&self, receiver: bool, name: &str) -> Result<TensorView<'_>> {
         if receiver {
             return self.view(Model::Receiver, name);
         }
@@ -418,8 +376,7 @@ impl PreparedMerge {
     fn merge_tensor(
         &self,
         tensor: &TensorPlan,
-        ties_reference: Option<&TiesReference>,
-        fam: Option<&FamState>,
+        state: &(dyn Any + Send + Sync),
     ) -> Result<(Vec<u8>, TensorOutcome)> {
         let source = tensor.source.as_deref().unwrap_or(&tensor.name);
         let contributors = tensor
@@ -430,121 +387,38 @@ impl PreparedMerge {
         if self.config.nan_policy == NanPolicy::Error {
             self.check_finite(tensor, &contributors)?;
         }
-        match (&tensor.rule, &self.config.settings) {
-            (TensorRule::Fam { .. }, MethodSettings::Fam(settings)) => {
-                let state = fam
-                    .ok_or_else(|| Error::new(ErrorKind::Plan, "FAM tensors need the alignment"))?;
-                let bytes = fam::FamTensor {
-                    settings,
-                    lambdas: state.lambdas,
-                    plan: tensor,
-                    a: self.view(Model::Receiver, &tensor.name)?,
-                    b: contributors[0],
-                    alignments: &state.alignments,
-                    inputs: &self.inputs,
-                }
-                .merge()?;
-                Ok((bytes, TensorOutcome::default()))
-            }
-            (TensorRule::Baseline, MethodSettings::Baseline(params)) => {
-                let base = match &self.inputs.base {
-                    Some(_) => Some(self.view(Model::Base, &tensor.name)?),
-                    None => None,
-                };
-                let base_is_input = self.config.method == MergeMethod::Linear
-                    && self.config.base.as_ref().is_some_and(|b| {
-                        !self
-                            .config
-                            .models
-                            .iter()
-                            .any(|m| crate::config::same_model(&m.path, &b.path))
-                    });
-                baselines::BaselineTensor {
-                    method: self.config.method,
-                    params,
-                    seed: self.config.seed,
-                    layers: self.plan.layers,
-                    plan: tensor,
-                    base,
-                    base_is_input,
-                    contributors,
-                    model_index: tensor
-                        .contributors
-                        .iter()
-                        .map(|&k| self.inputs.contributors[k])
-                        .collect(),
-                    ties_reference,
-                    done_with_contributor: &|k| {
-                        let k = tensor.contributors[k];
-                        self.inputs.contributor(k).checkpoint.release(source);
-                    },
-                }
-                .merge()
-            }
-            (TensorRule::Copy { .. }, _) => Ok((
+        match &tensor.rule {
+            TensorRule::Copy { .. } => Ok((
                 convert(&self.view(Model::Receiver, &tensor.name)?, tensor.out_dtype),
                 TensorOutcome::default(),
             )),
-            (TensorRule::Fallback { .. }, MethodSettings::SafeM(s)) => Ok((
-                blend(
-                    &self.view(Model::Receiver, &tensor.name)?,
-                    &contributors,
-                    s.fallback_weight,
-                    tensor.out_dtype,
-                ),
-                TensorOutcome::default(),
-            )),
-            (
-                TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer },
-                MethodSettings::SafeM(s),
-            ) => {
-                let receiver = self.view(Model::Receiver, &tensor.name)?;
-                let ancestor = self.view(Model::Base, &tensor.name)?;
-                let layers = SafeMLayer::gather(&self.inputs, layer, tensor, s)?;
-                Ok(safe_m_tensor(
-                    tensor,
-                    s,
-                    &receiver,
-                    &ancestor,
-                    &contributors,
-                    &layers,
-                ))
-            }
-            (rule, _) => Err(Error::new(
-                ErrorKind::Plan,
-                format!(
-                    "rule {} does not apply to {}",
-                    rule.label(),
-                    self.config.method.as_str()
-                ),
-            )),
+            _ => self.config.method.merge_tensor(
+                self,
+                state,
+                &TensorInput {
+                    plan: tensor,
+                    contributors,
+                },
+            ),
         }
     }
-}
 
-/// FAM's whole-model results.
-struct FamState {
-    alignments: Vec<fam::GroupAlignment>,
-    lambdas: (f32, f32),
-    grid: Option<fam::LambdaGrid>,
-}
-
-impl FamState {
-    fn report(&self) -> serde_json::Value {
-        serde_json::json!({
-            "groups": self.alignments.iter().map(fam::GroupAlignment::summary).collect::<Vec<_>>(),
-            "mapping": self.alignments.iter().map(|a| serde_json::json!({"group": a.name, "b_neuron_of_a": a.matching})).collect::<Vec<_>>(),
-            "lambda_proj": self.lambdas.0,
-            "lambda_ortho": self.lambdas.1,
-            "lambda_grid": self.grid.as_ref().map(|g| g.iter().map(|(p, o, l)| serde_json::json!({"lambda_proj": p, "lambda_ortho": o, "loss": l})).collect::<Vec<_>>()),
-        })
+    /// Releases contributor `k`'s pages of `tensor` once a method no
+    /// longer reads them (methods that hold decoded task vectors).
+    pub(crate) fn release_contributor(&self, tensor: &TensorPlan, k: usize) {
+        let source = tensor.source.as_deref().unwrap_or(&tensor.name);
+        self.inputs.contributor(k).checkpoint.release(source);
     }
 }
 
+/// One input of a merge.
 #[derive(Clone, Copy)]
-enum Model {
+pub(crate) enum Model {
+    /// The base model (SAFE-M: the common ancestor).
     Base,
+    /// The first model (SAFE-M's and FAM's receiver).
     Receiver,
+    /// Contributor `k` (0-based among the contributors).
     Contributor(usize),
 }
 

@@ -3,9 +3,9 @@
 //! search, then per tensor the flat projection fusion of its rows in A's
 //! basis, calling the kernels of [`crate::fam`].
 
-use super::chunks::{par_encode, read_all, rows_per_chunk};
+use super::FamSettings;
 use crate::assignment::{solve_with, Method, Workspace};
-use crate::config::FamSettings;
+use crate::engine::chunks::{par_encode, read_all, rows_per_chunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fam::{
     candidates, correlation, cross_modal_information, flat_oriented_score,

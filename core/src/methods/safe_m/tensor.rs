@@ -2,9 +2,9 @@
 //! exact thresholds, then one fusion pass over row chunks, all calling the
 //! kernels of [`crate::safe_m`].
 
-use super::chunks::{parallel_threshold, read, rows_per_chunk, tensor_buffer};
-use crate::config::SafeMSettings;
+use super::SafeMSettings;
 use crate::dtype::encode_f32;
+use crate::engine::chunks::{parallel_threshold, read, rows_per_chunk, tensor_buffer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, TensorPlan};
@@ -17,7 +17,7 @@ use crate::safe_m::{
 use rayon::prelude::*;
 
 /// The statistics one SAFE-M tensor needs, checked by the planner.
-pub(super) struct SafeMLayer<'a> {
+pub(crate) struct SafeMLayer<'a> {
     x_mean: &'a [f32],
     receiver_y: &'a [f32],
     ancestor_y: &'a [f32],
@@ -27,7 +27,7 @@ pub(super) struct SafeMLayer<'a> {
 }
 
 impl<'a> SafeMLayer<'a> {
-    pub(super) fn gather(
+    pub(crate) fn gather(
         inputs: &'a Inputs,
         layer: &str,
         tensor: &TensorPlan,
@@ -149,7 +149,7 @@ fn score_tensor(
 
 /// SAFE-M on one tensor read from the checkpoints: a score pass per model,
 /// the thresholds, then one fusion pass over row chunks.
-pub(super) fn safe_m_tensor(
+pub(crate) fn safe_m_tensor(
     tensor: &TensorPlan,
     settings: &SafeMSettings,
     receiver: &TensorView<'_>,

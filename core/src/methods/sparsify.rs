@@ -1,170 +1,221 @@
-//! The baseline methods (SPEC §3) on tensors read from the checkpoints.
+//! The task-arithmetic family (SPEC §3, mergekit's generalized task
+//! arithmetic): `task_arithmetic`, `ties`, `dare_linear`, `dare_ties`,
+//! `breadcrumbs`, `breadcrumbs_ties`, `della` and `della_linear` share one
+//! kernel: sparsify each task vector `τ_k = W_k − W_base` (magnitude trim,
+//! DARE's random drop, breadcrumbs' window, DELLA's ranked drop, or
+//! nothing), weight it, take the TIES sign vote or a plain sum, normalise,
+//! scale by `λ` and add to the base.
+//!
 //! Task arithmetic, DARE and plain TIES stream their task vectors chunk by
 //! chunk (a first pass finds DARE's norms or TIES' thresholds); the other
-//! sparsifying methods decode whole task vectors once. Selections are
-//! exact and thread-independent, and one output pass combines. Kernels
-//! live in [`crate::baselines`].
+//! members decode whole task vectors once. Selections are exact and
+//! thread-independent. Kernels live in [`crate::baselines`].
 
-use super::chunks::{add_histograms, par_encode, parallel_select, read, read_all, rows_per_chunk};
-use super::CHUNK_ELEMENTS;
+use super::mergekit::{self, def, flag, subtract, weight, Counts, MergekitTensor};
+use super::{BaseModel, Method, Roles, SettingsInput, TensorInput};
 use crate::baselines::{
     breadcrumbs_window, count_above, count_equal, dare_drop_in_place, dare_keep, dare_rescale,
-    dare_stream, keep_rank_window, linear_combine, magnitude_key, task_arithmetic_combine,
-    trim_count, TopK,
+    dare_stream, keep_rank_window, task_arithmetic_combine, trim_count, TopK,
 };
-use crate::config::params::{layer_position, Params};
-use crate::config::MergeMethod;
-use crate::dtype::decode_f32;
-use crate::dtype::Dtype;
+use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
+use crate::config::{MergeConfig, MethodSettings};
+use crate::dtype::{decode_f32, Dtype};
+use crate::engine::chunks::{par_encode, parallel_select, read, rows_per_chunk};
+use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
-use crate::plan::TensorPlan;
+use crate::plan::{Inputs, Plan};
 use crate::report::{Sparsity, TensorOutcome};
-use crate::select::{scan_bracket, KeyOf, RadixSelect, SampleBracket, RADIX_BUCKETS, SAMPLE_SIZE};
+use crate::select::{scan_bracket, KeyOf, SampleBracket, SAMPLE_SIZE};
 use rayon::prelude::*;
+use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// What a baseline tensor is merged from.
-pub(super) struct BaselineTensor<'a> {
-    /// The method.
-    pub method: MergeMethod,
-    /// Its parameters.
-    pub params: &'a Params,
-    /// Seed of random masks.
-    pub seed: u64,
-    /// Decoder layers (for gradients).
-    pub layers: usize,
-    /// The plan of the tensor.
-    pub plan: &'a TensorPlan,
-    /// The base model's tensor, when the method has a base.
-    pub base: Option<TensorView<'a>>,
-    /// Whether the base is also an input of a linear merge (listed only as `base_model`).
-    pub base_is_input: bool,
-    /// Each contributor's tensor.
-    pub contributors: Vec<TensorView<'a>>,
-    /// Each contributor's index in the config's `models` (for per-model parameters).
-    pub model_index: Vec<usize>,
-    /// Whole-model quantities of `ties_reference`.
-    pub ties_reference: Option<&'a TiesReference>,
-    /// Called with `k` once contributor `k`'s tensor is no longer read, so
-    /// its pages can leave memory while the task vectors are held.
-    pub done_with_contributor: &'a (dyn Fn(usize) + Sync),
+/// Which member of the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    TaskArithmetic,
+    Ties,
+    DareLinear,
+    DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
 }
 
-impl BaselineTensor<'_> {
-    fn t(&self) -> f64 {
-        layer_position(&self.plan.name, self.layers)
+/// One member of the family, as registered.
+pub struct Sparsifier {
+    name: &'static str,
+    summary: &'static str,
+    family: Family,
+}
+
+/// `W_base + λ Σ w_k τ_k`.
+pub const TASK_ARITHMETIC: Sparsifier = Sparsifier {
+    name: "task_arithmetic",
+    summary: "`W_base + λ Σ w_k τ_k`",
+    family: Family::TaskArithmetic,
+};
+/// TIES: magnitude trim, sign vote, disjoint mean.
+pub const TIES: Sparsifier = Sparsifier {
+    name: "ties",
+    summary: "TIES: magnitude trim, sign vote, disjoint mean",
+    family: Family::Ties,
+};
+/// DARE drop and rescale, then a linear sum of task vectors.
+pub const DARE_LINEAR: Sparsifier = Sparsifier {
+    name: "dare_linear",
+    summary: "DARE random drop and rescale, then a weighted sum",
+    family: Family::DareLinear,
+};
+/// DARE drop and rescale, then the TIES vote.
+pub const DARE_TIES: Sparsifier = Sparsifier {
+    name: "dare_ties",
+    summary: "DARE random drop and rescale, then the TIES vote",
+    family: Family::DareTies,
+};
+/// Model breadcrumbs: drop the smallest and the largest magnitudes.
+pub const BREADCRUMBS: Sparsifier = Sparsifier {
+    name: "breadcrumbs",
+    summary: "model breadcrumbs: drop the smallest and the largest magnitudes",
+    family: Family::Breadcrumbs,
+};
+/// Breadcrumbs with the TIES vote.
+pub const BREADCRUMBS_TIES: Sparsifier = Sparsifier {
+    name: "breadcrumbs_ties",
+    summary: "breadcrumbs, then the TIES vote",
+    family: Family::BreadcrumbsTies,
+};
+/// DELLA: magnitude-ranked random drop, rescale, TIES vote.
+pub const DELLA: Sparsifier = Sparsifier {
+    name: "della",
+    summary: "DELLA: magnitude-ranked random drop, rescale, TIES vote",
+    family: Family::Della,
+};
+/// DELLA without the vote.
+pub const DELLA_LINEAR: Sparsifier = Sparsifier {
+    name: "della_linear",
+    summary: "DELLA without the vote",
+    family: Family::DellaLinear,
+};
+
+impl Method for Sparsifier {
+    fn name(&self) -> &'static str {
+        self.name
     }
 
-    fn number(&self, key: &str, k: Option<usize>) -> Result<f64> {
-        self.params.number(
-            key,
-            k.map(|k| self.model_index[k]),
-            &self.plan.name,
-            self.t(),
-        )
+    fn summary(&self) -> &'static str {
+        self.summary
     }
 
-    fn flag(&self, key: &str) -> bool {
-        self.params.flag(key, &self.plan.name, self.t())
+    fn roles(&self) -> Roles {
+        Roles::OverBase
     }
 
-    fn base(&self) -> Result<&TensorView<'_>> {
-        self.base
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Plan, "this method needs the base model's tensor"))
+    fn base_model(&self) -> BaseModel {
+        BaseModel::Required
     }
 
-    /// Merges the tensor.
-    pub fn merge(&self) -> Result<(Vec<u8>, TensorOutcome)> {
-        let out = self.plan.out_dtype;
-        match self.method {
-            MergeMethod::Linear => self.linear(out),
-            MergeMethod::Passthrough => {
-                let scale = self.number("scale", Some(0))? as f32;
-                let view = &self.contributors[0];
-                let bytes = par_encode(
-                    view.numel(),
-                    out,
-                    CHUNK_ELEMENTS,
-                    |start, values, buf: &mut Vec<f32>| {
-                        read(view, start, values.len(), buf);
-                        for (v, x) in values.iter_mut().zip(buf.iter()) {
-                            *v = scale * x;
-                        }
-                    },
-                );
-                Ok((bytes, TensorOutcome::default()))
-            }
-            MergeMethod::Slerp => self.slerp(out),
-            MergeMethod::Nearswap => self.nearswap(out),
-            MergeMethod::ModelStock => self.model_stock(out),
-            MergeMethod::TiesReference => self.ties_reference(out),
-            MergeMethod::SafeM => Err(Error::new(ErrorKind::Plan, "safe_m is not a baseline")),
-            _ => self.task_arithmetic(out),
-        }
-    }
-
-    fn linear(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let mut views: Vec<&TensorView<'_>> = Vec::new();
-        let mut weights = Vec::new();
-        if let (true, Some(base)) = (self.base_is_input, &self.base) {
-            views.push(base);
-            weights.push(self.number("weight", None)? as f32);
-        }
-        for (k, view) in self.contributors.iter().enumerate() {
-            views.push(view);
-            weights.push(self.number("weight", Some(k))? as f32);
-        }
-        let normalize = self.flag("normalize");
-        let n = self.plan.numel();
-        let bytes = par_encode(
-            n,
-            out,
-            CHUNK_ELEMENTS,
-            |start, values, bufs: &mut Vec<Vec<f32>>| {
-                bufs.resize_with(views.len(), Vec::new);
-                for (buf, view) in bufs.iter_mut().zip(&views) {
-                    read(view, start, values.len(), buf);
-                }
-                let refs: Vec<&[f32]> = bufs.iter().map(Vec::as_slice).collect();
-                linear_combine(&refs, &weights, normalize, values);
-            },
+    /// mergekit 0.1.5's names and defaults.
+    fn params(&self) -> Vec<ParamDef> {
+        let gta = |normalize: bool, rescale: bool| {
+            vec![
+                weight(),
+                def(
+                    "density",
+                    Scope::PerModel,
+                    Kind::UNIT,
+                    ParamDefault::Number(1.0),
+                ),
+                flag("normalize", normalize),
+                flag("rescale", rescale),
+                def(
+                    "lambda",
+                    Scope::Shared,
+                    Kind::ANY,
+                    ParamDefault::Number(1.0),
+                ),
+                flag("int8_mask", false),
+            ]
+        };
+        let with = |mut defs: Vec<ParamDef>, extra: ParamDef| {
+            defs.push(extra);
+            defs
+        };
+        let gamma = def(
+            "gamma",
+            Scope::PerModel,
+            Kind::UNIT,
+            ParamDefault::Number(0.01),
         );
-        Ok((bytes, TensorOutcome::default()))
+        let della_eps = def(
+            "epsilon",
+            Scope::PerModel,
+            Kind::UNIT,
+            ParamDefault::Number(0.15),
+        );
+        match self.family {
+            Family::TaskArithmetic => gta(false, false),
+            Family::Ties => gta(true, false),
+            Family::DareLinear | Family::DareTies => gta(false, true),
+            Family::Breadcrumbs | Family::BreadcrumbsTies => with(gta(false, false), gamma),
+            Family::Della => with(gta(true, true), della_eps),
+            Family::DellaLinear => with(gta(false, true), della_eps),
+        }
     }
 
-    /// `τ_k = W_k − W_base` for every contributor, decoded in parallel.
-    fn task_vectors(&self) -> Result<Vec<Vec<f32>>> {
-        let base = self.base()?;
-        Ok(self
-            .contributors
-            .iter()
-            .enumerate()
-            .map(|(k, view)| {
-                let mut tau = read_all(view);
-                tau.par_chunks_mut(CHUNK_ELEMENTS)
-                    .enumerate()
-                    .for_each_init(Vec::new, |b, (chunk, values)| {
-                        read(base, chunk * CHUNK_ELEMENTS, values.len(), b);
-                        subtract(values, b);
-                    });
-                (self.done_with_contributor)(k);
-                tau
-            })
-            .collect())
+    fn settings(&self, input: &SettingsInput<'_>) -> Result<MethodSettings> {
+        mergekit::settings(self, Counts::AtLeastOne, input)
     }
 
+    fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
+        mergekit::plan(config, inputs, &|_, _| None)
+    }
+
+    fn merge_tensor(
+        &self,
+        merge: &PreparedMerge,
+        _state: &(dyn Any + Send + Sync),
+        input: &TensorInput<'_>,
+    ) -> Result<(Vec<u8>, TensorOutcome)> {
+        let tensor = Sparsified {
+            t: MergekitTensor::new(merge, input)?,
+            kind: self.family,
+        };
+        tensor.task_arithmetic(input.plan.out_dtype)
+    }
+
+    fn report_parameters(&self, config: &MergeConfig) -> serde_json::Value {
+        mergekit::report_parameters(config)
+    }
+}
+
+/// One tensor of a family member.
+struct Sparsified<'a> {
+    t: MergekitTensor<'a>,
+    kind: Family,
+}
+
+impl<'a> std::ops::Deref for Sparsified<'a> {
+    type Target = MergekitTensor<'a>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.t
+    }
+}
+
+impl Sparsified<'_> {
     /// mergekit's generalized task arithmetic: sparsify each `τ_k`, weight,
     /// vote (or sum), normalise, scale by `λ`, add to the base.
     fn task_arithmetic(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
         if matches!(
-            self.method,
-            MergeMethod::TaskArithmetic | MergeMethod::DareLinear | MergeMethod::DareTies
+            self.kind,
+            Family::TaskArithmetic | Family::DareLinear | Family::DareTies
         ) {
             return self.streamed_task_arithmetic(out, None);
         }
-        if self.method == MergeMethod::Ties && !self.flag("rescale") {
+        if self.kind == Family::Ties && !self.flag("rescale") {
             let keeps = (0..self.contributors.len())
                 .map(|k| {
                     Ok(trim_count(
@@ -182,18 +233,18 @@ impl BaselineTensor<'_> {
         let mut sparsity = Vec::new();
         for (k, tau) in taus.iter_mut().enumerate() {
             let density = self.number("density", Some(k))?;
-            let rescaled = match self.method {
-                MergeMethod::TaskArithmetic => None,
-                MergeMethod::Ties => {
+            let rescaled = match self.kind {
+                Family::TaskArithmetic => None,
+                Family::Ties => {
                     let keep = trim_count(density, tau.len());
                     rescaled(tau, rescale, |tau| keep_top(tau, keep, 0))
                 }
-                MergeMethod::Breadcrumbs | MergeMethod::BreadcrumbsTies if density < 1.0 => {
+                Family::Breadcrumbs | Family::BreadcrumbsTies if density < 1.0 => {
                     let gamma = self.number("gamma", Some(k))?;
                     let (a, b) = breadcrumbs_window(density, gamma, tau.len());
                     rescaled(tau, rescale, |tau| keep_top(tau, b, a))
                 }
-                MergeMethod::Della | MergeMethod::DellaLinear if density < 1.0 => {
+                Family::Della | Family::DellaLinear if density < 1.0 => {
                     let epsilon = self.number("epsilon", Some(k))?;
                     if !(density - epsilon > 0.0 && density + epsilon < 1.0) {
                         return Err(Error::new(
@@ -254,7 +305,7 @@ impl BaselineTensor<'_> {
         let base = self.base()?;
         let combine = self.combiner(weights)?;
         let n = self.plan.numel();
-        let dare = matches!(self.method, MergeMethod::DareLinear | MergeMethod::DareTies);
+        let dare = matches!(self.kind, Family::DareLinear | Family::DareTies);
         let rescale = self.flag("rescale");
         let mut drops: Vec<Option<DareDrop>> = Vec::new();
         for (k, view) in self.contributors.iter().enumerate() {
@@ -433,135 +484,12 @@ impl BaselineTensor<'_> {
         Ok(Combiner {
             weights,
             consensus: matches!(
-                self.method,
-                MergeMethod::Ties
-                    | MergeMethod::DareTies
-                    | MergeMethod::BreadcrumbsTies
-                    | MergeMethod::Della
+                self.kind,
+                Family::Ties | Family::DareTies | Family::BreadcrumbsTies | Family::Della
             ),
             normalize: self.flag("normalize"),
             lambda: self.number("lambda", None)? as f32,
         })
-    }
-
-    fn slerp(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let t = self.number("t", None)?;
-        let (a, b) = (self.base()?, &self.contributors[0]);
-        let [aa, bb, ab] = chunk_products(a, b);
-        let norm = |x: f64| if x.sqrt() <= 1e-8 { 1.0 } else { x.sqrt() };
-        let dot = (ab / (norm(aa) * norm(bb))).clamp(-1.0, 1.0);
-        let (s0, s1) = if dot.abs() > 0.9995 {
-            (1.0 - t, t)
-        } else {
-            let theta = dot.acos();
-            let sin = theta.sin();
-            (((1.0 - t) * theta).sin() / sin, (t * theta).sin() / sin)
-        };
-        let (s0, s1) = (s0 as f32, s1 as f32);
-        Ok((
-            elementwise(a, b, out, |p, q| s0 * p + s1 * q),
-            TensorOutcome::default(),
-        ))
-    }
-
-    fn nearswap(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let t = self.number("t", None)? as f32;
-        let (a, b) = (self.base()?, &self.contributors[0]);
-        let bytes = elementwise(a, b, out, |p, q| {
-            let w = (t / (p - q).abs().max(1e-6)).clamp(0.0, 1.0);
-            w * q + (1.0 - w) * p
-        });
-        Ok((bytes, TensorOutcome::default()))
-    }
-
-    /// Model Stock: `t = N·cos / (1 + (N − 1)·cos)` from the mean pairwise
-    /// cosine of the offsets, over the whole tensor or per row (`filter_wise`).
-    fn model_stock(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let base = read_all(self.base()?);
-        let models: Vec<Vec<f32>> = self.contributors.iter().map(read_all).collect();
-        let n_models = models.len();
-        let cols = if self.flag("filter_wise") {
-            *self.plan.shape.last().unwrap_or(&1)
-        } else {
-            base.len()
-        };
-        let rows = base.len() / cols.max(1);
-        let ratio = |row: usize| -> f32 {
-            let range = row * cols..(row + 1) * cols;
-            let offsets: Vec<Vec<f32>> = models
-                .iter()
-                .map(|m| {
-                    m[range.clone()]
-                        .iter()
-                        .zip(&base[range.clone()])
-                        .map(|(x, b)| x - b)
-                        .collect()
-                })
-                .collect();
-            let norms: Vec<f64> = offsets
-                .iter()
-                .map(|d| crate::reduce::sum_squares(d).sqrt())
-                .collect();
-            let (mut sum, mut pairs) = (0f64, 0usize);
-            for i in 0..n_models {
-                for j in i + 1..n_models {
-                    let cos = crate::reduce::dot(&offsets[i], &offsets[j])
-                        / (norms[i] * norms[j]).max(1e-6);
-                    sum += cos.clamp(-1.0, 1.0);
-                    pairs += 1;
-                }
-            }
-            let cos = sum / pairs.max(1) as f64;
-            let n = n_models as f64;
-            let denominator = 1.0 + (n - 1.0) * cos;
-            if denominator.abs() < 1e-6 {
-                0.0
-            } else {
-                (n * cos / denominator) as f32
-            }
-        };
-        let ratios: Vec<f32> = (0..rows).into_par_iter().map(ratio).collect();
-        let bytes = par_encode(base.len(), out, cols.max(1), |start, values, _: &mut ()| {
-            let t = ratios[start / cols.max(1)];
-            for (j, v) in values.iter_mut().enumerate() {
-                let i = start + j;
-                let mean = models.iter().map(|m| m[i]).sum::<f32>() / n_models as f32;
-                *v = t * mean + (1.0 - t) * base[i];
-            }
-        });
-        Ok((bytes, TensorOutcome::default()))
-    }
-
-    fn ties_reference(&self, out: Dtype) -> Result<(Vec<u8>, TensorOutcome)> {
-        let globals = self.ties_reference.ok_or_else(|| {
-            Error::new(ErrorKind::Plan, "ties_reference needs its whole-model pass")
-        })?;
-        let lambda = self.number("lambda", None)? as f32;
-        let base = self.base()?;
-        let taus = self.task_vectors()?;
-        let bytes = par_encode(
-            base.numel(),
-            out,
-            CHUNK_ELEMENTS,
-            |start, values, (b, trimmed): &mut (Vec<f32>, Vec<f32>)| {
-                read(base, start, values.len(), b);
-                trimmed.resize(taus.len(), 0.0);
-                for (j, v) in values.iter_mut().enumerate() {
-                    for ((t, tau), &threshold) in
-                        trimmed.iter_mut().zip(&taus).zip(&globals.thresholds)
-                    {
-                        let x = tau[start + j];
-                        *t = if magnitude_key(x) >= threshold {
-                            x
-                        } else {
-                            0.0
-                        };
-                    }
-                    *v = b[j] + lambda * globals.disjoint_mean(trimmed);
-                }
-            },
-        );
-        Ok((bytes, TensorOutcome::default()))
     }
 }
 
@@ -610,34 +538,6 @@ fn scale_chunk(tau: &mut [f32], factor: f32) {
             *x *= factor;
         }
     }
-}
-
-/// `tau −= base`, element-wise (a task vector from a decoded weight).
-fn subtract(tau: &mut [f32], base: &[f32]) {
-    for (t, x) in tau.iter_mut().zip(base) {
-        *t -= x;
-    }
-}
-
-/// `f(a[i], b[i])` over two whole tensors, in parallel chunks.
-fn elementwise(
-    a: &TensorView<'_>,
-    b: &TensorView<'_>,
-    out: Dtype,
-    f: impl Fn(f32, f32) -> f32 + Sync,
-) -> Vec<u8> {
-    par_encode(
-        a.numel(),
-        out,
-        CHUNK_ELEMENTS,
-        |start, values, (x, y): &mut (Vec<f32>, Vec<f32>)| {
-            read(a, start, values.len(), x);
-            read(b, start, values.len(), y);
-            for ((v, &p), &q) in values.iter_mut().zip(x.iter()).zip(y.iter()) {
-                *v = f(p, q);
-            }
-        },
-    )
 }
 
 /// Runs a deterministic sparsification, then (when `rescale`) the L1
@@ -784,149 +684,4 @@ fn della(
             (all, kept)
         },
     )
-}
-
-/// `[⟨a,a⟩, ⟨b,b⟩, ⟨a,b⟩]` over two whole tensors, in f64, summed per chunk
-/// and then in chunk order.
-fn chunk_products(a: &TensorView<'_>, b: &TensorView<'_>) -> [f64; 3] {
-    let n = a.numel();
-    let parts: Vec<[f64; 3]> = (0..n.div_ceil(CHUNK_ELEMENTS))
-        .into_par_iter()
-        .map_init(
-            || (Vec::new(), Vec::new()),
-            |(x, y), chunk| {
-                let start = chunk * CHUNK_ELEMENTS;
-                let len = CHUNK_ELEMENTS.min(n - start);
-                read(a, start, len, x);
-                read(b, start, len, y);
-                [
-                    crate::reduce::sum_squares(x),
-                    crate::reduce::sum_squares(y),
-                    crate::reduce::dot(x, y),
-                ]
-            },
-        )
-        .collect();
-    parts.iter().fold([0.0; 3], |acc, p| {
-        [acc[0] + p[0], acc[1] + p[1], acc[2] + p[2]]
-    })
-}
-
-/// Whole-model quantities of `ties_reference` (SPEC §3): each contributor's
-/// magnitude threshold over all its task-vector entries, and the sign of
-/// the sum of all elected signs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TiesReference {
-    /// Magnitude keys: entries with `|τ_k| ≥` the threshold are kept.
-    pub thresholds: Vec<u32>,
-    /// −1, 0 or +1: the sign a zero vote takes.
-    pub majority: i8,
-}
-
-impl TiesReference {
-    /// The disjoint mean of one element's trimmed task vectors: the vote is
-    /// `sign(Σ_k τ_k)` (the majority sign when that is 0); the entries of
-    /// the voted sign are averaged.
-    pub fn disjoint_mean(&self, trimmed: &[f32]) -> f32 {
-        let sum: f32 = trimmed.iter().sum();
-        let sign = if sum > 0.0 {
-            1
-        } else if sum < 0.0 {
-            -1
-        } else {
-            self.majority
-        };
-        let (mut total, mut count) = (0f32, 0u32);
-        for &x in trimmed {
-            if (sign > 0 && x > 0.0) || (sign < 0 && x < 0.0) {
-                total += x;
-                count += 1;
-            }
-        }
-        total / count.max(1) as f32
-    }
-
-    /// Runs the whole-model passes over every tensor of the plan: three
-    /// radix-select passes for the thresholds, one for the majority sign.
-    pub fn compute(
-        density: f64,
-        tensors: &[(TensorView<'_>, Vec<TensorView<'_>>)],
-    ) -> TiesReference {
-        let m = tensors.first().map_or(0, |(_, c)| c.len());
-        let total: usize = tensors.iter().map(|(b, _)| b.numel()).sum();
-        if total == 0 || m == 0 {
-            return TiesReference {
-                thresholds: vec![0; m],
-                majority: 0,
-            };
-        }
-        // Keep ⌊density·K⌋ + 1 entries: the (K − ⌊density·K⌋)-th smallest and above.
-        let rank = (trim_count(density, total) + 1).min(total);
-        let mut selects = vec![RadixSelect::new(rank); m];
-        let chunks: Vec<(usize, usize)> = tensors
-            .iter()
-            .enumerate()
-            .flat_map(|(t, (b, _))| (0..b.numel()).step_by(CHUNK_ELEMENTS).map(move |s| (t, s)))
-            .collect();
-        let task_chunk =
-            |t: usize, start: usize, k: usize, base: &mut Vec<f32>, tau: &mut Vec<f32>| {
-                let (b, contributors) = &tensors[t];
-                let len = CHUNK_ELEMENTS.min(b.numel() - start);
-                read(b, start, len, base);
-                read(&contributors[k], start, len, tau);
-                for (x, y) in tau.iter_mut().zip(base.iter()) {
-                    *x -= y;
-                }
-            };
-        while !selects[0].is_done() {
-            let hists: Vec<Box<[u64; RADIX_BUCKETS]>> = (0..m)
-                .map(|k| {
-                    chunks
-                        .par_iter()
-                        .map_init(
-                            || (Vec::new(), Vec::new()),
-                            |(base, tau), &(t, start)| {
-                                task_chunk(t, start, k, base, tau);
-                                let mut hist = Box::new([0u64; RADIX_BUCKETS]);
-                                selects[k]
-                                    .count_keys(tau.iter().map(|&x| magnitude_key(x)), &mut hist);
-                                hist
-                            },
-                        )
-                        .reduce(|| Box::new([0u64; RADIX_BUCKETS]), add_histograms)
-                })
-                .collect();
-            for (select, hist) in selects.iter_mut().zip(&hists) {
-                select.advance(hist);
-            }
-        }
-        let thresholds: Vec<u32> = selects.iter().map(RadixSelect::key).collect();
-        let signs: i64 = chunks
-            .par_iter()
-            .map_init(
-                || (Vec::new(), Vec::new(), Vec::new()),
-                |(base, tau, sums): &mut (Vec<f32>, Vec<f32>, Vec<f32>), &(t, start)| {
-                    for (k, &threshold) in thresholds.iter().enumerate() {
-                        task_chunk(t, start, k, base, tau);
-                        if k == 0 {
-                            sums.clear();
-                            sums.resize(tau.len(), 0.0);
-                        }
-                        for (s, &x) in sums.iter_mut().zip(tau.iter()) {
-                            if magnitude_key(x) >= threshold {
-                                *s += x;
-                            }
-                        }
-                    }
-                    sums.iter()
-                        .map(|&s| (s > 0.0) as i64 - (s < 0.0) as i64)
-                        .sum::<i64>()
-                },
-            )
-            .sum();
-        TiesReference {
-            thresholds,
-            majority: signs.signum() as i8,
-        }
-    }
 }
