@@ -93,3 +93,17 @@ fn every_method_example_gives_the_recorded_bytes() {
     }
     assert_eq!(recorded, text, "digests.txt lists exactly the examples");
 }
+
+#[test]
+fn every_registered_method_has_a_documented_example() {
+    for method in flatmerge::methods::MergeMethod::all() {
+        let file = examples_dir().join(format!("{}.yaml", method.as_str()));
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|_| panic!("{method} has no example at {}", file.display()));
+        assert!(
+            text.contains(&format!("merge_method: {method}\n")),
+            "{}: names another method",
+            file.display()
+        );
+    }
+}

@@ -44,6 +44,13 @@ pub fn settings(
         raw, models, base, ..
     } = *input;
     let name = method.name();
+    if method.base_model() == BaseModel::Forbidden && base.is_some() {
+        return Err(config_error(
+            None,
+            "base_model",
+            format!("{name} takes no `base_model`"),
+        ));
+    }
     if method.base_model() == BaseModel::Required && base.is_none() {
         return Err(config_error(
             None,
@@ -343,6 +350,30 @@ impl<'a> MergekitTensor<'a> {
     /// The merge the tensor belongs to.
     pub fn merge(&self) -> &'a PreparedMerge {
         self.merge
+    }
+
+    /// The output bytes of an element-wise rule: `f(values)` for every
+    /// element, `values` holding the contributors' entries in plan order,
+    /// computed in parallel chunks and encoded in the output dtype. What a
+    /// method of one's own needs for a per-element formula.
+    pub fn map_elements(&self, f: impl Fn(&[f32]) -> f32 + Sync) -> Vec<u8> {
+        let views = &self.contributors;
+        par_encode(
+            self.plan.numel(),
+            self.plan.out_dtype,
+            CHUNK_ELEMENTS,
+            |start, values, (bufs, column): &mut (Vec<Vec<f32>>, Vec<f32>)| {
+                bufs.resize_with(views.len(), Vec::new);
+                for (buf, view) in bufs.iter_mut().zip(views) {
+                    read(view, start, values.len(), buf);
+                }
+                for (i, v) in values.iter_mut().enumerate() {
+                    column.clear();
+                    column.extend(bufs.iter().map(|b| b[i]));
+                    *v = f(column);
+                }
+            },
+        )
     }
 
     /// `τ_k = W_k − W_base` for every contributor, decoded in parallel;

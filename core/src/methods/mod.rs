@@ -316,6 +316,8 @@ impl Registry {
 
 fn describe_default(def: &ParamDef) -> String {
     match def.default {
+        // Defaults held as f32 widened to f64 (ε) read as the f32 a user writes.
+        ParamDefault::Number(x) if (x as f32) as f64 == x => format!("{}", x as f32),
         ParamDefault::Number(x) => format!("{x}"),
         ParamDefault::Bool(b) => format!("`{b}`"),
         ParamDefault::Text(t) => format!("`{t}`"),
@@ -339,7 +341,9 @@ fn describe_kind(kind: Kind) -> String {
 /// The README's method table, generated from the registry (a test checks
 /// that the README holds exactly this text).
 pub fn reference_table() -> String {
-    let mut out = String::from("| method | base model | statistics | parameters (scope: values = default) |\n|---|---|---|---|\n");
+    let mut out = String::from(
+        "| method | what it does | base model | statistics | parameters (scope: values = default) |\n|---|---|---|---|---|\n",
+    );
     for m in BUILTIN {
         let base = match m.base_model() {
             BaseModel::Required => "required",
@@ -368,8 +372,9 @@ pub fn reference_table() -> String {
             })
             .collect();
         out.push_str(&format!(
-            "| `{}` | {base} | {stats} | {} |\n",
+            "| `{}` | {} | {base} | {stats} | {} |\n",
             m.name(),
+            m.summary(),
             if params.is_empty() {
                 "—".to_string()
             } else {
