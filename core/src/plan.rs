@@ -75,6 +75,16 @@ pub enum TensorRule {
         /// A plain average (no statistics, norms, other shapes) instead of the projection fusion.
         average: bool,
     },
+    /// Least-squares merging of a linear layer (SPEC §7): the weight and,
+    /// folded in, the bias are solved together, once per layer.
+    LeastSquares {
+        /// The layer: the tensor's name without `.weight` / `.bias`.
+        layer: String,
+        /// Whether this is the layer's bias (else its weight).
+        bias: bool,
+    },
+    /// The weighted average of the models' tensors.
+    Average,
     /// The receiver's values, unchanged.
     Copy {
         /// Why.
@@ -87,8 +97,10 @@ impl TensorRule {
     pub fn label(&self) -> &'static str {
         match self {
             TensorRule::SafeMWeight { .. } | TensorRule::SafeMBias { .. } => "safe_m",
-            TensorRule::Baseline | TensorRule::Fam { average: false, .. } => "method",
-            TensorRule::Fam { average: true, .. } => "average",
+            TensorRule::Baseline
+            | TensorRule::LeastSquares { .. }
+            | TensorRule::Fam { average: false, .. } => "method",
+            TensorRule::Fam { average: true, .. } | TensorRule::Average => "average",
             TensorRule::Fallback { .. } => "fallback",
             TensorRule::Copy {
                 reason: CopyReason::OnlyInReceiver,
@@ -217,6 +229,11 @@ impl fmt::Display for Plan {
                 TensorRule::SafeMWeight { .. } => "safe_m (weight)".to_string(),
                 TensorRule::SafeMBias { .. } => "safe_m (bias)".to_string(),
                 TensorRule::Baseline => "method".to_string(),
+                TensorRule::LeastSquares { bias: false, .. } => {
+                    "least squares (weight)".to_string()
+                }
+                TensorRule::LeastSquares { bias: true, .. } => "least squares (bias)".to_string(),
+                TensorRule::Average => "average".to_string(),
                 TensorRule::Fam { average: true, .. } => "fam (average)".to_string(),
                 TensorRule::Fam {
                     row_group,

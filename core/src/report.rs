@@ -38,6 +38,8 @@ pub struct TensorOutcome {
     pub counts: Vec<MaskCounts>,
     /// SAFE-M with `layer_lambda: activation`: the layer's λ scale.
     pub layer_lambda: Option<f32>,
+    /// Least-squares merging: the ridge factor `δ` the solve needed (SPEC §7).
+    pub ridge: Option<f64>,
 }
 
 /// One input model in the report.
@@ -72,6 +74,10 @@ pub struct TensorReport {
     /// SAFE-M with `layer_lambda: activation`: the λ scale of the tensor's layer.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_lambda: Option<f32>,
+    /// Least-squares merging: the ridge `δ` added as `δ·mean(diag)` to make
+    /// the summed Gram positive definite (absent: none was needed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ridge: Option<f64>,
 }
 
 /// The receiver's election over one tensor.
@@ -192,6 +198,7 @@ impl MergeReport {
                     masks: Vec::new(),
                     sparsity: Vec::new(),
                     layer_lambda: None,
+                    ridge: None,
                 })
                 .collect(),
             dropped: plan.dropped.clone(),
@@ -205,6 +212,7 @@ impl MergeReport {
         let tensor = &mut self.tensors[index];
         tensor.sparsity = outcome.sparsity;
         tensor.layer_lambda = outcome.layer_lambda;
+        tensor.ridge = outcome.ridge;
         if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first())
         {
             tensor.receiver = Some(ReceiverMask {

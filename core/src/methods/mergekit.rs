@@ -13,7 +13,7 @@ use crate::engine::chunks::{par_encode, read, read_all};
 use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{Checkpoint, TensorInfo, TensorView};
-use crate::methods::{BaseModel, Method, Roles, SettingsInput, TensorInput};
+use crate::methods::{BaseModel, Method, Roles, SettingsInput, Statistics, TensorInput};
 use crate::plan::{
     dropped_tensors, float_check, layer_count, Inputs, Plan, Problems, TensorPlan, TensorRule,
 };
@@ -65,20 +65,39 @@ pub fn settings(
             format!("{name} needs at least one model under `models:`"),
         ));
     }
-    for (i, m) in raw.models.iter().enumerate() {
-        if let Some(stats) = &m.stats {
-            return Err(config_error(
-                None,
-                &format!("models[{i}].stats"),
-                format!("{name} uses no activation statistics (`{stats}`)"),
-            ));
+    if method.statistics() == Statistics::None {
+        for (i, m) in raw.models.iter().enumerate() {
+            if let Some(stats) = &m.stats {
+                return Err(config_error(
+                    None,
+                    &format!("models[{i}].stats"),
+                    format!("{name} uses no activation statistics (`{stats}`)"),
+                ));
+            }
+        }
+    } else {
+        for (i, m) in models.iter().enumerate() {
+            if m.stats.is_none() {
+                return Err(config_error(
+                    None,
+                    &format!("models[{i}].stats"),
+                    format!(
+                        "{name} needs activation statistics for {}",
+                        m.path.display()
+                    ),
+                ));
+            }
         }
     }
     if raw.base_model_stats.is_some() {
         return Err(config_error(
             None,
             "base_model_stats",
-            format!("{name} uses no activation statistics"),
+            if method.statistics() == Statistics::None {
+                format!("{name} uses no activation statistics")
+            } else {
+                format!("{name} uses no statistics of the base model")
+            },
         ));
     }
     let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();

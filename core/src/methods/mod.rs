@@ -75,6 +75,8 @@ pub enum Statistics {
     Means,
     /// Means and per-example rows (`x_rows`, `y_rows`).
     Rows,
+    /// Means and input second moments (`x_gram`, SPEC §4 version 2).
+    Grams,
 }
 
 /// What a method computed before the first tensor: kept for its tensors,
@@ -354,6 +356,7 @@ pub fn reference_table() -> String {
             Statistics::None => "—",
             Statistics::Means => "means",
             Statistics::Rows => "means + rows",
+            Statistics::Grams => "means + Grams",
         };
         let params: Vec<String> = m
             .params()
