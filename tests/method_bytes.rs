@@ -63,11 +63,38 @@ fn digest(dir: &Path, example: &str) -> String {
         .collect()
 }
 
+/// `M.gram.stats.safetensors` for least-squares examples: each layer of
+/// `M.stats.safetensors` with the synthetic Gram `x̄ x̄ᵀ + 0.1·I` (positive
+/// definite, derived from the family's own statistics).
+fn write_gram_statistics(dir: &Path, models: &[&str]) {
+    for m in models {
+        let mut stats =
+            flatmerge::stats::ActivationStats::load(&dir.join(format!("{m}.stats.safetensors")))
+                .expect("family statistics");
+        for layer in stats.layers.values_mut() {
+            if let Some(x) = layer.x_mean.clone() {
+                let n = x.len();
+                let mut gram = vec![0f32; n * n];
+                for i in 0..n {
+                    for j in 0..n {
+                        gram[i * n + j] = x[i] * x[j] + if i == j { 0.1 } else { 0.0 };
+                    }
+                }
+                layer.x_gram = Some(gram);
+            }
+        }
+        stats
+            .save(&dir.join(format!("{m}.gram.stats.safetensors")))
+            .expect("save");
+    }
+}
+
 #[test]
 fn every_method_example_gives_the_recorded_bytes() {
     let dir = tempdir();
     write_family(dir.path(), &SHAPE, Dtype::BF16, 2, 3).expect("write the family");
     write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 7).expect("write the pair");
+    write_gram_statistics(dir.path(), &["A", "B"]);
     let mut examples: Vec<String> = std::fs::read_dir(examples_dir())
         .expect("examples")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

@@ -42,6 +42,9 @@ enum Command {
     /// Probe sets (JSON Lines): build the meta-probe mixture.
     #[command(subcommand)]
     ProbeSet(probe::ProbeSetCommand),
+    /// Statistics files: combine recordings of disjoint examples.
+    #[command(subcommand)]
+    Stats(probe::StatsCommand),
     /// Build a small LLaMA-shaped family with statistics and merge it with SAFE-M (no downloads).
     Demo(DemoArgs),
 }
@@ -164,6 +167,7 @@ fn main() -> ExitCode {
         Command::Map(args) => map(args),
         Command::Probe(args) => probe::probe(args),
         Command::ProbeSet(command) => probe::probe_set(command),
+        Command::Stats(command) => probe::stats(command),
         Command::Demo(args) => demo(args),
     };
     match result {

@@ -27,9 +27,70 @@ pub struct ProbeArgs {
     /// Worker threads (default: all cores); the statistics are identical for any count.
     #[arg(long)]
     threads: Option<usize>,
+    /// Also record each linear layer's input second moment `x_gram` (SPEC §4
+    /// version 2), for least-squares merging (`merge_method: regmean`).
+    #[arg(long)]
+    gram: bool,
+    /// With --gram: Grams only for the decoder layers (MLP layers) A..B, half-open,
+    /// to bound memory; record the other ranges in further runs with --part and combine them.
+    #[arg(long, value_name = "A..B", value_parser = parse_range, requires = "gram")]
+    gram_layers: Option<std::ops::Range<usize>>,
+    /// Record only the probe examples whose `source` is one of these (comma-separated):
+    /// a model's own task, as RegMean's protocol asks.
+    #[arg(long, value_name = "S1,S2", value_delimiter = ',')]
+    sources: Option<Vec<String>>,
+    /// Write the recorder's exact partial state (a `.part` file) for `flatmerge stats combine`.
+    #[arg(long)]
+    part: bool,
     /// No progress bar, no summary.
     #[arg(short, long)]
     quiet: bool,
+}
+
+fn parse_range(text: &str) -> Result<std::ops::Range<usize>, String> {
+    let (a, b) = text
+        .split_once("..")
+        .ok_or_else(|| format!("`{text}` is not a range A..B"))?;
+    let (a, b): (usize, usize) = match (a.trim().parse(), b.trim().parse()) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return Err(format!("`{text}` is not a range A..B of layer indices")),
+    };
+    if a >= b {
+        return Err(format!("`{text}` is empty: A must be below B"));
+    }
+    Ok(a..b)
+}
+
+/// `flatmerge stats …`: statistics files.
+#[derive(Subcommand)]
+pub enum StatsCommand {
+    /// Combine recordings of disjoint examples (`probe --part` files) exactly into the
+    /// file of their union: byte-identical to one recording of all the examples.
+    Combine(CombineArgs),
+}
+
+#[derive(Args)]
+pub struct CombineArgs {
+    /// The `.part` files.
+    #[arg(required = true, num_args = 2..)]
+    parts: Vec<PathBuf>,
+    /// The statistics file to write (a `.part` output stays combinable).
+    #[arg(short = 'o', long = "output", value_name = "STATS")]
+    output: PathBuf,
+}
+
+pub fn stats(command: StatsCommand) -> Result<(), Error> {
+    match command {
+        StatsCommand::Combine(args) => {
+            flatmerge::recorder::combine_parts(&args.parts, &args.output)?;
+            println!(
+                "combined {} recordings into {}",
+                args.parts.len(),
+                args.output.display()
+            );
+            Ok(())
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -107,6 +168,10 @@ pub fn probe(args: ProbeArgs) -> Result<(), Error> {
         max_examples: args.max_examples,
         threads: args.threads,
         progress,
+        gram: args.gram,
+        gram_blocks: args.gram_layers,
+        sources: args.sources,
+        part: args.part,
         ..ProbeOptions::default()
     };
     let result = probe_files(&args.model, &args.probe_set, &args.output, &options);

@@ -299,6 +299,7 @@ pub fn write_family(
                         count: Some(4096),
                         x_rows: None,
                         y_rows: None,
+                        x_gram: None,
                     },
                 );
             }
@@ -465,6 +466,7 @@ pub fn write_heterogeneous_pair(
                         width: out,
                         data: y.clone(),
                     }),
+                    x_gram: None,
                 },
             );
             y

@@ -3,7 +3,8 @@
 //! The crate has two layers:
 //! - the **numeric core** (always built, `no_std` + `alloc` without the
 //!   `std` feature): every formula of `SPEC.md` as a plain function on
-//!   slices — [`safe_m`], [`select`], [`reduce`], [`dtype`];
+//!   slices — [`safe_m`], [`select`], [`reduce`], [`dtype`], and
+//!   least-squares merging ([`least_squares`]);
 //! - the **std layer** (feature `std`, on by default): memory-mapped
 //!   safetensors checkpoints ([`io`]), activation statistics files
 //!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
@@ -20,6 +21,7 @@ pub mod assignment;
 pub mod baselines;
 pub mod dtype;
 pub mod fam;
+pub mod least_squares;
 pub mod reduce;
 pub mod safe_m;
 pub mod select;

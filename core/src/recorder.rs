@@ -50,6 +50,62 @@
 //! - `probe.modality[n]` is the modality pushed with example `n`; two
 //!   different modalities for one example id are an error.
 //!
+//! # Second moments (Grams)
+//!
+//! With [`RecorderOptions::gram`], the recorder also keeps each layer's
+//! input Gram `Σ_tokens x xᵀ` and writes `L.x_gram = Gram / count` (SPEC §4
+//! version 2; see [`crate::stats`]). An exact fixed-point sum of every
+//! product would cost an i128 operation per product; instead:
+//!
+//! 1. each push computes its own `XᵀX` in f64, every entry
+//!    `Σ_r x_ri · x_rj` summed over the push's rows in row order, one
+//!    multiply and one add per term (no fused multiply-add, no
+//!    reassociation: the tiling only changes which entries are computed
+//!    together, never the order of an entry's terms), so a given push gives
+//!    the same f64 matrix on every run, thread count and x86/ARM machine;
+//! 2. each entry becomes the integer `(g × 2^50) as i128` (truncated toward
+//!    zero: exact to 2^-50 ≈ 8.9·10^-16 absolute, about the f64 rounding of
+//!    an entry of order 1);
+//! 3. the integers are added to the layer's accumulator.
+//!
+//! **Guaranteed:** the same pushes in any order, from any number of
+//! threads, interleaved in any way, give the same Gram sums and so the same
+//! file, byte for byte; and files recorded on disjoint examples combine
+//! into exactly the file of their union ([`combine_parts`]). **Not
+//! guaranteed:** splitting one push into several (or merging pushes)
+//! changes the f64 partial sums of step 1, so the Gram may differ in its
+//! last bits (the means do not: they are exact per value). A push is one
+//! example's tokens through one layer in the native probes.
+//!
+//! Range: a push whose diagonal entry `Σ_r x_ri²` exceeds 2^76 is refused,
+//! and so is a layer whose total `Σ_pushes trace(XᵀX)` reaches 2^76
+//! (by Cauchy–Schwarz every entry of every partial sum is then below
+//! 2^126 in fixed point, so integer sums cannot overflow in any order).
+//!
+//! Only the upper triangle is kept (`in (in + 1) / 2` integers). Layers
+//! reading the same input share one accumulator:
+//! [`RecorderOptions::gram_shared`] maps an alias (k_proj) to the layer
+//! whose Gram it shares (q_proj); the alias's pushes feed only its means,
+//! and the file stores the owner's Gram and names the alias in its
+//! `gram_shared` metadata. When the statistics are built, an alias whose
+//! exact input sums or token count differ from its owner's is an error (it
+//! did not read the same input). [`RecorderOptions::gram_layers`] limits
+//! Grams to some layers, to bound memory (the native probes record a range
+//! of blocks per pass).
+//!
+//! # Partial state and combining
+//!
+//! Means rounded to f32 cannot be combined exactly, so a recording meant to
+//! be combined is saved as a `.part` file ([`Recorder::save_part`]): a
+//! safetensors file with `format = "flatmerge.activations.part"` holding
+//! the exact integer sums (i128 as 16 little-endian bytes, tensors of dtype
+//! U8 `[n, 16]`), token counts, the example ids with their modalities, and
+//! the options (model, probe, `max_examples`, Gram settings, sources) as
+//! metadata. [`combine_parts`] adds the parts' integers and writes the
+//! statistics file: byte-identical to one recording of the union, since it
+//! is built from the same integers. Parts from different models, probe
+//! sets or options, or sharing an example id, are refused.
+//!
 //! # Threads and memory
 //!
 //! Every method takes `&self`; a `Recorder` is `Send + Sync`. A push
@@ -60,13 +116,25 @@
 //! of sums, plus as much again for each example id below `M` that reached
 //! the layer (four times the rows' size in the file): choose `M` with that
 //! in mind.
+//!
+//! Grams add, per layer that stores one, `16 × in (in + 1) / 2` bytes (a
+//! 4096-wide input: 134 MB; 11008: 970 MB), and each push in flight holds
+//! its rows in f64 (`8 × rows × in`) plus one strip of 32 Gram rows in f64
+//! (`256 × in` bytes). The accumulators never depend on the number of
+//! layers pushed without a Gram. Building the statistics adds the f32
+//! `[in, in]` matrices of the file (`4 × in²` per stored Gram). For a
+//! LLaMA-2-7B block (q/k/v sharing one 4096 Gram, o_proj 4096, gate/up
+//! sharing one 4096 Gram, down_proj 11008) that is 1.37 GB of accumulators
+//! plus 0.69 GB of f32 output: ten blocks per pass stay within 21 GB.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::dtype::bf16_to_f32;
+use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::{write_atomically, Checkpoint, OutputTensor, SafetensorsWriter};
 use crate::stats::{ActivationStats, LayerStats, Rows};
 
 /// The fixed-point scale, `2^60`.
@@ -111,6 +179,33 @@ pub struct RecorderOptions {
     pub probe: String,
     /// Rows of examples that never reached a layer.
     pub missing_rows: MissingRows,
+    /// Record each layer's input Gram (SPEC §4 version 2; module docs).
+    pub gram: bool,
+    /// With [`gram`](Self::gram): only these layers (owners or aliases of
+    /// [`gram_shared`](Self::gram_shared)) get a Gram; `None`: every layer.
+    pub gram_layers: Option<BTreeSet<String>>,
+    /// Layers reading the same input as another: alias → owner. The alias
+    /// shares the owner's accumulator and the file names it in its
+    /// `gram_shared` metadata. An owner must not itself be an alias.
+    pub gram_shared: BTreeMap<String, String>,
+    /// The probe sources the recording is restricted to (the file's
+    /// `sources` metadata; sorted and made distinct when written).
+    pub sources: Option<Vec<String>>,
+}
+
+impl RecorderOptions {
+    /// Whether `layer` records a Gram of its own (not an alias).
+    fn stores_gram(&self, layer: &str) -> bool {
+        self.gram
+            && !self.gram_shared.contains_key(layer)
+            && self.gram_layers.as_ref().is_none_or(|l| l.contains(layer))
+    }
+
+    /// Whether `layer`'s file entry has a Gram, stored or shared.
+    fn has_gram(&self, layer: &str) -> bool {
+        let owner = self.gram_shared.get(layer).map_or(layer, String::as_str);
+        self.stores_gram(owner) && self.gram_layers.as_ref().is_none_or(|l| l.contains(layer))
+    }
 }
 
 /// Activations as the hook has them: f32 values, or bf16 bit patterns.
@@ -183,11 +278,47 @@ struct LayerAcc {
     examples: BTreeMap<u64, Sums>,
 }
 
+/// The upper triangle of `Σ x xᵀ` in fixed point (2^50), row-major: row
+/// `i` holds columns `i..width`.
+#[derive(Debug)]
+struct GramAcc {
+    sums: Vec<i128>,
+    /// Saturating `Σ_pushes trace` in fixed point.
+    magnitude: u128,
+}
+
 #[derive(Debug)]
 struct Layer {
     in_width: usize,
     out_width: usize,
     acc: Mutex<LayerAcc>,
+    /// Present when the layer stores its own Gram.
+    gram: Option<Mutex<GramAcc>>,
+}
+
+/// The Gram's fixed-point scale, `2^50`.
+const GRAM_SCALE: f64 = (1u64 << 50) as f64;
+
+/// The largest total trace a Gram accumulates, `2^76` (in fixed point
+/// `2^126`: no entry's partial sum can then overflow an i128).
+const GRAM_MAX_TRACE: f64 = (1u128 << 76) as f64;
+
+/// Gram rows computed together (one lock of the accumulator per strip).
+const GRAM_STRIP: usize = 32;
+
+/// Gram columns per tile inside a strip (the tile stays in L1/L2).
+const GRAM_TILE: usize = 256;
+
+/// Index of `(i, j)`, `i ≤ j`, in a packed upper triangle of `width`.
+#[inline]
+fn triangle_index(i: usize, j: usize, width: usize) -> usize {
+    // Row k holds width − k entries; row i starts after rows 0..i.
+    i * width - i * i.saturating_sub(1) / 2 + (j - i)
+}
+
+/// Number of entries of a packed upper triangle of `width`.
+fn triangle_len(width: usize) -> usize {
+    width * (width + 1) / 2
 }
 
 /// Records activation statistics from concurrent hooks; see the module
@@ -254,6 +385,113 @@ fn sums_of(
     })
 }
 
+/// The values of `values` as f64, row-major `[rows, width]`.
+fn decode_f64(values: Activations<'_>) -> Vec<f64> {
+    match values {
+        Activations::F32(v) => v.iter().map(|&x| x as f64).collect(),
+        Activations::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x) as f64).collect(),
+    }
+}
+
+/// A push's Gram, ready to add: its rows in f64 and its trace in fixed
+/// point.
+struct GramPush {
+    x: Vec<f64>,
+    trace: u128,
+}
+
+/// Checks the diagonal of `XᵀX` (each `Σ_r x_ri²`, in row order, as the
+/// strips compute it) against the range, and returns the push.
+fn gram_push(layer: &str, x: Vec<f64>, width: usize) -> Result<GramPush> {
+    let mut diagonal = vec![0f64; width];
+    for row in x.chunks_exact(width) {
+        for (d, &v) in diagonal.iter_mut().zip(row) {
+            *d += v * v;
+        }
+    }
+    let mut trace = 0u128;
+    for (i, &d) in diagonal.iter().enumerate() {
+        if d > GRAM_MAX_TRACE {
+            return Err(invalid(
+                layer,
+                format!("x column {i}: Σ x² over the batch is {d:e}, beyond the Gram's range 2^76"),
+            ));
+        }
+        trace = trace.saturating_add((d * GRAM_SCALE) as u128);
+    }
+    Ok(GramPush { x, trace })
+}
+
+/// Rows `i0..i1` of `XᵀX`, columns `i0..width`, into `out`
+/// (`[i1 − i0, width − i0]`): each entry summed over the rows in order,
+/// one multiply and one add per row, whatever the tiling.
+fn gram_strip(x: &[f64], width: usize, i0: usize, i1: usize, out: &mut Vec<f64>) {
+    let strip_width = width - i0;
+    out.clear();
+    out.resize((i1 - i0) * strip_width, 0.0);
+    for j0 in (i0..width).step_by(GRAM_TILE) {
+        let j1 = (j0 + GRAM_TILE).min(width);
+        for row in x.chunks_exact(width) {
+            let columns = &row[j0..j1];
+            for i in i0..i1 {
+                let xi = row[i];
+                let start = (i - i0) * strip_width + (j0 - i0);
+                for (d, &v) in out[start..start + (j1 - j0)].iter_mut().zip(columns) {
+                    *d += xi * v;
+                }
+            }
+        }
+    }
+}
+
+/// Adds a push's `XᵀX` to `gram`, one strip of rows at a time (the lock is
+/// taken per strip, so pushes to one layer overlap).
+fn add_gram(gram: &Mutex<GramAcc>, layer: &str, push: &GramPush, width: usize) -> Result<()> {
+    let mut strip = Vec::new();
+    for i0 in (0..width).step_by(GRAM_STRIP) {
+        let i1 = (i0 + GRAM_STRIP).min(width);
+        gram_strip(&push.x, width, i0, i1, &mut strip);
+        let strip_width = width - i0;
+        let mut acc = gram.lock().map_err(|_| poisoned(layer))?;
+        for i in i0..i1 {
+            let from = (i - i0) * strip_width + (i - i0);
+            let to = (i - i0 + 1) * strip_width;
+            let start = triangle_index(i, i, width);
+            for (s, &g) in acc.sums[start..start + (width - i)]
+                .iter_mut()
+                .zip(&strip[from..to])
+            {
+                *s = s.wrapping_add((g * GRAM_SCALE) as i128);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mean Gram, full `[width, width]` f32, from the packed sums.
+fn gram_means(sums: &[i128], width: usize, count: u64) -> Vec<f32> {
+    let mut out = vec![0f32; width * width];
+    for i in 0..width {
+        let start = triangle_index(i, i, width);
+        for (j, &q) in (i..width).zip(&sums[start..start + (width - i)]) {
+            let v = ((q as f64 / GRAM_SCALE) / count as f64) as f32;
+            out[i * width + j] = v;
+            out[j * width + i] = v;
+        }
+    }
+    out
+}
+
+fn check_gram_magnitude(layer: &str, gram: &GramAcc) -> Result<()> {
+    if gram.magnitude > (1u128 << 126) {
+        return Err(invalid(
+            layer,
+            "the layer's Gram is too large to sum exactly (the total Σ x² reaches 2^76)".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Recorder {
     /// An empty recorder.
     pub fn new(options: RecorderOptions) -> Recorder {
@@ -267,6 +505,18 @@ impl Recorder {
     /// The options the recorder was made with.
     pub fn options(&self) -> &RecorderOptions {
         &self.options
+    }
+
+    /// Bytes held by the Gram accumulators: `16 × in (in + 1) / 2` per
+    /// layer that stores a Gram (the module docs' memory bound; aliases and
+    /// layers outside [`RecorderOptions::gram_layers`] hold none).
+    pub fn gram_bytes(&self) -> usize {
+        self.layers.read().map_or(0, |map| {
+            map.values()
+                .filter(|l| l.gram.is_some())
+                .map(|l| 16 * triangle_len(l.in_width))
+                .sum()
+        })
     }
 
     /// Pushes `rows` f32 tokens of example `example` through `layer`:
@@ -346,6 +596,11 @@ impl Recorder {
         // The heavy part, with no lock held.
         let (x, mx) = sums_of(layer, "x", batch.x, in_width)?;
         let (y, my) = sums_of(layer, "y", batch.y, out_width)?;
+        let gram = if self.options.stores_gram(layer) {
+            Some(gram_push(layer, decode_f64(batch.x), in_width)?)
+        } else {
+            None
+        };
         let sums = Sums {
             count: batch.rows as u64,
             x,
@@ -362,14 +617,38 @@ impl Recorder {
         };
         self.note_modality(layer, batch.example, batch.modality, true)?;
 
+        if let (Some(push), Some(acc)) = (&gram, &target.gram) {
+            // Reserved before anything is added, so a refused push adds
+            // nothing to the means either.
+            let mut acc = acc.lock().map_err(|_| poisoned(layer))?;
+            acc.magnitude = acc.magnitude.saturating_add(push.trace);
+            check_gram_magnitude(layer, &acc)?;
+        }
+        self.add_means(layer, &target, batch.example, sums, mx, my)?;
+        if let (Some(push), Some(acc)) = (&gram, &target.gram) {
+            add_gram(acc, layer, push, in_width)?;
+        }
+        Ok(())
+    }
+
+    fn add_means(
+        &self,
+        layer: &str,
+        target: &Layer,
+        example: u64,
+        sums: Sums,
+        mx: u128,
+        my: u128,
+    ) -> Result<()> {
+        let batch_example = example;
         let mut acc = target.acc.lock().map_err(|_| poisoned(layer))?;
         acc.magnitude = acc.magnitude.saturating_add(mx).saturating_add(my);
         acc.total.add(&sums);
-        if batch.example < self.options.max_examples as u64 {
-            match acc.examples.get_mut(&batch.example) {
+        if batch_example < self.options.max_examples as u64 {
+            match acc.examples.get_mut(&batch_example) {
                 Some(e) => e.add(&sums),
                 None => {
-                    acc.examples.insert(batch.example, sums);
+                    acc.examples.insert(batch_example, sums);
                 }
             }
         }
@@ -410,6 +689,12 @@ impl Recorder {
                     },
                     magnitude: 0,
                     examples: BTreeMap::new(),
+                }),
+                gram: self.options.stores_gram(layer).then(|| {
+                    Mutex::new(GramAcc {
+                        sums: vec![0; triangle_len(in_width)],
+                        magnitude: 0,
+                    })
                 }),
             })
         });
@@ -504,12 +789,21 @@ impl Recorder {
                 continue;
             }
             check_magnitude(&name, &acc)?;
+            let x_gram = match &layer.gram {
+                Some(gram) => {
+                    let gram = gram.lock().map_err(|_| poisoned(&name))?;
+                    check_gram_magnitude(&name, &gram)?;
+                    Some(gram_means(&gram.sums, layer.in_width, acc.total.count))
+                }
+                None => None,
+            };
             let mut s = LayerStats {
                 x_mean: Some(means(&acc.total.x, acc.total.count)),
                 y_mean: Some(means(&acc.total.y, acc.total.count)),
                 count: Some(acc.total.count),
                 x_rows: None,
                 y_rows: None,
+                x_gram,
             };
             if rows > 0 {
                 let (x_rows, y_rows) = self.rows_of(&name, &layer, &acc, rows)?;
@@ -519,7 +813,60 @@ impl Recorder {
             drop(acc);
             stats.layers.insert(name, s);
         }
+        stats.gram_shared = self.shared_grams()?;
+        stats.sources = self.options.sources.as_ref().map(|s| {
+            let set: BTreeSet<&String> = s.iter().collect();
+            set.into_iter().cloned().collect()
+        });
         Ok(stats)
+    }
+
+    /// The `gram_shared` entries of the pushed aliases, each checked to
+    /// have read its owner's input (equal exact sums and token counts).
+    fn shared_grams(&self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        if !self.options.gram {
+            return Ok(out);
+        }
+        let map = self.layers.read().map_err(|_| poisoned_recorder())?;
+        for (alias, owner) in &self.options.gram_shared {
+            let Some(alias_layer) = map.get(alias) else {
+                continue;
+            };
+            if !self.options.has_gram(alias) {
+                continue;
+            }
+            let (alias_count, alias_x) = {
+                let acc = alias_layer.acc.lock().map_err(|_| poisoned(alias))?;
+                (acc.total.count, acc.total.x.clone())
+            };
+            if alias_count == 0 {
+                continue;
+            }
+            let owner_layer = map.get(owner).filter(|l| l.gram.is_some()).ok_or_else(|| {
+                invalid(
+                    alias,
+                    format!(
+                        "the layer shares the Gram of `{owner}`, which was never pushed or \
+                         records no Gram"
+                    ),
+                )
+            })?;
+            let acc = owner_layer.acc.lock().map_err(|_| poisoned(owner))?;
+            if acc.total.count != alias_count || acc.total.x != alias_x {
+                return Err(invalid(
+                    alias,
+                    format!(
+                        "the layer shares the Gram of `{owner}`, but its inputs differ \
+                         ({alias_count} tokens against {}, or other values): layers sharing a \
+                         Gram must read the same input",
+                        acc.total.count
+                    ),
+                ));
+            }
+            out.insert(alias.clone(), owner.clone());
+        }
+        Ok(out)
     }
 
     fn rows_of(
@@ -575,6 +922,526 @@ impl Recorder {
             }
         })?;
         stats.save(path)
+    }
+}
+
+/// The `format` metadata value of a recorder's partial state.
+pub const PART_FORMAT: &str = "flatmerge.activations.part";
+
+/// The `version` metadata value of the partial-state format.
+pub const PART_VERSION: &str = "1";
+
+/// The example ids of a part, I64 `[n]`, ascending.
+const PART_IDS: &str = "probe.example_ids";
+
+/// The modality of each id of [`PART_IDS`], U8 `[n]`.
+const PART_MODALITY: &str = "probe.example_modality";
+
+/// The tensors a part holds per layer.
+const PART_SUFFIXES: [&str; 10] = [
+    "count",
+    "magnitude",
+    "x_sum",
+    "y_sum",
+    "gram_sum",
+    "gram_magnitude",
+    "row_ids",
+    "row_counts",
+    "x_row_sums",
+    "y_row_sums",
+];
+
+fn i128_bytes(values: &[i128]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn i64_bytes(values: impl IntoIterator<Item = u64>) -> Vec<u8> {
+    values
+        .into_iter()
+        .flat_map(|v| (v as i64).to_le_bytes())
+        .collect()
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    // Maps and lists of strings always encode.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// The metadata that must agree for parts to combine (everything but the
+/// sources).
+fn part_metadata(options: &RecorderOptions) -> BTreeMap<String, String> {
+    let missing = match options.missing_rows {
+        MissingRows::Zero => "zero",
+        MissingRows::Error => "error",
+    };
+    [
+        ("format", PART_FORMAT.to_string()),
+        ("version", PART_VERSION.to_string()),
+        ("model", options.model.clone()),
+        ("probe", options.probe.clone()),
+        ("max_examples", options.max_examples.to_string()),
+        ("missing_rows", missing.to_string()),
+        ("gram", options.gram.to_string()),
+        ("gram_layers", json(&options.gram_layers)),
+        ("gram_shared", json(&options.gram_shared)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+fn sorted_sources(sources: &Option<Vec<String>>) -> Option<Vec<String>> {
+    sources.as_ref().map(|s| {
+        let set: BTreeSet<&String> = s.iter().collect();
+        set.into_iter().cloned().collect()
+    })
+}
+
+/// The options a part was recorded with, from its metadata.
+fn part_options(path: &Path, meta: &BTreeMap<String, String>) -> Result<RecorderOptions> {
+    let err = |msg: String| Error::new(ErrorKind::Stats, msg).with_file(path);
+    match meta.get("format") {
+        Some(f) if f == PART_FORMAT => {}
+        Some(f) if f == crate::stats::FORMAT => {
+            return Err(err(format!(
+                "a statistics file, not a recorder's partial state (`{PART_FORMAT}`): its means \
+                 are rounded to f32 and cannot be combined exactly; record with `--part` \
+                 (Recorder::save_part) to combine"
+            )))
+        }
+        other => {
+            return Err(err(format!(
+                "`__metadata__` format is {}, not `{PART_FORMAT}`: not a recorder's partial state",
+                other.map_or_else(|| "missing".to_string(), |f| format!("`{f}`"))
+            )))
+        }
+    }
+    if meta.get("version").map(String::as_str) != Some(PART_VERSION) {
+        return Err(err(format!(
+            "partial-state version {:?}; this flatmerge reads version {PART_VERSION}",
+            meta.get("version")
+        )));
+    }
+    let get = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| err(format!("`__metadata__` has no `{key}`")))
+    };
+    let bad = |key: &str| err(format!("`__metadata__` `{key}` is malformed"));
+    Ok(RecorderOptions {
+        max_examples: get("max_examples")?
+            .parse()
+            .map_err(|_| bad("max_examples"))?,
+        model: get("model")?.clone(),
+        probe: get("probe")?.clone(),
+        missing_rows: match get("missing_rows")?.as_str() {
+            "zero" => MissingRows::Zero,
+            "error" => MissingRows::Error,
+            _ => return Err(bad("missing_rows")),
+        },
+        gram: get("gram")?.parse().map_err(|_| bad("gram"))?,
+        gram_layers: serde_json::from_str(get("gram_layers")?).map_err(|_| bad("gram_layers"))?,
+        gram_shared: serde_json::from_str(get("gram_shared")?).map_err(|_| bad("gram_shared"))?,
+        sources: match meta.get("sources") {
+            Some(text) => Some(serde_json::from_str(text).map_err(|_| bad("sources"))?),
+            None => None,
+        },
+    })
+}
+
+/// The i128 values of a U8 `[.., 16]` tensor whose leading dimensions are
+/// `shape` (`None` when the dtype or shape differ).
+fn read_i128s(file: &Checkpoint, name: &str, shape: &[usize]) -> Option<Vec<i128>> {
+    let view = file.view(name)?;
+    let mut expected = shape.to_vec();
+    expected.push(16);
+    if view.dtype != Dtype::U8 || *view.shape != expected[..] {
+        return None;
+    }
+    Some(
+        view.data
+            .chunks_exact(16)
+            .map(|c| i128::from_le_bytes(c.try_into().unwrap_or([0; 16])))
+            .collect(),
+    )
+}
+
+/// The values of an I64 `[n]` tensor, refusing negatives.
+fn read_u64s(file: &Checkpoint, name: &str) -> Option<Vec<u64>> {
+    let view = file.view(name)?;
+    if view.dtype != Dtype::I64 || view.shape.len() != 1 {
+        return None;
+    }
+    view.data
+        .chunks_exact(8)
+        .map(|c| u64::try_from(i64::from_le_bytes(c.try_into().ok()?)).ok())
+        .collect()
+}
+
+impl Recorder {
+    /// Saves the recorder's exact state (integer sums, counts, example ids
+    /// and modalities, options) to `path` as a `.part` file (module docs),
+    /// atomically. [`combine_parts`] of parts recorded on disjoint examples
+    /// gives exactly the statistics file of one recording of their union.
+    /// Call it once pushes have ended.
+    pub fn save_part(&self, path: &Path) -> Result<()> {
+        let with_file = |e: Error| {
+            if e.file().is_none() {
+                e.with_file(path)
+            } else {
+                e
+            }
+        };
+        let modality = self
+            .modality
+            .lock()
+            .map_err(|_| with_file(poisoned_recorder()))?
+            .clone();
+        let mut layers: Vec<(String, Arc<Layer>)> = {
+            let map = self
+                .layers
+                .read()
+                .map_err(|_| with_file(poisoned_recorder()))?;
+            map.iter()
+                .map(|(k, v)| (k.clone(), Arc::clone(v)))
+                .collect()
+        };
+        layers.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let n = modality.len();
+        let mut tensors = vec![
+            OutputTensor::new(PART_IDS, Dtype::I64, vec![n]),
+            OutputTensor::new(PART_MODALITY, Dtype::U8, vec![n]),
+        ];
+        let mut row_counts = Vec::new();
+        for (name, layer) in &layers {
+            let acc = layer.acc.lock().map_err(|_| with_file(poisoned(name)))?;
+            if acc.total.count == 0 {
+                row_counts.push(None);
+                continue;
+            }
+            check_magnitude(name, &acc).map_err(with_file)?;
+            let t = |suffix: &str| format!("{name}.{suffix}");
+            tensors.push(OutputTensor::new(t("count"), Dtype::I64, vec![1]));
+            tensors.push(OutputTensor::new(t("magnitude"), Dtype::U8, vec![16]));
+            tensors.push(OutputTensor::new(
+                t("x_sum"),
+                Dtype::U8,
+                vec![layer.in_width, 16],
+            ));
+            tensors.push(OutputTensor::new(
+                t("y_sum"),
+                Dtype::U8,
+                vec![layer.out_width, 16],
+            ));
+            if layer.gram.is_some() {
+                tensors.push(OutputTensor::new(
+                    t("gram_sum"),
+                    Dtype::U8,
+                    vec![triangle_len(layer.in_width), 16],
+                ));
+                tensors.push(OutputTensor::new(t("gram_magnitude"), Dtype::U8, vec![16]));
+            }
+            let k = acc.examples.len();
+            if k > 0 {
+                tensors.push(OutputTensor::new(t("row_ids"), Dtype::I64, vec![k]));
+                tensors.push(OutputTensor::new(t("row_counts"), Dtype::I64, vec![k]));
+                tensors.push(OutputTensor::new(
+                    t("x_row_sums"),
+                    Dtype::U8,
+                    vec![k, layer.in_width, 16],
+                ));
+                tensors.push(OutputTensor::new(
+                    t("y_row_sums"),
+                    Dtype::U8,
+                    vec![k, layer.out_width, 16],
+                ));
+            }
+            row_counts.push(Some(k));
+        }
+        let mut metadata = part_metadata(&self.options);
+        if let Some(sources) = sorted_sources(&self.options.sources) {
+            metadata.insert("sources".into(), json(&sources));
+        }
+        write_atomically(path, |temp| {
+            let mut writer = SafetensorsWriter::create(temp, &tensors, &metadata)?;
+            writer.write_tensor(PART_IDS, &i64_bytes(modality.keys().copied()))?;
+            let codes: Vec<u8> = modality.values().copied().collect();
+            writer.write_tensor(PART_MODALITY, &codes)?;
+            for ((name, layer), k) in layers.iter().zip(&row_counts) {
+                let Some(k) = *k else { continue };
+                let t = |suffix: &str| format!("{name}.{suffix}");
+                let acc = layer.acc.lock().map_err(|_| poisoned(name))?;
+                if acc.examples.len() != k {
+                    return Err(invalid(
+                        name,
+                        "pushed to while its partial state was being saved".into(),
+                    ));
+                }
+                writer.write_tensor(&t("count"), &i64_bytes([acc.total.count]))?;
+                writer.write_tensor(&t("magnitude"), &acc.magnitude.to_le_bytes())?;
+                writer.write_tensor(&t("x_sum"), &i128_bytes(&acc.total.x))?;
+                writer.write_tensor(&t("y_sum"), &i128_bytes(&acc.total.y))?;
+                if let Some(gram) = &layer.gram {
+                    let gram = gram.lock().map_err(|_| poisoned(name))?;
+                    writer.write_tensor(&t("gram_sum"), &i128_bytes(&gram.sums))?;
+                    writer.write_tensor(&t("gram_magnitude"), &gram.magnitude.to_le_bytes())?;
+                }
+                if k > 0 {
+                    writer.write_tensor(&t("row_ids"), &i64_bytes(acc.examples.keys().copied()))?;
+                    let counts = acc.examples.values().map(|e| e.count);
+                    writer.write_tensor(&t("row_counts"), &i64_bytes(counts))?;
+                    let x: Vec<u8> = acc
+                        .examples
+                        .values()
+                        .flat_map(|e| i128_bytes(&e.x))
+                        .collect();
+                    writer.write_tensor(&t("x_row_sums"), &x)?;
+                    let y: Vec<u8> = acc
+                        .examples
+                        .values()
+                        .flat_map(|e| i128_bytes(&e.y))
+                        .collect();
+                    writer.write_tensor(&t("y_row_sums"), &y)?;
+                }
+            }
+            writer.finish()
+        })
+        .map_err(with_file)
+    }
+
+    /// Adds the partial state in `path` (recorded with these options but
+    /// for its own sources) to this recorder. `origin` maps each example id
+    /// added so far to the file it came from, for the overlap error.
+    fn add_part(&self, path: &Path, origin: &mut BTreeMap<u64, PathBuf>) -> Result<()> {
+        let file = Checkpoint::open_file(path)?;
+        let err = |tensor: &str, msg: String| {
+            Error::new(ErrorKind::Stats, msg)
+                .with_file(path)
+                .with_tensor(tensor)
+        };
+        let ids = read_u64s(&file, PART_IDS)
+            .ok_or_else(|| err(PART_IDS, "missing, or not I64 [n] of example ids".into()))?;
+        let codes = file
+            .view(PART_MODALITY)
+            .filter(|v| v.dtype == Dtype::U8 && *v.shape == [ids.len()])
+            .ok_or_else(|| {
+                err(
+                    PART_MODALITY,
+                    "missing, or not U8 [n] beside the ids".into(),
+                )
+            })?
+            .data
+            .to_vec();
+        for &id in &ids {
+            if let Some(earlier) = origin.get(&id) {
+                return Err(err(
+                    PART_IDS,
+                    format!(
+                        "example {id} was also recorded in {}: parts must cover disjoint examples",
+                        earlier.display()
+                    ),
+                ));
+            }
+        }
+        {
+            let mut table = self.modality.lock().map_err(|_| poisoned_recorder())?;
+            for (&id, &m) in ids.iter().zip(&codes) {
+                table.insert(id, m);
+                origin.insert(id, path.to_path_buf());
+            }
+        }
+
+        let mut names = BTreeSet::new();
+        for info in file.tensors() {
+            if info.name == PART_IDS || info.name == PART_MODALITY {
+                continue;
+            }
+            match info.name.rsplit_once('.') {
+                Some((layer, suffix)) if !layer.is_empty() && PART_SUFFIXES.contains(&suffix) => {
+                    names.insert(layer.to_string());
+                }
+                _ => {
+                    return Err(err(
+                        &info.name,
+                        "not a tensor of a recorder's partial state".into(),
+                    ))
+                }
+            }
+        }
+        for name in names {
+            let t = |suffix: &str| format!("{name}.{suffix}");
+            let shape_err =
+                |suffix: &str, what: &str| err(&t(suffix), format!("missing, or not {what}"));
+            let count = read_u64s(&file, &t("count"))
+                .filter(|c| c.len() == 1 && c[0] > 0)
+                .ok_or_else(|| shape_err("count", "I64 [1] at least 1"))?[0];
+            let width = |suffix: &str| {
+                file.view(&t(suffix))
+                    .filter(|v| v.shape.len() == 2)
+                    .map(|v| v.shape[0])
+                    .filter(|&w| w > 0)
+                    .ok_or_else(|| shape_err(suffix, "U8 [width, 16]"))
+            };
+            let (in_width, out_width) = (width("x_sum")?, width("y_sum")?);
+            let x = read_i128s(&file, &t("x_sum"), &[in_width])
+                .ok_or_else(|| shape_err("x_sum", "U8 [in, 16]"))?;
+            let y = read_i128s(&file, &t("y_sum"), &[out_width])
+                .ok_or_else(|| shape_err("y_sum", "U8 [out, 16]"))?;
+            let magnitude = read_i128s(&file, &t("magnitude"), &[])
+                .ok_or_else(|| shape_err("magnitude", "U8 [16]"))?[0]
+                as u128;
+            let layer = self
+                .insert_layer(&name, in_width, out_width)
+                .map_err(|e| err(&name, e.message().to_string()))?;
+            let gram = match (&layer.gram, file.view(&t("gram_sum")).is_some()) {
+                (Some(_), true) => Some((
+                    read_i128s(&file, &t("gram_sum"), &[triangle_len(in_width)])
+                        .ok_or_else(|| shape_err("gram_sum", "U8 [in (in + 1) / 2, 16]"))?,
+                    read_i128s(&file, &t("gram_magnitude"), &[])
+                        .ok_or_else(|| shape_err("gram_magnitude", "U8 [16]"))?[0]
+                        as u128,
+                )),
+                (None, false) => None,
+                (Some(_), false) => {
+                    return Err(err(
+                        &t("gram_sum"),
+                        "missing: the part's options record this layer's Gram".into(),
+                    ))
+                }
+                (None, true) => {
+                    return Err(err(
+                        &t("gram_sum"),
+                        "present, but the part's options record no Gram for this layer".into(),
+                    ))
+                }
+            };
+            let mut rows = Vec::new();
+            if file.view(&t("row_ids")).is_some() {
+                let row_ids = read_u64s(&file, &t("row_ids"))
+                    .ok_or_else(|| shape_err("row_ids", "I64 [k]"))?;
+                let k = row_ids.len();
+                let counts = read_u64s(&file, &t("row_counts"))
+                    .filter(|c| c.len() == k)
+                    .ok_or_else(|| shape_err("row_counts", "I64 [k] beside `row_ids`"))?;
+                let xr = read_i128s(&file, &t("x_row_sums"), &[k, in_width])
+                    .ok_or_else(|| shape_err("x_row_sums", "U8 [k, in, 16]"))?;
+                let yr = read_i128s(&file, &t("y_row_sums"), &[k, out_width])
+                    .ok_or_else(|| shape_err("y_row_sums", "U8 [k, out, 16]"))?;
+                for (n, (&id, &c)) in row_ids.iter().zip(&counts).enumerate() {
+                    if !ids.contains(&id) {
+                        return Err(err(
+                            &t("row_ids"),
+                            format!("example {id} is not among the part's example ids"),
+                        ));
+                    }
+                    rows.push((
+                        id,
+                        Sums {
+                            count: c,
+                            x: xr[n * in_width..(n + 1) * in_width].to_vec(),
+                            y: yr[n * out_width..(n + 1) * out_width].to_vec(),
+                        },
+                    ));
+                }
+            }
+            {
+                let mut acc = layer.acc.lock().map_err(|_| poisoned(&name))?;
+                acc.magnitude = acc.magnitude.saturating_add(magnitude);
+                acc.total.add(&Sums { count, x, y });
+                for (id, sums) in rows {
+                    match acc.examples.get_mut(&id) {
+                        Some(e) => e.add(&sums),
+                        None => {
+                            acc.examples.insert(id, sums);
+                        }
+                    }
+                }
+                check_magnitude(&name, &acc).map_err(|e| err(&name, e.message().to_string()))?;
+            }
+            if let (Some((sums, magnitude)), Some(acc)) = (gram, &layer.gram) {
+                let mut acc = acc.lock().map_err(|_| poisoned(&name))?;
+                acc.magnitude = acc.magnitude.saturating_add(magnitude);
+                for (a, b) in acc.sums.iter_mut().zip(&sums) {
+                    *a = a.wrapping_add(*b);
+                }
+                check_gram_magnitude(&name, &acc)
+                    .map_err(|e| err(&name, e.message().to_string()))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The recorder holding the sum of the partial states `parts`
+/// ([`Recorder::save_part`]), recorded on disjoint examples of one model
+/// and probe set with the same options; its sources are the union of the
+/// parts' (all parts restricted to sources, or none).
+///
+/// Errors ([`ErrorKind::Stats`], naming the file): not a part, parts whose
+/// model, probe set or options differ, an example id in two parts, a part
+/// restricted to sources beside one that is not, malformed tensors.
+/// Memory: one recorder's state plus one part's largest tensor.
+pub fn combine_recorders(parts: &[PathBuf]) -> Result<Recorder> {
+    let Some(first) = parts.first() else {
+        return Err(Error::new(ErrorKind::InvalidInput, "no parts to combine"));
+    };
+    let mut options: Option<(RecorderOptions, &PathBuf)> = None;
+    let mut sources: Option<BTreeSet<String>> = None;
+    for path in parts {
+        let meta = Checkpoint::open_file(path)?.metadata().clone();
+        let part = part_options(path, &meta)?;
+        let Some((base, base_path)) = &options else {
+            sources = part.sources.as_ref().map(|s| s.iter().cloned().collect());
+            options = Some((part, path));
+            continue;
+        };
+        let err = |msg: String| Error::new(ErrorKind::Stats, msg).with_file(path);
+        let (a, b) = (part_metadata(base), part_metadata(&part));
+        if let Some(key) = a.keys().find(|k| a.get(*k) != b.get(*k)) {
+            let what = match key.as_str() {
+                "model" => "model",
+                "probe" => "probe set",
+                _ => "recording options",
+            };
+            return Err(err(format!(
+                "a different {what} than {}: `{key}` is `{}` here but `{}` there; only parts of one \
+                 model, probe set and options combine",
+                base_path.display(),
+                b[key],
+                a[key]
+            )));
+        }
+        match (&mut sources, part.sources) {
+            (Some(all), Some(more)) => all.extend(more),
+            (None, None) => {}
+            _ => {
+                return Err(err(format!(
+                    "one of this part and {} is restricted to probe sources and the other is not",
+                    base_path.display()
+                )))
+            }
+        }
+    }
+    let (mut options, _) = options.unwrap_or_else(|| (RecorderOptions::default(), first));
+    options.sources = sources.map(|s| s.into_iter().collect());
+    let recorder = Recorder::new(options);
+    let mut origin = BTreeMap::new();
+    for path in parts {
+        recorder.add_part(path, &mut origin)?;
+    }
+    Ok(recorder)
+}
+
+/// Combines the partial states `parts` ([`combine_recorders`]) and writes
+/// the statistics file of their union to `output` (atomically), or, when
+/// `output` ends in `.part`, their combined partial state. The statistics
+/// file is byte-identical to one recording of the union.
+pub fn combine_parts(parts: &[PathBuf], output: &Path) -> Result<()> {
+    let recorder = combine_recorders(parts)?;
+    if output.extension().is_some_and(|e| e == "part") {
+        recorder.save_part(output)
+    } else {
+        recorder.save(output)
     }
 }
 

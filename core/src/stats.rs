@@ -1,8 +1,38 @@
 //! Activation statistics files (SPEC §4): a safetensors file whose
-//! `__metadata__` says `format = "flatmerge.activations"`, `version = "1"`,
-//! `examples = N`, and which holds, for each layer `L` (a weight's name
-//! without `.weight`), `L.x_mean`, `L.y_mean`, `L.count` and optionally the
-//! per-example rows `L.x_rows`, `L.y_rows`, plus `probe.modality`.
+//! `__metadata__` says `format = "flatmerge.activations"`, `version = "1"`
+//! or `"2"`, `examples = N`, and which holds, for each layer `L` (a
+//! weight's name without `.weight`), `L.x_mean`, `L.y_mean`, `L.count` and
+//! optionally the per-example rows `L.x_rows`, `L.y_rows`, plus
+//! `probe.modality`.
+//!
+//! # Second moments (version 2)
+//!
+//! A layer may also hold `L.x_gram`, F32 `[in, in]`, row-major: the mean
+//! second moment of its input, `(1/count) Σ_tokens x xᵀ` (SPEC §4, for
+//! least-squares merging, SPEC §7). A file with at least one Gram is
+//! `version = "2"`; one without is written as `version = "1"`, byte for
+//! byte as before Grams existed, and both versions are read.
+//!
+//! Two optional `__metadata__` entries, JSON strings:
+//!
+//! - `gram_shared`: an object `{"alias": "owner", …}`. Layers that read the
+//!   same input (q/k/v of an attention block, gate/up of a LLaMA MLP) have
+//!   equal Grams; the file stores the owner's `owner.x_gram` once and the
+//!   alias has none. [`ActivationStats::gram`] resolves it. An owner is
+//!   never itself an alias, an alias has no `x_gram` of its own, and both
+//!   must have equal input widths.
+//! - `sources`: an array of probe-set `source` names (sorted, distinct):
+//!   the recording was restricted to the probe examples of these sources
+//!   (RegMean's protocol: each model's second moment on its own task's
+//!   examples). Absent: every example of the probe set.
+//!
+//! Loading checks that a Gram is `[in, in]` with `in` the width of the
+//! layer's `x_mean` (when present), finite, with a non-negative diagonal,
+//! and symmetric: exactly for files this library writes; a foreign writer's
+//! rounding (`Xᵀ X / n` by a BLAS that does not mirror) is accepted when
+//! `|G_ij − G_ji| ≤ 2^-16 · √(G_ii · G_jj)` — far below f32 noise of a
+//! mean over many tokens, far above any real asymmetry — and the loaded
+//! matrix is made exactly symmetric (the upper triangle is mirrored).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -14,8 +44,20 @@ use crate::io::{write_atomically, Checkpoint, OutputTensor, SafetensorsWriter, T
 /// The `format` metadata value of a statistics file.
 pub const FORMAT: &str = "flatmerge.activations";
 
-/// The `version` metadata value this library reads and writes.
+/// The `version` metadata value of a file without Grams.
 pub const FORMAT_VERSION: &str = "1";
+
+/// The `version` metadata value of a file with at least one Gram.
+pub const FORMAT_VERSION_GRAM: &str = "2";
+
+/// The `__metadata__` key naming layers that share another layer's Gram.
+pub const GRAM_SHARED_KEY: &str = "gram_shared";
+
+/// The `__metadata__` key listing the probe sources a recording covers.
+pub const SOURCES_KEY: &str = "sources";
+
+/// The relative asymmetry a foreign Gram may have (see the module docs).
+pub const GRAM_SYMMETRY_TOLERANCE: f64 = 1.0 / 65536.0;
 
 /// The name of the global per-example modality tensor.
 pub const MODALITY_TENSOR: &str = "probe.modality";
@@ -54,6 +96,10 @@ pub struct LayerStats {
     pub x_rows: Option<Rows>,
     /// Per-example mean outputs, `[examples, out]`.
     pub y_rows: Option<Rows>,
+    /// Mean second moment of the input, `[in, in]` row-major, symmetric
+    /// (version 2). `None` for a layer whose Gram is shared
+    /// ([`ActivationStats::gram`] resolves that).
+    pub x_gram: Option<Vec<f32>>,
 }
 
 impl LayerStats {
@@ -63,6 +109,12 @@ impl LayerStats {
             && self.count.is_none()
             && self.x_rows.is_none()
             && self.y_rows.is_none()
+            && self.x_gram.is_none()
+    }
+
+    /// The width `in` of the stored Gram (`√len`), if any.
+    pub fn gram_width(&self) -> Option<usize> {
+        self.x_gram.as_ref().map(|g| g.len().isqrt())
     }
 }
 
@@ -80,6 +132,12 @@ pub struct ActivationStats {
     /// Modality of each probe example (0 text, 1 vision, 2 audio, …),
     /// length `examples`.
     pub modality: Option<Vec<u8>>,
+    /// Layers whose Gram is another layer's: alias → owner (the owner
+    /// stores `x_gram`). Written as the `gram_shared` metadata.
+    pub gram_shared: BTreeMap<String, String>,
+    /// The probe sources the recording was restricted to (sorted,
+    /// distinct); `None`: the whole probe set. Written as `sources`.
+    pub sources: Option<Vec<String>>,
 }
 
 /// The statistics a tensor name ends with.
@@ -90,15 +148,17 @@ enum Suffix {
     Count,
     XRows,
     YRows,
+    XGram,
 }
 
 impl Suffix {
-    const ALL: [Suffix; 5] = [
+    const ALL: [Suffix; 6] = [
         Suffix::XMean,
         Suffix::YMean,
         Suffix::Count,
         Suffix::XRows,
         Suffix::YRows,
+        Suffix::XGram,
     ];
 
     fn as_str(self) -> &'static str {
@@ -108,6 +168,7 @@ impl Suffix {
             Suffix::Count => "count",
             Suffix::XRows => "x_rows",
             Suffix::YRows => "y_rows",
+            Suffix::XGram => "x_gram",
         }
     }
 }
@@ -154,12 +215,33 @@ impl ActivationStats {
             probe: probe.to_string(),
             layers: BTreeMap::new(),
             modality: None,
+            gram_shared: BTreeMap::new(),
+            sources: None,
         }
     }
 
     /// The statistics of layer `name`, if any.
     pub fn layer(&self, name: &str) -> Option<&LayerStats> {
         self.layers.get(name)
+    }
+
+    /// The mean second moment of layer `name`'s input: the full `[in, in]`
+    /// row-major, symmetric matrix, following a `gram_shared` alias to the
+    /// layer that stores it. `None` when the layer has no Gram.
+    pub fn gram(&self, name: &str) -> Option<&[f32]> {
+        let owner = self.gram_shared.get(name).map_or(name, String::as_str);
+        self.layers.get(owner)?.x_gram.as_deref()
+    }
+
+    /// The layer storing `name`'s Gram: `name` itself, or its owner when it
+    /// is a `gram_shared` alias.
+    pub fn gram_owner<'a>(&'a self, name: &'a str) -> &'a str {
+        self.gram_shared.get(name).map_or(name, String::as_str)
+    }
+
+    /// Whether any layer stores a Gram (the file is then version 2).
+    pub fn has_grams(&self) -> bool {
+        self.layers.values().any(|l| l.x_gram.is_some())
     }
 
     /// Reads and validates a statistics file: metadata (`format`,
@@ -185,15 +267,16 @@ impl ActivationStats {
                 )))
             }
         }
-        match meta.get("version").map(String::as_str) {
-            Some(FORMAT_VERSION) => {}
+        let version = match meta.get("version").map(String::as_str) {
+            Some(v @ (FORMAT_VERSION | FORMAT_VERSION_GRAM)) => v.to_string(),
             other => {
                 return Err(err(format!(
-                    "statistics format version {}; this flatmerge reads version {FORMAT_VERSION}",
+                    "statistics format version {}; this flatmerge reads versions \
+                     {FORMAT_VERSION} and {FORMAT_VERSION_GRAM}",
                     other.map_or_else(|| "missing".to_string(), |v| format!("`{v}`"))
                 )))
             }
-        }
+        };
         let examples = meta
             .get("examples")
             .and_then(|n| n.trim().parse::<u64>().ok())
@@ -206,6 +289,10 @@ impl ActivationStats {
             probe: meta.get("probe").cloned().unwrap_or_default(),
             layers: BTreeMap::new(),
             modality: None,
+            gram_shared: parse_gram_shared(meta.get(GRAM_SHARED_KEY))
+                .map_err(|m| err(m).with_tensor(format!("__metadata__.{GRAM_SHARED_KEY}")))?,
+            sources: parse_sources(meta.get(SOURCES_KEY))
+                .map_err(|m| err(m).with_tensor(format!("__metadata__.{SOURCES_KEY}")))?,
         };
 
         for info in file.tensors() {
@@ -227,7 +314,7 @@ impl ActivationStats {
             let Some((layer, suffix)) = split_name(name) else {
                 return Err(terr(
                     "not a statistics tensor: expected `<layer>.x_mean`, `.y_mean`, `.count`, \
-                     `.x_rows`, `.y_rows` or `probe.modality`"
+                     `.x_rows`, `.y_rows`, `.x_gram` or `probe.modality`"
                         .into(),
                 ));
             };
@@ -279,6 +366,24 @@ impl ActivationStats {
                     };
                     *slot = Some(rows);
                 }
+                Suffix::XGram => {
+                    if version != FORMAT_VERSION_GRAM {
+                        return Err(terr(format!(
+                            "a Gram in a version {version} file: files with Grams are \
+                             version {FORMAT_VERSION_GRAM}"
+                        )));
+                    }
+                    let square = matches!(*view.shape, [a, b] if a == b);
+                    if view.dtype != Dtype::F32 || !square {
+                        return Err(terr(format!(
+                            "a Gram must be F32 of shape [in, in], not {} {:?}",
+                            view.dtype, view.shape
+                        )));
+                    }
+                    let mut gram = view.to_f32_vec();
+                    symmetrize(&mut gram, view.shape[0]).map_err(terr)?;
+                    entry.x_gram = Some(gram);
+                }
             }
         }
         stats.check(path)?;
@@ -324,6 +429,60 @@ impl ActivationStats {
                     tensor(Suffix::Count),
                     "count does not fit an I64".into(),
                 ));
+            }
+            if let Some(gram) = &s.x_gram {
+                let width = gram.len().isqrt();
+                if width * width != gram.len() {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        format!("{} values: not a square [in, in] matrix", gram.len()),
+                    ));
+                }
+                if let Some(mean) = s.x_mean.as_ref().filter(|m| m.len() != width) {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        format!(
+                            "shape [{width}, {width}], but `{}` has length {}: a Gram is [in, in]",
+                            tensor(Suffix::XMean),
+                            mean.len()
+                        ),
+                    ));
+                }
+                if gram.iter().any(|v| !v.is_finite()) {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        "holds a NaN or infinite value".into(),
+                    ));
+                }
+                if let Some(i) = (0..width).find(|&i| gram[i * width + i] < 0.0) {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        format!(
+                            "diagonal entry {i} is {}: a second moment is never negative",
+                            gram[i * width + i]
+                        ),
+                    ));
+                }
+                if let Some((i, j)) = asymmetry(gram, width, 0.0) {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        format!(
+                            "not symmetric: entry [{i}, {j}] is {} but [{j}, {i}] is {}",
+                            gram[i * width + j],
+                            gram[j * width + i]
+                        ),
+                    ));
+                }
+                if self.gram_shared.contains_key(layer) {
+                    return Err(err(
+                        tensor(Suffix::XGram),
+                        format!(
+                            "the layer has its own Gram but `{GRAM_SHARED_KEY}` says it shares \
+                             `{}`'s",
+                            self.gram_shared[layer]
+                        ),
+                    ));
+                }
             }
             for (suffix, mean, rows) in [
                 (Suffix::XMean, &s.x_mean, &s.x_rows),
@@ -380,6 +539,39 @@ impl ActivationStats {
                 }
             }
         }
+        let meta_tensor = format!("__metadata__.{GRAM_SHARED_KEY}");
+        for (alias, owner) in &self.gram_shared {
+            let refuse = |msg: String| Err(err(meta_tensor.clone(), msg));
+            let Some(owner_stats) = self.layers.get(owner) else {
+                return refuse(format!(
+                    "`{alias}` shares the Gram of `{owner}`, which is not a layer of the file"
+                ));
+            };
+            let Some(width) = owner_stats.gram_width() else {
+                return refuse(format!(
+                    "`{alias}` shares the Gram of `{owner}`, which has no `x_gram`"
+                ));
+            };
+            if let Some(w) = self
+                .layers
+                .get(alias)
+                .and_then(|a| a.x_mean.as_ref())
+                .map(Vec::len)
+                .filter(|&w| w != width)
+            {
+                return refuse(format!(
+                    "`{alias}` (input width {w}) shares the Gram of `{owner}` (width {width})"
+                ));
+            }
+        }
+        if let Some(sources) = &self.sources {
+            if sources.windows(2).any(|w| w[0] >= w[1]) {
+                return Err(err(
+                    format!("__metadata__.{SOURCES_KEY}"),
+                    "the sources must be sorted and distinct".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -427,14 +619,27 @@ impl ActivationStats {
                     data.push(Payload::F32(&r.data));
                 }
             }
+            if let (Some(g), Some(width)) = (&s.x_gram, s.gram_width()) {
+                tensors.push(OutputTensor::new(
+                    name(Suffix::XGram),
+                    Dtype::F32,
+                    vec![width, width],
+                ));
+                data.push(Payload::F32(g));
+            }
         }
         if let Some(m) = &self.modality {
             tensors.push(OutputTensor::new(MODALITY_TENSOR, Dtype::U8, vec![m.len()]));
             data.push(Payload::Bytes(m.clone()));
         }
-        let metadata: BTreeMap<String, String> = [
+        let version = if self.has_grams() {
+            FORMAT_VERSION_GRAM
+        } else {
+            FORMAT_VERSION
+        };
+        let mut metadata: BTreeMap<String, String> = [
             ("format", FORMAT.to_string()),
-            ("version", FORMAT_VERSION.to_string()),
+            ("version", version.to_string()),
             ("examples", self.examples.to_string()),
             ("model", self.model.clone()),
             ("probe", self.probe.clone()),
@@ -442,6 +647,24 @@ impl ActivationStats {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        if !self.gram_shared.is_empty() {
+            let json = serde_json::to_string(&self.gram_shared).map_err(|e| {
+                Error::new(
+                    ErrorKind::Stats,
+                    format!("cannot encode `{GRAM_SHARED_KEY}`: {e}"),
+                )
+            })?;
+            metadata.insert(GRAM_SHARED_KEY.into(), json);
+        }
+        if let Some(sources) = &self.sources {
+            let json = serde_json::to_string(sources).map_err(|e| {
+                Error::new(
+                    ErrorKind::Stats,
+                    format!("cannot encode `{SOURCES_KEY}`: {e}"),
+                )
+            })?;
+            metadata.insert(SOURCES_KEY.into(), json);
+        }
         write_atomically(path, |temp| {
             let mut writer = SafetensorsWriter::create(temp, &tensors, &metadata)?;
             for (t, payload) in tensors.iter().zip(&data) {
@@ -468,4 +691,75 @@ fn read_rows(view: &TensorView<'_>) -> Option<Rows> {
         width,
         data: view.to_f32_vec(),
     })
+}
+
+/// The `gram_shared` metadata: a JSON object of alias → owner names.
+fn parse_gram_shared(
+    text: Option<&String>,
+) -> std::result::Result<BTreeMap<String, String>, String> {
+    let Some(text) = text else {
+        return Ok(BTreeMap::new());
+    };
+    let map: BTreeMap<String, String> = serde_json::from_str(text).map_err(|e| {
+        format!("not a JSON object of layer names (alias → layer storing the Gram): {e}")
+    })?;
+    if let Some((alias, owner)) = map.iter().find(|(a, o)| map.contains_key(*o) || a == o) {
+        return Err(format!(
+            "`{alias}` shares the Gram of `{owner}`, which is itself an alias: name the layer \
+             storing the Gram"
+        ));
+    }
+    Ok(map)
+}
+
+/// The `sources` metadata: a JSON array of strings.
+fn parse_sources(text: Option<&String>) -> std::result::Result<Option<Vec<String>>, String> {
+    let Some(text) = text else { return Ok(None) };
+    let sources: Vec<String> = serde_json::from_str(text)
+        .map_err(|e| format!("not a JSON array of probe source names: {e}"))?;
+    Ok(Some(sources))
+}
+
+/// The first `(i, j)`, `i < j`, where `gram` (`[width, width]`) differs
+/// from its transpose by more than `tolerance · √(G_ii · G_jj)` (exactly
+/// symmetric required when `tolerance` is 0).
+fn asymmetry(gram: &[f32], width: usize, tolerance: f64) -> Option<(usize, usize)> {
+    (0..width).find_map(|i| {
+        (i + 1..width)
+            .find(|&j| {
+                let (a, b) = (gram[i * width + j], gram[j * width + i]);
+                if a == b {
+                    return false;
+                }
+                let scale = (gram[i * width + i] as f64 * gram[j * width + j] as f64)
+                    .abs()
+                    .sqrt();
+                (a as f64 - b as f64).abs() > tolerance * scale
+            })
+            .map(|j| (i, j))
+    })
+}
+
+/// Accepts a foreign writer's rounding asymmetry
+/// ([`GRAM_SYMMETRY_TOLERANCE`]) and mirrors the upper triangle onto the
+/// lower; larger asymmetry is an error. Non-finite values are left for
+/// [`ActivationStats::check`] to name.
+fn symmetrize(gram: &mut [f32], width: usize) -> std::result::Result<(), String> {
+    if gram.iter().any(|v| !v.is_finite()) {
+        return Ok(());
+    }
+    if let Some((i, j)) = asymmetry(gram, width, GRAM_SYMMETRY_TOLERANCE) {
+        return Err(format!(
+            "not symmetric: entry [{i}, {j}] is {} but [{j}, {i}] is {} (tolerance 2^-16 · \
+             √(G_ii · G_jj))",
+            gram[i * width + j],
+            gram[j * width + i]
+        ));
+    }
+    for i in 0..width {
+        for j in i + 1..width {
+            gram[j * width + i] = gram[i * width + j];
+        }
+    }
+    Ok(())
 }

@@ -888,6 +888,7 @@ fn sample_stats() -> ActivationStats {
                 width: 6,
                 data: values(18, 4.0),
             }),
+            x_gram: None,
         },
     );
     stats.layers.insert(

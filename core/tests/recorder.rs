@@ -72,6 +72,7 @@ fn recorder(max_examples: usize) -> Recorder {
         model: "test model".into(),
         probe: "test probe".into(),
         missing_rows: MissingRows::Zero,
+        ..RecorderOptions::default()
     })
 }
 
@@ -515,4 +516,552 @@ fn sums_too_large_for_exact_accumulation_are_refused() {
     assert_bad(e, "huge", &["too large to sum exactly"]);
     let e = r.stats().unwrap_err();
     assert_eq!(e.tensor(), Some("huge"));
+}
+
+// ---- Second moments (Grams) and combining partial states ----
+
+use flatmerge::dtype::Dtype;
+use flatmerge::io::{OutputTensor, SafetensorsWriter};
+use flatmerge::recorder::{combine_parts, combine_recorders};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn gram_recorder(max_examples: usize) -> Recorder {
+    Recorder::new(RecorderOptions {
+        max_examples,
+        model: "test model".into(),
+        probe: "test probe".into(),
+        gram: true,
+        ..RecorderOptions::default()
+    })
+}
+
+/// `Σ x xᵀ / count` in f64 over the pushes of `layer`, full `[in, in]`.
+fn direct_gram(data: &[Push], layer: &str, width: usize) -> Vec<f64> {
+    let mut g = vec![0f64; width * width];
+    let mut count = 0usize;
+    for p in data.iter().filter(|p| p.layer == layer) {
+        for row in p.x.chunks_exact(width) {
+            for i in 0..width {
+                for j in 0..width {
+                    g[i * width + j] += row[i] as f64 * row[j] as f64;
+                }
+            }
+        }
+        count += p.rows;
+    }
+    g.iter().map(|v| v / count as f64).collect()
+}
+
+#[test]
+fn gram_of_dyadic_values_equals_the_exact_mean_second_moment() {
+    // Multiples of 1/64: every product and sum is exact in f64 and in the
+    // recorder's fixed point, so the f32 Gram is the exact value rounded.
+    let data = pushes(9, true, 21);
+    let r = gram_recorder(0);
+    for p in &data {
+        push(&r, p).unwrap();
+    }
+    let stats = r.stats().unwrap();
+    for (layer, width, _) in LAYERS {
+        let want: Vec<f32> = direct_gram(&data, layer, width)
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        assert_eq!(stats.gram(layer).unwrap(), &want[..], "{layer}");
+    }
+}
+
+#[test]
+fn gram_of_arbitrary_values_is_within_rounding_of_f64() {
+    // Tolerance: f32 rounding of the result (2^-24 relative) plus the f64
+    // partial sums' order (≤ rows · 2^-53 of √(G_ii G_jj)), so
+    // |got − want| ≤ 2^-22 · √(G_ii · G_jj).
+    let data = pushes(12, false, 22);
+    let r = gram_recorder(0);
+    for p in &data {
+        push(&r, p).unwrap();
+    }
+    let stats = r.stats().unwrap();
+    for (layer, width, _) in LAYERS {
+        let want = direct_gram(&data, layer, width);
+        let got = stats.gram(layer).unwrap();
+        assert_eq!(got.len(), width * width);
+        for i in 0..width {
+            for j in 0..width {
+                let scale = (want[i * width + i] * want[j * width + j]).sqrt();
+                let diff = (got[i * width + j] as f64 - want[i * width + j]).abs();
+                assert!(
+                    diff <= scale * 2f64.powi(-22),
+                    "{layer} [{i}, {j}]: {diff} vs {scale}"
+                );
+                assert_eq!(got[i * width + j], got[j * width + i]);
+            }
+        }
+    }
+}
+
+#[test]
+fn gram_files_are_byte_identical_for_any_push_order_and_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pushes(20, false, 23);
+    let serial = gram_recorder(8);
+    for p in &data {
+        push(&serial, p).unwrap();
+    }
+    let expected = file_bytes(&serial, dir.path(), "serial.stats.safetensors");
+    let reversed = gram_recorder(8);
+    for p in data.iter().rev() {
+        push(&reversed, p).unwrap();
+    }
+    assert_eq!(
+        file_bytes(&reversed, dir.path(), "rev.stats.safetensors"),
+        expected
+    );
+    for threads in [2, 3, 5] {
+        let concurrent = gram_recorder(8);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (concurrent, data) = (&concurrent, &data);
+                s.spawn(move || {
+                    for p in data.iter().skip(t).step_by(threads).rev() {
+                        push(concurrent, p).unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            file_bytes(&concurrent, dir.path(), "threads.stats.safetensors"),
+            expected,
+            "{threads} threads"
+        );
+    }
+    let header = header_json(&expected);
+    assert_eq!(header["__metadata__"]["version"], "2");
+}
+
+/// The JSON header of a safetensors file's bytes.
+fn header_json(bytes: &[u8]) -> serde_json::Value {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    serde_json::from_slice(&bytes[8..8 + n]).unwrap()
+}
+
+#[test]
+fn a_means_only_recording_still_writes_version_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = recorder(4);
+    for p in &pushes(6, false, 24) {
+        push(&r, p).unwrap();
+    }
+    let bytes = file_bytes(&r, dir.path(), "v1.stats.safetensors");
+    let header = header_json(&bytes);
+    let keys: Vec<&String> = header["__metadata__"].as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["examples", "format", "model", "probe", "version"]);
+    assert_eq!(header["__metadata__"]["version"], "1");
+    assert!(header
+        .as_object()
+        .unwrap()
+        .keys()
+        .all(|k| !k.ends_with(".x_gram")));
+    // Loading and saving again reproduces it byte for byte.
+    let path = dir.path().join("again.stats.safetensors");
+    ActivationStats::load(&dir.path().join("v1.stats.safetensors"))
+        .unwrap()
+        .save(&path)
+        .unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), bytes);
+}
+
+#[test]
+fn shared_grams_are_stored_once_and_resolved() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RecorderOptions {
+        gram: true,
+        gram_shared: [("k".to_string(), "q".to_string())].into(),
+        ..RecorderOptions::default()
+    };
+    let r = Recorder::new(options.clone());
+    let x: Vec<f32> = (0..12).map(|v| v as f32 * 0.25 - 1.0).collect();
+    r.push_f32("q", 3, &x, &[1.0; 6], 0, 0).unwrap();
+    r.push_f32("k", 3, &x, &[2.0; 3], 0, 0).unwrap();
+    let path = dir.path().join("shared.stats.safetensors");
+    r.save(&path).unwrap();
+    let stats = ActivationStats::load(&path).unwrap();
+    assert!(stats.layers["k"].x_gram.is_none());
+    assert_eq!(stats.gram("k"), stats.gram("q"));
+    assert_eq!(stats.gram_owner("k"), "q");
+    // Hand-computed: x rows (-1, -0.75, -0.5, -0.25), (0, .25, .5, .75), (1, 1.25, 1.5, 1.75).
+    let g = stats.gram("k").unwrap();
+    assert_eq!(g[0], (1.0 + 0.0 + 1.0) / 3.0);
+    assert_eq!(g[1], (0.75 + 0.0 + 1.25) / 3.0);
+    assert_eq!(g[15], (0.0625 + 0.5625 + 3.0625) / 3.0);
+    let header = header_json(&std::fs::read(&path).unwrap());
+    assert_eq!(header["__metadata__"]["gram_shared"], r#"{"k":"q"}"#);
+
+    // An alias that did not read its owner's input is refused.
+    let wrong = Recorder::new(options);
+    wrong.push_f32("q", 3, &x, &[1.0; 6], 0, 0).unwrap();
+    let mut other = x.clone();
+    other[5] = 9.0;
+    wrong.push_f32("k", 3, &other, &[2.0; 3], 0, 0).unwrap();
+    let e = wrong.stats().unwrap_err();
+    assert_eq!(e.tensor(), Some("k"));
+    assert!(e.message().contains("inputs differ"), "{e}");
+}
+
+#[test]
+fn gram_memory_is_bounded_by_the_recorded_layers_not_the_pushed_ones() {
+    // A range of two layers: the accumulators do not grow with the number
+    // of layers pushed.
+    let width = 16;
+    let x = vec![0.5f32; 2 * width];
+    let mut bytes = Vec::new();
+    for layers in [4usize, 16, 64] {
+        let r = Recorder::new(RecorderOptions {
+            gram: true,
+            gram_layers: Some(["l1".to_string(), "l2".to_string()].into()),
+            ..RecorderOptions::default()
+        });
+        for l in 0..layers {
+            r.push_f32(&format!("l{l}"), 2, &x, &x, 0, 0).unwrap();
+        }
+        bytes.push(r.gram_bytes());
+        let stats = r.stats().unwrap();
+        assert_eq!(
+            stats.layers.values().filter(|s| s.x_gram.is_some()).count(),
+            2
+        );
+    }
+    assert_eq!(bytes, [2 * 16 * width * (width + 1) / 2; 3]);
+}
+
+fn save_part(r: &Recorder, dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    r.save_part(&path).unwrap();
+    path
+}
+
+#[test]
+fn combining_parts_of_disjoint_examples_gives_the_union_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    for (max_examples, gram) in [(0, true), (10, true), (10, false)] {
+        let make = || {
+            Recorder::new(RecorderOptions {
+                max_examples,
+                model: "m".into(),
+                probe: "p".into(),
+                gram,
+                gram_shared: [(LAYERS[2].0.to_string(), LAYERS[0].0.to_string())].into(),
+                ..RecorderOptions::default()
+            })
+        };
+        // lm_head reads up_proj's input in this test so that it may share.
+        let mut data = pushes(10, false, 25);
+        for e in 0..10 {
+            let up = data
+                .iter()
+                .find(|p| p.example == e && p.layer == LAYERS[0].0)
+                .unwrap()
+                .x
+                .clone();
+            let head = data
+                .iter_mut()
+                .find(|p| p.example == e && p.layer == LAYERS[2].0)
+                .unwrap();
+            head.x = up;
+        }
+        let (union, a, b, c) = (make(), make(), make(), make());
+        for p in &data {
+            push(&union, p).unwrap();
+            let part = match p.example {
+                0..=3 => &a,
+                4..=6 => &b,
+                _ => &c,
+            };
+            push(part, p).unwrap();
+        }
+        let expected = file_bytes(&union, dir.path(), "union.stats.safetensors");
+        let parts = vec![
+            save_part(&c, dir.path(), "c.part"),
+            save_part(&a, dir.path(), "a.part"),
+            save_part(&b, dir.path(), "b.part"),
+        ];
+        let out = dir.path().join("combined.stats.safetensors");
+        combine_parts(&parts, &out).unwrap();
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            expected,
+            "M={max_examples} gram={gram}"
+        );
+        // Parts combine hierarchically too.
+        let ab = dir.path().join("ab.part");
+        combine_parts(&parts[1..], &ab).unwrap();
+        combine_parts(&[ab, parts[0].clone()], &out).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), expected);
+    }
+}
+
+#[test]
+fn combining_refuses_other_models_probe_sets_overlaps_and_statistics_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |model: &str, probe: &str, examples: std::ops::Range<u64>, name: &str| {
+        let r = Recorder::new(RecorderOptions {
+            model: model.into(),
+            probe: probe.into(),
+            gram: true,
+            ..RecorderOptions::default()
+        });
+        for p in pushes(6, false, 26)
+            .iter()
+            .filter(|p| examples.contains(&p.example))
+        {
+            push(&r, p).unwrap();
+        }
+        save_part(&r, dir.path(), name)
+    };
+    let a = make("m", "p", 0..3, "a.part");
+    let cases = [
+        (make("other", "p", 3..6, "m.part"), "different model"),
+        (make("m", "other", 3..6, "p.part"), "different probe set"),
+        (
+            make("m", "p", 2..6, "o.part"),
+            "example 2 was also recorded in",
+        ),
+    ];
+    for (b, needle) in cases {
+        let e = combine_recorders(&[a.clone(), b.clone()]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Stats, "{e}");
+        assert_eq!(e.file(), Some(b.as_path()), "{e}");
+        assert!(e.message().contains(needle), "{needle}: {e}");
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+    let r = gram_recorder(0);
+    push(&r, &pushes(1, false, 1)[0]).unwrap();
+    let stats_file = dir.path().join("s.stats.safetensors");
+    r.save(&stats_file).unwrap();
+    let e = combine_recorders(&[a.clone(), stats_file]).unwrap_err();
+    assert!(e.message().contains("cannot be combined exactly"), "{e}");
+    // Restricted to sources beside unrestricted.
+    let s = Recorder::new(RecorderOptions {
+        model: "m".into(),
+        probe: "p".into(),
+        gram: true,
+        sources: Some(vec!["x".into()]),
+        ..RecorderOptions::default()
+    });
+    push(&s, &pushes(6, false, 26)[15]).unwrap();
+    let sp = save_part(&s, dir.path(), "s.part");
+    let e = combine_recorders(&[a, sp]).unwrap_err();
+    assert!(e.message().contains("restricted to probe sources"), "{e}");
+}
+
+#[test]
+fn sources_are_written_sorted_and_their_union_when_combined() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = pushes(4, false, 27);
+    let make = |sources: &[&str], examples: std::ops::Range<u64>| {
+        let r = Recorder::new(RecorderOptions {
+            gram: true,
+            sources: Some(sources.iter().map(|s| s.to_string()).collect()),
+            ..RecorderOptions::default()
+        });
+        for p in data.iter().filter(|p| examples.contains(&p.example)) {
+            push(&r, p).unwrap();
+        }
+        r
+    };
+    let a = save_part(
+        &make(&["zeta", "alpha", "zeta"], 0..2),
+        dir.path(),
+        "a.part",
+    );
+    let b = save_part(&make(&["beta"], 2..4), dir.path(), "b.part");
+    let out = dir.path().join("c.stats.safetensors");
+    combine_parts(&[a, b], &out).unwrap();
+    let stats = ActivationStats::load(&out).unwrap();
+    assert_eq!(stats.sources.unwrap(), ["alpha", "beta", "zeta"]);
+    let union = make(&["beta", "zeta", "alpha"], 0..4);
+    assert_eq!(
+        file_bytes(&union, dir.path(), "u.stats.safetensors"),
+        std::fs::read(&out).unwrap()
+    );
+}
+
+/// Writes a statistics file of F32 tensors `(name, shape, values)`.
+fn write_stats(
+    path: &Path,
+    version: &str,
+    extra: &[(&str, &str)],
+    tensors: &[(&str, Vec<usize>, Vec<f32>)],
+) {
+    let mut meta: BTreeMap<String, String> = [
+        ("format", "flatmerge.activations"),
+        ("version", version),
+        ("examples", "0"),
+    ]
+    .iter()
+    .chain(extra)
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    meta.retain(|_, v| !v.is_empty());
+    let out: Vec<OutputTensor> = tensors
+        .iter()
+        .map(|(n, s, _)| OutputTensor::new(*n, Dtype::F32, s.clone()))
+        .collect();
+    let mut w = SafetensorsWriter::create(path, &out, &meta).unwrap();
+    for (n, _, v) in tensors {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_tensor(n, &bytes).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+#[test]
+fn bad_grams_get_one_clear_error_naming_file_and_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.stats.safetensors");
+    let mean = ("l.x_mean", vec![2], vec![0.5, 0.5]);
+    let cases: Vec<(
+        &str,
+        Vec<(&str, &str)>,
+        Vec<(&str, Vec<usize>, Vec<f32>)>,
+        &str,
+        &str,
+    )> = vec![
+        (
+            "2",
+            vec![],
+            vec![mean.clone(), ("l.x_gram", vec![3, 3], vec![1.0; 9])],
+            "l.x_gram",
+            "length 2",
+        ),
+        (
+            "2",
+            vec![],
+            vec![("l.x_gram", vec![2, 3], vec![1.0; 6])],
+            "l.x_gram",
+            "[in, in]",
+        ),
+        (
+            "2",
+            vec![],
+            vec![("l.x_gram", vec![2, 2], vec![1.0, 0.5, 0.25, 1.0])],
+            "l.x_gram",
+            "not symmetric",
+        ),
+        (
+            "2",
+            vec![],
+            vec![("l.x_gram", vec![2, 2], vec![1.0, f32::NAN, f32::NAN, 1.0])],
+            "l.x_gram",
+            "NaN",
+        ),
+        (
+            "2",
+            vec![],
+            vec![("l.x_gram", vec![2, 2], vec![-1.0, 0.0, 0.0, 1.0])],
+            "l.x_gram",
+            "never negative",
+        ),
+        (
+            "1",
+            vec![],
+            vec![("l.x_gram", vec![2, 2], vec![1.0; 4])],
+            "l.x_gram",
+            "version 2",
+        ),
+        (
+            "2",
+            vec![("gram_shared", r#"{"k":"missing"}"#)],
+            vec![("l.x_gram", vec![2, 2], vec![1.0; 4])],
+            "__metadata__.gram_shared",
+            "not a layer",
+        ),
+        (
+            "2",
+            vec![("gram_shared", "[1]")],
+            vec![("l.x_gram", vec![2, 2], vec![1.0; 4])],
+            "__metadata__.gram_shared",
+            "not a JSON object",
+        ),
+        (
+            "2",
+            vec![("sources", "{}")],
+            vec![("l.x_gram", vec![2, 2], vec![1.0; 4])],
+            "__metadata__.sources",
+            "JSON array",
+        ),
+    ];
+    for (version, extra, tensors, tensor, needle) in cases {
+        write_stats(&path, version, &extra, &tensors);
+        let e = ActivationStats::load(&path).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Stats, "{e}");
+        assert_eq!(e.file(), Some(path.as_path()), "{e}");
+        assert_eq!(e.tensor(), Some(tensor), "{e}");
+        assert!(e.message().contains(needle), "{needle}: {e}");
+    }
+    // A foreign writer's rounding asymmetry is accepted and mirrored.
+    let tiny = 1.0 + 2f32.powi(-20);
+    write_stats(
+        &path,
+        "2",
+        &[],
+        &[
+            mean,
+            ("l.x_gram", vec![2, 2], vec![1.0, 0.5, 0.5 * tiny, 1.0]),
+        ],
+    );
+    let stats = ActivationStats::load(&path).unwrap();
+    assert_eq!(stats.gram("l").unwrap(), [1.0, 0.5, 0.5, 1.0]);
+}
+
+#[test]
+fn pushes_beyond_the_gram_range_are_refused_and_add_nothing() {
+    let r = gram_recorder(0);
+    let big = vec![2f32.powi(39); 2];
+    let e = r.push_f32("l", 1, &big, &[0.0], 0, 0).unwrap_err();
+    assert_eq!(e.tensor(), Some("l"));
+    assert!(e.message().contains("beyond the Gram's range"), "{e}");
+    r.push_f32("l", 1, &[1.0, 2.0], &[0.0], 0, 0).unwrap();
+    let stats = r.stats().unwrap();
+    assert_eq!(stats.layers["l"].count, Some(1));
+    assert_eq!(stats.gram("l").unwrap(), [1.0, 2.0, 2.0, 4.0]);
+}
+
+mod gram_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// Any permutation of whole pushes gives the same file; the Gram is
+        /// symmetric, with a non-negative diagonal and Cauchy–Schwarz bounded.
+        #[test]
+        fn order_free_symmetric_and_bounded(seed in 0u64..1000, rotate in 0usize..40) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut data = pushes(5, false, seed);
+            let a = gram_recorder(0);
+            for p in &data { push(&a, p).unwrap(); }
+            let rot = rotate % data.len();
+            data.rotate_left(rot);
+            let last = data.len() - 1;
+            data.swap(0, last);
+            let b = gram_recorder(0);
+            for p in &data { push(&b, p).unwrap(); }
+            prop_assert_eq!(file_bytes(&a, dir.path(), "a"), file_bytes(&b, dir.path(), "b"));
+            let stats = a.stats().unwrap();
+            for (layer, w, _) in LAYERS {
+                let g = stats.gram(layer).unwrap();
+                for i in 0..w {
+                    prop_assert!(g[i * w + i] >= 0.0);
+                    for j in 0..w {
+                        prop_assert_eq!(g[i * w + j], g[j * w + i]);
+                        let bound = (g[i * w + i] as f64 * g[j * w + j] as f64).sqrt() * (1.0 + 1e-6);
+                        prop_assert!((g[i * w + j] as f64).abs() <= bound);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -110,6 +110,7 @@ pub unsafe extern "C" fn flatmerge_recorder_new(
                 model: model.to_string(),
                 probe: probe.to_string(),
                 missing_rows,
+                ..RecorderOptions::default()
             })),
         }));
         live()

@@ -23,6 +23,7 @@ pub mod mergekit;
 pub mod model_stock;
 pub mod nearswap;
 pub mod passthrough;
+pub mod regmean;
 pub mod safe_m;
 pub mod slerp;
 pub mod sparsify;
@@ -266,6 +267,7 @@ pub const BUILTIN: &[&dyn Method] = &[
     &nearswap::Nearswap,
     &model_stock::ModelStock,
     &passthrough::Passthrough,
+    &regmean::RegMean,
 ];
 
 /// mergekit methods flatmerge does not run yet, refused by name.

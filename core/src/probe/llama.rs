@@ -78,6 +78,7 @@ mod config;
 pub mod kernels;
 mod synthetic;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -717,6 +718,39 @@ impl ProbeModel for Llama {
             ));
         }
         text
+    }
+
+    /// q/k/v read the same normed input, and so do gate/up; a multiway
+    /// k/v copy sees only its routed tokens, so copy `m` of v shares copy
+    /// `m` of k instead of q.
+    fn gram_shared(&self) -> BTreeMap<String, String> {
+        let names: BTreeSet<String> = self.layers().into_iter().map(|l| l.name).collect();
+        let mut out = BTreeMap::new();
+        for n in 0..self.layers.len() {
+            let p = format!("model.layers.{n}.");
+            let q = format!("{p}self_attn.q_proj");
+            for alias in ["k_proj", "v_proj"] {
+                let alias = format!("{p}self_attn.{alias}");
+                if names.contains(&alias) {
+                    out.insert(alias, q.clone());
+                }
+            }
+            for m in 0.. {
+                let k = format!("{p}self_attn.k_proj.multiway.{m}");
+                let v = format!("{p}self_attn.v_proj.multiway.{m}");
+                if !names.contains(&k) || !names.contains(&v) {
+                    break;
+                }
+                out.insert(v, k);
+            }
+            out.insert(format!("{p}mlp.up_proj"), format!("{p}mlp.gate_proj"));
+        }
+        out
+    }
+
+    fn block_of(&self, layer: &str) -> Option<usize> {
+        let rest = layer.strip_prefix("model.layers.")?;
+        rest.split('.').next()?.parse().ok()
     }
 
     fn layers(&self) -> Vec<LayerShape> {

@@ -21,6 +21,8 @@ pub mod mlp;
 pub mod set;
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -63,6 +65,20 @@ pub trait ProbeModel: Send + Sync {
     /// output (before its nonlinearity, SPEC §1.1) to `recorder`, with
     /// example id `id` and the example's modality.
     fn forward(&self, id: u64, example: &ProbeExample, recorder: &Recorder) -> Result<()>;
+
+    /// Layers that read the same input as another layer, alias → owner
+    /// (the recorder's [`RecorderOptions::gram_shared`]): their Grams are
+    /// equal and stored once. The default: none.
+    fn gram_shared(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    /// The block (decoder layer, MLP layer) a recorded layer belongs to,
+    /// for [`ProbeOptions::gram_blocks`]. The default: its position in
+    /// [`ProbeModel::layers`].
+    fn block_of(&self, layer: &str) -> Option<usize> {
+        self.layers().iter().position(|l| l.name == layer)
+    }
 
     /// Token ids of `texts` (the probe set's `"text"` examples), one list
     /// per text; [`run_probe`] calls it once per run, before
@@ -157,6 +173,27 @@ pub fn run_probe(
     run_probe_with_progress(model, examples, recorder, threads, None).map(|_| ())
 }
 
+/// [`run_probe_with_progress`] with example ids of the caller's choosing:
+/// `examples[n]` runs as example id `ids[n]` (the probe-set position of a
+/// source-restricted selection, so that recordings of disjoint selections
+/// combine). `ids.len()` must equal `examples.len()`.
+pub fn run_probe_ids(
+    model: &dyn ProbeModel,
+    examples: &[ProbeExample],
+    ids: &[u64],
+    recorder: &Recorder,
+    threads: Option<usize>,
+    progress: Option<&ProgressFn>,
+) -> Result<u64> {
+    if ids.len() != examples.len() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} example ids for {} examples", ids.len(), examples.len()),
+        ));
+    }
+    run_examples(model, examples, Some(ids), recorder, threads, progress)
+}
+
 /// How far a probe run is, as given to a progress callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProbeProgress {
@@ -195,10 +232,22 @@ pub fn run_probe_with_progress(
     threads: Option<usize>,
     progress: Option<&ProgressFn>,
 ) -> Result<u64> {
+    run_examples(model, examples, None, recorder, threads, progress)
+}
+
+fn run_examples(
+    model: &dyn ProbeModel,
+    examples: &[ProbeExample],
+    ids: Option<&[u64]>,
+    recorder: &Recorder,
+    threads: Option<usize>,
+    progress: Option<&ProgressFn>,
+) -> Result<u64> {
     let examples = tokenize_texts(model, examples)?;
     let examples = &examples[..];
-    for (id, example) in examples.iter().enumerate() {
-        model.check(id as u64, example)?;
+    let id_of = |n: usize| ids.map_or(n as u64, |ids| ids[n]);
+    for (n, example) in examples.iter().enumerate() {
+        model.check(id_of(n), example)?;
     }
     let done = AtomicUsize::new(0);
     let tokens = AtomicU64::new(0);
@@ -207,8 +256,8 @@ pub fn run_probe_with_progress(
         examples
             .par_iter()
             .enumerate()
-            .try_for_each(|(id, example)| {
-                model.forward(id as u64, example, recorder)?;
+            .try_for_each(|(n, example)| {
+                model.forward(id_of(n), example, recorder)?;
                 if let Some(progress) = progress {
                     let t = tokens.fetch_add(example_tokens(example), Ordering::Relaxed)
                         + example_tokens(example);
@@ -275,6 +324,19 @@ pub struct ProbeOptions {
     pub missing_rows: MissingRows,
     /// Called after each example ([`run_probe_with_progress`]).
     pub progress: Option<Arc<ProgressFn>>,
+    /// Record each layer's input Gram (SPEC §4 version 2).
+    pub gram: bool,
+    /// With `gram`: only the layers of these blocks ([`ProbeModel::block_of`]:
+    /// decoder layers of a LLaMA, layers of an MLP) get Grams, bounding
+    /// memory (module docs of [`crate::recorder`]); `None`: all.
+    pub gram_blocks: Option<Range<usize>>,
+    /// Run only the probe examples whose `source` is listed (example ids
+    /// stay their probe-set positions); the file records the sources.
+    /// Rows need every example, so they are off unless `max_examples` asks.
+    pub sources: Option<Vec<String>>,
+    /// Write the recorder's exact partial state ([`Recorder::save_part`])
+    /// instead of the statistics file, for [`crate::recorder::combine_parts`].
+    pub part: bool,
 }
 
 impl std::fmt::Debug for ProbeOptions {
@@ -283,6 +345,10 @@ impl std::fmt::Debug for ProbeOptions {
             .field("max_examples", &self.max_examples)
             .field("threads", &self.threads)
             .field("missing_rows", &self.missing_rows)
+            .field("gram", &self.gram)
+            .field("gram_blocks", &self.gram_blocks)
+            .field("sources", &self.sources)
+            .field("part", &self.part)
             .field(
                 "progress",
                 &self.progress.as_ref().map(|_| "Fn(ProbeProgress)"),
@@ -332,16 +398,58 @@ pub fn probe_files(
         );
     }
     let description = model.describe();
+    let (ids, selected) = select_sources(&examples, options.sources.as_deref(), probe_set)?;
+    let max_examples = match (&options.sources, options.max_examples) {
+        (None, m) => m.unwrap_or(examples.len()),
+        (Some(_), None | Some(0)) => 0,
+        (Some(_), Some(_)) => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "per-example rows need every probe example (ids without gaps); a recording \
+                 restricted to sources keeps means and Grams only (drop --max-examples)",
+            )
+            .with_file(probe_set))
+        }
+    };
+    let mut gram_shared = BTreeMap::new();
+    let mut gram_layers = None;
+    if options.gram {
+        gram_shared = model.gram_shared();
+        if let Some(blocks) = &options.gram_blocks {
+            let chosen: BTreeSet<String> = model
+                .layers()
+                .into_iter()
+                .filter(|l| model.block_of(&l.name).is_some_and(|b| blocks.contains(&b)))
+                .map(|l| l.name)
+                .collect();
+            if chosen.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "Gram blocks {}..{} hold no layer of the {description}",
+                        blocks.start, blocks.end
+                    ),
+                )
+                .with_file(model_dir));
+            }
+            gram_layers = Some(chosen);
+        }
+    }
     let recorder = Recorder::new(RecorderOptions {
-        max_examples: options.max_examples.unwrap_or(examples.len()),
+        max_examples,
         model: format!("{description} ({})", model_dir.display()),
         probe: format!("{} ({} examples)", probe_set.display(), examples.len()),
         missing_rows: options.missing_rows,
+        gram: options.gram,
+        gram_layers,
+        gram_shared,
+        sources: options.sources.clone(),
     });
     let start = Instant::now();
-    let tokens = run_probe_with_progress(
+    let tokens = run_examples(
         model.as_ref(),
-        &examples,
+        &selected,
+        Some(&ids),
         &recorder,
         options.threads,
         options.progress.as_deref(),
@@ -354,15 +462,76 @@ pub fn probe_files(
         }
     })?;
     let seconds = start.elapsed().as_secs_f64();
-    let stats = recorder.stats()?;
-    stats.save(output)?;
+    let (rows, layers) = if options.part {
+        // The exact state only: no f32 statistics are built.
+        recorder.save_part(output)?;
+        (0, model.layers().len())
+    } else {
+        let stats = recorder.stats()?;
+        stats.save(output)?;
+        (
+            stats.modality.as_ref().map_or(0, |m| m.len() as u64),
+            stats.layers.len(),
+        )
+    };
     Ok(ProbeSummary {
         model: description,
-        examples: examples.len(),
-        rows: stats.modality.as_ref().map_or(0, |m| m.len() as u64),
-        layers: stats.layers.len(),
+        examples: selected.len(),
+        rows,
+        layers,
         tokens,
         seconds,
         output: output.to_path_buf(),
     })
+}
+
+/// The examples of `examples` whose source is in `sources` (all when
+/// `None`), with their probe-set positions as ids. An unknown source is an
+/// error naming it and the probe set.
+fn select_sources(
+    examples: &[ProbeExample],
+    sources: Option<&[String]>,
+    probe_set: &Path,
+) -> Result<(Vec<u64>, Vec<ProbeExample>)> {
+    let Some(sources) = sources else {
+        return Ok(((0..examples.len() as u64).collect(), examples.to_vec()));
+    };
+    let known: BTreeSet<&str> = examples.iter().map(|e| e.source.as_str()).collect();
+    let unknown: Vec<&str> = sources
+        .iter()
+        .map(String::as_str)
+        .filter(|s| !known.contains(s))
+        .collect();
+    if sources.is_empty() || !unknown.is_empty() {
+        let listed: Vec<&str> = known.iter().copied().filter(|s| !s.is_empty()).collect();
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "source{} {} not in the probe set (its sources: {})",
+                if unknown.len() == 1 { "" } else { "s" },
+                if unknown.is_empty() {
+                    "(none given)".to_string()
+                } else {
+                    unknown
+                        .iter()
+                        .map(|s| format!("`{s}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+                if listed.is_empty() {
+                    "none".to_string()
+                } else {
+                    listed.join(", ")
+                }
+            ),
+        )
+        .with_file(probe_set));
+    }
+    let wanted: BTreeSet<&str> = sources.iter().map(String::as_str).collect();
+    Ok(examples
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| wanted.contains(e.source.as_str()))
+        .map(|(n, e)| (n as u64, e.clone()))
+        .unzip())
 }

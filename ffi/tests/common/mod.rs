@@ -209,6 +209,7 @@ pub fn rust_recorder_file(path: &Path) {
         model: "test model".into(),
         probe: "test probe".into(),
         missing_rows: MissingRows::Zero,
+        ..RecorderOptions::default()
     });
     for e in 0..5u64 {
         for (layer, &(name, input, output)) in LAYERS.iter().enumerate() {
