@@ -20,9 +20,10 @@
 //! with a bias, else `in`) and `R = Σ w_k Ŵ_k G̃_k` (`out × n`). Adding a model
 //! needs, besides the caller's f32 inputs, an f64 copy of `Ŵ_k` (`out × n`)
 //! and one block of `G̃_k` columns (`n × 128`), so the peak is
-//! `8·(n² + 2·out·n + 128·n)` bytes; [`RegMeanSystem::solve`] factors `S` in
-//! place and overwrites `R` with the solution, peaking at
-//! `8·(n² + out·n + 2·n)` bytes plus the f32 result (`4·out·n`). For a
+//! `8·(n² + 2·out·n + 128·n)` bytes; [`RegMeanSystem::solve`] factors `S`
+//! in place and overwrites `R` with the solution, keeping a copy of `S` for
+//! the ridge retries: `8·(2n² + out·n + 2·n)` bytes plus the f32 result
+//! (`4·out·n`). For a
 //! LLaMA-7B `down_proj` (`out = 4096`, `in = 11008`, no bias) that is about
 //! 1.7 GB while adding a model. Slices rather than a matrix type: the inputs
 //! are decoded tensors the engine already holds as `Vec<f32>`.
@@ -433,6 +434,9 @@ impl RegMeanSystem {
             Default::default(),
         ));
         let stack = MemStack::new(&mut buf);
+        // A failed factorisation may leave any part of the matrix
+        // overwritten, so each retry starts from a copy of S.
+        let original = lhs.clone();
         let mut attempt = 0;
         loop {
             if factor(&mut lhs, n, threshold, stack) {
@@ -442,9 +446,7 @@ impl RegMeanSystem {
                 return Err(LsError::NotPositiveDefinite { mean_diagonal });
             };
             attempt += 1;
-            // The factorisation overwrote the lower triangle and the
-            // diagonal; the strict upper triangle still holds S.
-            restore_lower(&mut lhs, n);
+            lhs.copy_from_slice(&original);
             for (i, &d) in diag.iter().enumerate() {
                 lhs[i * n + i] = d + delta * mean_diagonal;
             }
@@ -487,21 +489,6 @@ fn symmetrise(a: &mut [f64], n: usize) {
                     let v = 0.5 * (a[i * n + j] + a[j * n + i]);
                     a[i * n + j] = v;
                     a[j * n + i] = v;
-                }
-            }
-        }
-    }
-}
-
-/// Copies the strict upper triangle of the (column-major) `a` onto its
-/// strict lower triangle, tile by tile.
-fn restore_lower(a: &mut [f64], n: usize) {
-    for j0 in (0..n).step_by(TILE) {
-        for i0 in (j0..n).step_by(TILE) {
-            for j in j0..(j0 + TILE).min(n) {
-                for i in i0.max(j + 1)..(i0 + TILE).min(n) {
-                    // (i, j) lower is a[j*n + i]; its mirror (j, i) is a[i*n + j].
-                    a[j * n + i] = a[i * n + j];
                 }
             }
         }
