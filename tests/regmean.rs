@@ -27,8 +27,8 @@ fn values(seed: u64, n: usize) -> Vec<f32> {
 /// `(Gram, mean)` of `tokens` rows of width IN drawn from `seed`, in f64 then f32.
 fn moments(seed: u64, tokens: usize) -> (Vec<f32>, Vec<f32>) {
     let x = values(seed, tokens * IN);
-    let mut gram = vec![0f64; IN * IN];
-    let mut mean = vec![0f64; IN];
+    let mut gram = [0f64; IN * IN];
+    let mut mean = [0f64; IN];
     for row in x.chunks(IN) {
         for i in 0..IN {
             mean[i] += row[i] as f64 / tokens as f64;

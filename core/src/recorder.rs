@@ -433,9 +433,8 @@ fn gram_strip(x: &[f64], width: usize, i0: usize, i1: usize, out: &mut Vec<f64>)
         let j1 = (j0 + GRAM_TILE).min(width);
         for row in x.chunks_exact(width) {
             let columns = &row[j0..j1];
-            for i in i0..i1 {
-                let xi = row[i];
-                let start = (i - i0) * strip_width + (j0 - i0);
+            for (r, &xi) in row[i0..i1].iter().enumerate() {
+                let start = r * strip_width + (j0 - i0);
                 for (d, &v) in out[start..start + (j1 - j0)].iter_mut().zip(columns) {
                     *d += xi * v;
                 }

@@ -1023,12 +1023,12 @@ fn stats_errors() {
     check(
         &[
             ("format", "flatmerge.activations"),
-            ("version", "2"),
+            ("version", "3"),
             ("examples", "2"),
         ],
         only_x,
         None,
-        "version `2`",
+        "version `3`",
     );
     check(
         &[("format", "flatmerge.activations"), ("version", "1")],
