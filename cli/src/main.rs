@@ -452,16 +452,33 @@ fn inspect_stats(path: &Path, weights: Option<&Path>, all: bool) -> Result<(), E
             ""
         }
     );
+    let grams = inspect::grams(&stats);
+    let examples = match &grams.sources {
+        Some(sources) => format!("the probe examples of sources {}", sources.join(", ")),
+        None => "every probe example".to_string(),
+    };
+    if grams.stored + grams.shared > 0 {
+        println!(
+            "  second moments (x_gram) for {} layers ({} stored, {} shared), none for {}; recorded on {examples}",
+            grams.stored + grams.shared,
+            grams.stored,
+            grams.shared,
+            grams.without
+        );
+    } else {
+        println!("  no second moments (means only); recorded on {examples}");
+    }
     if all {
         for (name, layer) in &stats.layers {
             let width =
                 |v: &Option<Vec<f32>>| v.as_ref().map_or("-".to_string(), |v| v.len().to_string());
             println!(
-                "  {name:<60} in {:>6} out {:>6} count {:>8} rows {}",
+                "  {name:<60} in {:>6} out {:>6} count {:>8} rows {} gram {}",
                 width(&layer.x_mean),
                 width(&layer.y_mean),
                 layer.count.map_or("-".to_string(), |c| c.to_string()),
-                layer.x_rows.as_ref().map_or(0, |r| r.rows)
+                layer.x_rows.as_ref().map_or(0, |r| r.rows),
+                inspect::gram_of_layer(&stats, name)
             );
         }
     }

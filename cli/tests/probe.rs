@@ -204,3 +204,147 @@ fn probe_set_sample_draws_quotas_deterministically() {
         "{line}"
     );
 }
+
+/// The fixture's probe set with sources `a` (even examples) and `b` (odd).
+fn with_sources(set: &Path) {
+    let mut examples = read_probe_set(set).unwrap();
+    for (n, e) in examples.iter_mut().enumerate() {
+        e.source = if n % 2 == 0 { "a" } else { "b" }.to_string();
+    }
+    write_probe_set(set, &examples).unwrap();
+}
+
+#[test]
+fn gram_probes_by_source_combine_into_the_union_and_inspect_shows_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, set) = fixture(tmp.path());
+    with_sources(&set);
+    let probe = |extra: &[&str], out: &Path| {
+        let mut args = vec!["probe", s(&model), "--probe-set", s(&set), "-o", s(out)];
+        args.extend_from_slice(extra);
+        flatmerge(&args)
+    };
+
+    // The CLI writes what the library writes.
+    let a = tmp.path().join("a.stats.safetensors");
+    assert_success(&probe(&["--gram", "--sources", "a", "--quiet"], &a));
+    let lib = tmp.path().join("lib.stats.safetensors");
+    let options = ProbeOptions {
+        gram: true,
+        sources: Some(vec!["a".into()]),
+        ..ProbeOptions::default()
+    };
+    probe_files(&model, &set, &lib, &options).unwrap();
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&lib).unwrap());
+    let stats = ActivationStats::load(&a).unwrap();
+    assert_eq!(stats.sources, Some(vec!["a".to_string()]));
+    assert_eq!(stats.layer("fc1").unwrap().count, Some(5));
+    assert_eq!(stats.layer("fc1").unwrap().gram_width(), Some(6));
+
+    // Two ranks' parts combine into the file of the union, byte for byte.
+    let (pa, pb) = (tmp.path().join("a.part"), tmp.path().join("b.part"));
+    assert_success(&probe(&["--gram", "--sources", "a", "--part", "-q"], &pa));
+    assert_success(&probe(&["--gram", "--sources", "b", "--part", "-q"], &pb));
+    let combined = tmp.path().join("ab.stats.safetensors");
+    let stdout = assert_success(&flatmerge(&[
+        "stats",
+        "combine",
+        s(&pb),
+        s(&pa),
+        "-o",
+        s(&combined),
+    ]));
+    assert!(stdout.contains("combined 2 recordings"), "{stdout}");
+    let whole = tmp.path().join("whole.stats.safetensors");
+    assert_success(&probe(&["--gram", "--sources", "a,b", "-q"], &whole));
+    assert_eq!(
+        std::fs::read(&combined).unwrap(),
+        std::fs::read(&whole).unwrap()
+    );
+
+    // inspect names the second moments and the sources.
+    let stdout = assert_success(&flatmerge(&["inspect", "--all", s(&combined)]));
+    assert!(
+        stdout.contains("second moments (x_gram) for 3 layers (3 stored, 0 shared)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sources a, b"), "{stdout}");
+    assert!(stdout.contains("gram 12×12"), "{stdout}");
+    let means = tmp.path().join("means.stats.safetensors");
+    assert_success(&probe(&["-q"], &means));
+    let stdout = assert_success(&flatmerge(&["inspect", s(&means)]));
+    assert!(
+        stdout.contains("no second moments (means only); recorded on every probe example"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn gram_probe_and_combine_errors_are_one_line_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, set) = fixture(tmp.path());
+    with_sources(&set);
+    let out = tmp.path().join("x.stats.safetensors");
+    let line = error_line(&flatmerge(&[
+        "probe",
+        s(&model),
+        "--probe-set",
+        s(&set),
+        "-o",
+        s(&out),
+        "--gram",
+        "--sources",
+        "a,zzz",
+    ]));
+    assert!(line.contains(s(&set)), "{line}");
+    assert!(
+        line.contains("source `zzz` not in the probe set (its sources: a, b)"),
+        "{line}"
+    );
+    assert!(!out.exists());
+
+    let part = tmp.path().join("a.part");
+    assert_success(&flatmerge(&[
+        "probe",
+        s(&model),
+        "--probe-set",
+        s(&set),
+        "-o",
+        s(&part),
+        "--gram",
+        "--sources",
+        "a",
+        "--part",
+        "-q",
+    ]));
+    let combine = |parts: &[&Path]| {
+        let mut args = vec!["stats", "combine"];
+        args.extend(parts.iter().map(|p| s(p)));
+        args.extend(["-o", s(&out)]);
+        flatmerge(&args)
+    };
+    let line = error_line(&combine(&[&part, &part]));
+    assert!(
+        line.contains("parts must cover disjoint examples"),
+        "{line}"
+    );
+    assert!(!out.exists());
+
+    // A finished statistics file is not a part.
+    let finished = tmp.path().join("a.stats.safetensors");
+    assert_success(&flatmerge(&[
+        "probe",
+        s(&model),
+        "--probe-set",
+        s(&set),
+        "-o",
+        s(&finished),
+        "--gram",
+        "--sources",
+        "b",
+        "-q",
+    ]));
+    let line = error_line(&combine(&[&part, &finished]));
+    assert!(line.contains(s(&finished)), "{line}");
+    assert!(!out.exists());
+}

@@ -96,3 +96,51 @@ pub fn coverage(stats: &ActivationStats, checkpoint: &Checkpoint) -> Vec<(String
     }
     out
 }
+
+/// Which layers of a statistics file have second moments (SPEC §4
+/// version 2), and which examples the file covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GramSummary {
+    /// Layers storing their own `x_gram`.
+    pub stored: usize,
+    /// Layers whose Gram is another layer's (`gram_shared`).
+    pub shared: usize,
+    /// Layers without a Gram.
+    pub without: usize,
+    /// The probe sources the recording was restricted to; `None`: the
+    /// whole probe set.
+    pub sources: Option<Vec<String>>,
+}
+
+/// The second moments of `stats`.
+pub fn grams(stats: &ActivationStats) -> GramSummary {
+    let mut summary = GramSummary {
+        stored: 0,
+        shared: 0,
+        without: 0,
+        sources: stats.sources.clone(),
+    };
+    for (name, layer) in &stats.layers {
+        if layer.x_gram.is_some() {
+            summary.stored += 1;
+        } else if stats.gram(name).is_some() {
+            summary.shared += 1;
+        } else {
+            summary.without += 1;
+        }
+    }
+    summary
+}
+
+/// How one layer's Gram is held, for listings: its width, the layer it
+/// shares it with, or `-`.
+pub fn gram_of_layer(stats: &ActivationStats, layer: &str) -> String {
+    match (
+        stats.layer(layer).and_then(|l| l.gram_width()),
+        stats.gram(layer),
+    ) {
+        (Some(width), _) => format!("{width}×{width}"),
+        (None, Some(_)) => format!("= {}", stats.gram_owner(layer)),
+        (None, None) => "-".to_string(),
+    }
+}

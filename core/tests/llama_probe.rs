@@ -618,3 +618,76 @@ fn a_checkpoint_without_lm_head_is_probed_but_has_no_logits() {
     run_probe(&untied, &examples(64, false), &r, Some(1)).unwrap();
     assert_eq!(r.stats().unwrap().layers.len(), 14);
 }
+
+/// Runs the NumPy reference in `--gram` mode over the examples of `sources`.
+fn reference_grams(dir: &Path, probe: &Path, sources: &str) -> Value {
+    let out = Command::new("python3")
+        .arg(SCRIPT)
+        .arg(dir)
+        .arg(probe)
+        .args(["--gram", sources])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "reference failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
+#[test]
+fn probe_grams_match_the_numpy_reference() {
+    if !python_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The multiway model: q/k/v and gate/up share Grams, and each copy's
+    // Gram holds only the tokens routed to it.
+    let model_dir = dir.path().join("multiway");
+    write_random_model(&model_dir, &model(tiny(), Dtype::F16, 2)).unwrap();
+    let probe = dir.path().join("probe.jsonl");
+    write_probe_set(&probe, &examples(64, false)).unwrap();
+    let stats_path = dir.path().join("task1.stats.safetensors");
+    let options = ProbeOptions {
+        gram: true,
+        sources: Some(vec!["task1".into()]),
+        threads: Some(2),
+        ..ProbeOptions::default()
+    };
+    probe_files(&model_dir, &probe, &stats_path, &options).unwrap();
+    let stats = ActivationStats::load(&stats_path).unwrap();
+    assert_eq!(stats.sources.as_deref(), Some(&["task1".to_string()][..]));
+    assert!(
+        !stats.gram_shared.is_empty(),
+        "shared Grams are stored once"
+    );
+
+    let want = reference_grams(&model_dir, &probe, "task1");
+    let grams = want["grams"].as_object().unwrap();
+    let layers_with_grams: Vec<&String> = stats
+        .layers
+        .keys()
+        .filter(|l| stats.gram(l).is_some())
+        .collect();
+    let mut hooked: Vec<&String> = grams.keys().collect();
+    hooked.sort();
+    assert_eq!(
+        layers_with_grams, hooked,
+        "every hooked layer, and only those, has a Gram"
+    );
+    let mut worst = 0f64;
+    for (layer, gram) in grams {
+        let got = stats.gram(layer).unwrap();
+        worst = worst.max(compare(&format!("{layer} x_gram"), got, &flat(gram)));
+        assert_eq!(
+            stats.layer(layer).unwrap().count,
+            want["counts"][layer].as_u64(),
+            "{layer}: tokens counted"
+        );
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "llama reference Grams: largest error / tolerance (rtol {RTOL:e}): {worst}"
+    );
+}

@@ -4,7 +4,7 @@ Face's `LlamaForCausalLM`, and mPLUG-Owl2's modality-adaptive variant),
 for the Rust test `core/tests/llama_probe.rs` to compare flatmerge's
 native probe with.
 
-Usage: python3 tests/python/llama_reference.py MODEL_DIR PROBE_SET.jsonl
+Usage: python3 tests/python/llama_reference.py MODEL_DIR PROBE_SET.jsonl [--gram [SOURCES]]
 
 Reads `config.json` and the safetensors file(s) itself (the header parsed
 here, F32/F16/BF16 decoded with numpy; no torch, no safetensors package),
@@ -17,6 +17,13 @@ runs every example of the probe set (`{"tokens": [...], "modality": ...,
 for every linear layer (q/k/v/o/gate/up/down and each multiway copy, whose
 rows are only the tokens routed to it), `x` its input and `y` its output
 before any nonlinearity.
+
+With `--gram` it prints, instead, each linear layer's mean input second
+moment over every token of the examples (those whose `source` is one of
+the comma-separated SOURCES, when given), as SPEC §4 version 2 defines
+`L.x_gram`:
+
+    {"grams": {layer: [[...] per row]}, "counts": {layer: tokens}}
 
 Arithmetic is float64 throughout, except the rotary tables, which follow
 `transformers`: inverse frequencies, position × frequency and cos/sin in
@@ -215,20 +222,36 @@ class Model:
 
 
 def main():
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    gram = len(args) >= 3 and args[2] == "--gram"
+    if len(args) != 2 and not (gram and len(args) <= 4):
         raise SystemExit(__doc__)
-    model = Model(sys.argv[1])
+    sources = set(args[3].split(",")) if gram and len(args) == 4 else None
+    model = Model(args[0])
     out = []
-    with open(sys.argv[2]) as f:
+    sums, counts = {}, {}
+    with open(args[1]) as f:
         for line in f:
             if not line.strip():
                 continue
             example = json.loads(line)
+            if sources is not None and example.get("source") not in sources:
+                continue
             tokens = example["tokens"]
             routes = token_modalities(example, len(tokens))
             logits, hooks = model.forward(tokens, routes)
-            out.append({"logits": logits, "layers": hooks})
-    json.dump({"examples": out}, sys.stdout)
+            if not gram:
+                out.append({"logits": logits, "layers": hooks})
+                continue
+            for layer, h in hooks.items():
+                x = np.asarray(h["x"], dtype=np.float64)
+                sums[layer] = sums.get(layer, 0.0) + x.T @ x
+                counts[layer] = counts.get(layer, 0) + x.shape[0]
+    if gram:
+        grams = {k: (v / counts[k]).tolist() for k, v in sums.items() if counts[k] > 0}
+        json.dump({"grams": grams, "counts": counts}, sys.stdout)
+    else:
+        json.dump({"examples": out}, sys.stdout)
 
 
 if __name__ == "__main__":
