@@ -80,7 +80,7 @@ fn write_gram_statistics(dir: &Path, models: &[&str]) {
                         gram[i * n + j] = x[i] * x[j] + if i == j { 0.1 } else { 0.0 };
                     }
                 }
-                layer.x_gram = Some(gram);
+                layer.x_gram = Some(flatmerge::stats::Gram::new(gram));
             }
         }
         stats

@@ -88,7 +88,7 @@ fn write(dir: &Path, name: &str, seed: u64, tokens: usize, gram: bool) -> Model 
             x_mean: Some(m.mean.clone()),
             y_mean: Some(vec![0.0; OUT]),
             count: Some(tokens as u64),
-            x_gram: gram.then(|| m.gram.clone()),
+            x_gram: gram.then(|| flatmerge::stats::Gram::new(m.gram.clone())),
             ..LayerStats::default()
         },
     );

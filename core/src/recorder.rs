@@ -802,7 +802,7 @@ impl Recorder {
                 count: Some(acc.total.count),
                 x_rows: None,
                 y_rows: None,
-                x_gram,
+                x_gram: x_gram.map(crate::stats::Gram::new),
             };
             if rows > 0 {
                 let (x_rows, y_rows) = self.rows_of(&name, &layer, &acc, rows)?;

@@ -33,9 +33,21 @@
 //! `|G_ij − G_ji| ≤ 2^-16 · √(G_ii · G_jj)` — far below f32 noise of a
 //! mean over many tokens, far above any real asymmetry — and the loaded
 //! matrix is made exactly symmetric (the upper triangle is mirrored).
+//!
+//! # Memory
+//!
+//! Loading reads and checks each Gram once, one at a time, and keeps only
+//! its place in the memory-mapped file ([`Gram`]): a merge then decodes one
+//! Gram when its layer is solved. A LLaMA-2-7B's Grams (per decoder layer
+//! one 4096² attention input, one 4096² o_proj input, one 4096² MLP input
+//! and one 11008² down_proj input, in f32) are about 21 GB per model, so
+//! holding them all is not an option; loading holds at most one Gram
+//! (`4·in²` bytes) beyond the means and rows.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
@@ -99,7 +111,84 @@ pub struct LayerStats {
     /// Mean second moment of the input, `[in, in]` row-major, symmetric
     /// (version 2). `None` for a layer whose Gram is shared
     /// ([`ActivationStats::gram`] resolves that).
-    pub x_gram: Option<Vec<f32>>,
+    pub x_gram: Option<Gram>,
+}
+
+/// A layer's mean input second moment, `[width, width]` row-major and
+/// symmetric: either values in memory (recorded, or built by hand) or a
+/// tensor of a loaded statistics file, decoded on demand (see the module
+/// docs on memory).
+#[derive(Clone)]
+pub struct Gram {
+    width: usize,
+    data: GramData,
+}
+
+#[derive(Clone)]
+enum GramData {
+    Values(Vec<f32>),
+    /// Checked when the file was loaded; `tensor` names it in `file`.
+    Mapped {
+        file: Arc<Checkpoint>,
+        tensor: String,
+    },
+}
+
+impl Gram {
+    /// A Gram from its `width²` row-major values (`width = ⌊√len⌋`; a
+    /// length that is not a square is refused when the statistics are
+    /// saved or used).
+    pub fn new(values: Vec<f32>) -> Gram {
+        Gram {
+            width: values.len().isqrt(),
+            data: GramData::Values(values),
+        }
+    }
+
+    /// `in`, the number of rows and columns.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Whether the values live in a mapped statistics file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, GramData::Mapped { .. })
+    }
+
+    /// The `width²` values, row-major, exactly symmetric. A mapped Gram is
+    /// decoded into a new buffer (`4·width²` bytes) and the file's pages
+    /// are released.
+    pub fn values(&self) -> Cow<'_, [f32]> {
+        match &self.data {
+            GramData::Values(v) => Cow::Borrowed(v),
+            GramData::Mapped { file, tensor } => {
+                let mut values = file
+                    .view(tensor)
+                    .map(|v| v.to_f32_vec())
+                    .unwrap_or_default();
+                file.release(tensor);
+                mirror_upper(&mut values, self.width);
+                Cow::Owned(values)
+            }
+        }
+    }
+}
+
+impl PartialEq for Gram {
+    fn eq(&self, other: &Gram) -> bool {
+        self.width == other.width && self.values() == other.values()
+    }
+}
+
+impl std::fmt::Debug for Gram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.data {
+            GramData::Values(v) => f.debug_tuple("Gram").field(v).finish(),
+            GramData::Mapped { tensor, .. } => {
+                write!(f, "Gram({w}×{w}, mapped from `{tensor}`)", w = self.width)
+            }
+        }
+    }
 }
 
 impl LayerStats {
@@ -114,7 +203,7 @@ impl LayerStats {
 
     /// The width `in` of the stored Gram (`√len`), if any.
     pub fn gram_width(&self) -> Option<usize> {
-        self.x_gram.as_ref().map(|g| g.len().isqrt())
+        self.x_gram.as_ref().map(Gram::width)
     }
 }
 
@@ -199,6 +288,7 @@ fn as_stats_error(e: Error) -> Error {
 /// The data of one tensor to save.
 enum Payload<'a> {
     F32(&'a [f32]),
+    Gram(&'a Gram),
     Bytes(Vec<u8>),
 }
 
@@ -228,9 +318,9 @@ impl ActivationStats {
     /// The mean second moment of layer `name`'s input: the full `[in, in]`
     /// row-major, symmetric matrix, following a `gram_shared` alias to the
     /// layer that stores it. `None` when the layer has no Gram.
-    pub fn gram(&self, name: &str) -> Option<&[f32]> {
+    pub fn gram(&self, name: &str) -> Option<&Gram> {
         let owner = self.gram_shared.get(name).map_or(name, String::as_str);
-        self.layers.get(owner)?.x_gram.as_deref()
+        self.layers.get(owner)?.x_gram.as_ref()
     }
 
     /// The layer storing `name`'s Gram: `name` itself, or its owner when it
@@ -251,7 +341,7 @@ impl ActivationStats {
     /// values. Errors are [`ErrorKind::Stats`] naming file and tensor
     /// (I/O errors and a missing file keep their kinds).
     pub fn load(path: &Path) -> Result<Self> {
-        let file = Checkpoint::open_file(path).map_err(as_stats_error)?;
+        let file = Arc::new(Checkpoint::open_file(path).map_err(as_stats_error)?);
         let err = |msg: String| Error::new(ErrorKind::Stats, msg).with_file(path);
         let meta = file.metadata();
         match meta.get("format") {
@@ -380,9 +470,20 @@ impl ActivationStats {
                             view.dtype, view.shape
                         )));
                     }
+                    // Checked now, one at a time; decoded again when used.
+                    let width = view.shape[0];
                     let mut gram = view.to_f32_vec();
-                    symmetrize(&mut gram, view.shape[0]).map_err(terr)?;
-                    entry.x_gram = Some(gram);
+                    symmetrize(&mut gram, width).map_err(&terr)?;
+                    check_gram_values(&gram, width).map_err(terr)?;
+                    drop(gram);
+                    file.release(name);
+                    entry.x_gram = Some(Gram {
+                        width,
+                        data: GramData::Mapped {
+                            file: Arc::clone(&file),
+                            tensor: name.to_string(),
+                        },
+                    });
                 }
             }
         }
@@ -431,12 +532,15 @@ impl ActivationStats {
                 ));
             }
             if let Some(gram) = &s.x_gram {
-                let width = gram.len().isqrt();
-                if width * width != gram.len() {
-                    return Err(err(
-                        tensor(Suffix::XGram),
-                        format!("{} values: not a square [in, in] matrix", gram.len()),
-                    ));
+                let width = gram.width();
+                if let GramData::Values(values) = &gram.data {
+                    if width * width != values.len() {
+                        return Err(err(
+                            tensor(Suffix::XGram),
+                            format!("{} values: not a square [in, in] matrix", values.len()),
+                        ));
+                    }
+                    check_gram_values(values, width).map_err(|m| err(tensor(Suffix::XGram), m))?;
                 }
                 if let Some(mean) = s.x_mean.as_ref().filter(|m| m.len() != width) {
                     return Err(err(
@@ -445,31 +549,6 @@ impl ActivationStats {
                             "shape [{width}, {width}], but `{}` has length {}: a Gram is [in, in]",
                             tensor(Suffix::XMean),
                             mean.len()
-                        ),
-                    ));
-                }
-                if gram.iter().any(|v| !v.is_finite()) {
-                    return Err(err(
-                        tensor(Suffix::XGram),
-                        "holds a NaN or infinite value".into(),
-                    ));
-                }
-                if let Some(i) = (0..width).find(|&i| gram[i * width + i] < 0.0) {
-                    return Err(err(
-                        tensor(Suffix::XGram),
-                        format!(
-                            "diagonal entry {i} is {}: a second moment is never negative",
-                            gram[i * width + i]
-                        ),
-                    ));
-                }
-                if let Some((i, j)) = asymmetry(gram, width, 0.0) {
-                    return Err(err(
-                        tensor(Suffix::XGram),
-                        format!(
-                            "not symmetric: entry [{i}, {j}] is {} but [{j}, {i}] is {}",
-                            gram[i * width + j],
-                            gram[j * width + i]
                         ),
                     ));
                 }
@@ -619,13 +698,13 @@ impl ActivationStats {
                     data.push(Payload::F32(&r.data));
                 }
             }
-            if let (Some(g), Some(width)) = (&s.x_gram, s.gram_width()) {
+            if let Some(g) = &s.x_gram {
                 tensors.push(OutputTensor::new(
                     name(Suffix::XGram),
                     Dtype::F32,
-                    vec![width, width],
+                    vec![g.width(), g.width()],
                 ));
-                data.push(Payload::F32(g));
+                data.push(Payload::Gram(g));
             }
         }
         if let Some(m) = &self.modality {
@@ -670,6 +749,9 @@ impl ActivationStats {
             for (t, payload) in tensors.iter().zip(&data) {
                 match payload {
                     Payload::F32(values) => writer.write_tensor(&t.name, &f32_bytes(values))?,
+                    Payload::Gram(gram) => {
+                        writer.write_tensor(&t.name, &f32_bytes(&gram.values()))?
+                    }
                     Payload::Bytes(bytes) => writer.write_tensor(&t.name, bytes)?,
                 }
             }
@@ -756,10 +838,37 @@ fn symmetrize(gram: &mut [f32], width: usize) -> std::result::Result<(), String>
             gram[j * width + i]
         ));
     }
+    mirror_upper(gram, width);
+    Ok(())
+}
+
+/// Copies the upper triangle of `gram` onto the lower.
+fn mirror_upper(gram: &mut [f32], width: usize) {
     for i in 0..width {
         for j in i + 1..width {
             gram[j * width + i] = gram[i * width + j];
         }
+    }
+}
+
+/// What every Gram must be: finite, with a non-negative diagonal, exactly
+/// symmetric.
+fn check_gram_values(gram: &[f32], width: usize) -> std::result::Result<(), String> {
+    if gram.iter().any(|v| !v.is_finite()) {
+        return Err("holds a NaN or infinite value".into());
+    }
+    if let Some(i) = (0..width).find(|&i| gram[i * width + i] < 0.0) {
+        return Err(format!(
+            "diagonal entry {i} is {}: a second moment is never negative",
+            gram[i * width + i]
+        ));
+    }
+    if let Some((i, j)) = asymmetry(gram, width, 0.0) {
+        return Err(format!(
+            "not symmetric: entry [{i}, {j}] is {} but [{j}, {i}] is {}",
+            gram[i * width + j],
+            gram[j * width + i]
+        ));
     }
     Ok(())
 }

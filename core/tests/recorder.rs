@@ -568,7 +568,7 @@ fn gram_of_dyadic_values_equals_the_exact_mean_second_moment() {
             .iter()
             .map(|&v| v as f32)
             .collect();
-        assert_eq!(stats.gram(layer).unwrap(), &want[..], "{layer}");
+        assert_eq!(stats.gram(layer).unwrap().values(), &want[..], "{layer}");
     }
 }
 
@@ -585,7 +585,7 @@ fn gram_of_arbitrary_values_is_within_rounding_of_f64() {
     let stats = r.stats().unwrap();
     for (layer, width, _) in LAYERS {
         let want = direct_gram(&data, layer, width);
-        let got = stats.gram(layer).unwrap();
+        let got = stats.gram(layer).unwrap().values();
         assert_eq!(got.len(), width * width);
         for i in 0..width {
             for j in 0..width {
@@ -688,10 +688,12 @@ fn shared_grams_are_stored_once_and_resolved() {
     r.save(&path).unwrap();
     let stats = ActivationStats::load(&path).unwrap();
     assert!(stats.layers["k"].x_gram.is_none());
+    // Loaded Grams stay in the mapped file until a merge decodes one.
+    assert!(stats.gram("q").unwrap().is_mapped());
     assert_eq!(stats.gram("k"), stats.gram("q"));
     assert_eq!(stats.gram_owner("k"), "q");
     // Hand-computed: x rows (-1, -0.75, -0.5, -0.25), (0, .25, .5, .75), (1, 1.25, 1.5, 1.75).
-    let g = stats.gram("k").unwrap();
+    let g = stats.gram("k").unwrap().values();
     assert_eq!(g[0], (1.0 + 0.0 + 1.0) / 3.0);
     assert_eq!(g[1], (0.75 + 0.0 + 1.25) / 3.0);
     assert_eq!(g[15], (0.0625 + 0.5625 + 3.0625) / 3.0);
@@ -916,18 +918,22 @@ fn write_stats(
     w.finish().unwrap();
 }
 
+/// A bad-file case: version, metadata, tensors, the tensor the error
+/// names, and a phrase it contains.
+type BadCase<'a> = (
+    &'a str,
+    Vec<(&'a str, &'a str)>,
+    Vec<(&'a str, Vec<usize>, Vec<f32>)>,
+    &'a str,
+    &'a str,
+);
+
 #[test]
 fn bad_grams_get_one_clear_error_naming_file_and_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.stats.safetensors");
     let mean = ("l.x_mean", vec![2], vec![0.5, 0.5]);
-    let cases: Vec<(
-        &str,
-        Vec<(&str, &str)>,
-        Vec<(&str, Vec<usize>, Vec<f32>)>,
-        &str,
-        &str,
-    )> = vec![
+    let cases: Vec<BadCase> = vec![
         (
             "2",
             vec![],
@@ -1012,7 +1018,7 @@ fn bad_grams_get_one_clear_error_naming_file_and_tensor() {
         ],
     );
     let stats = ActivationStats::load(&path).unwrap();
-    assert_eq!(stats.gram("l").unwrap(), [1.0, 0.5, 0.5, 1.0]);
+    assert_eq!(*stats.gram("l").unwrap().values(), [1.0, 0.5, 0.5, 1.0]);
 }
 
 #[test]
@@ -1025,7 +1031,7 @@ fn pushes_beyond_the_gram_range_are_refused_and_add_nothing() {
     r.push_f32("l", 1, &[1.0, 2.0], &[0.0], 0, 0).unwrap();
     let stats = r.stats().unwrap();
     assert_eq!(stats.layers["l"].count, Some(1));
-    assert_eq!(stats.gram("l").unwrap(), [1.0, 2.0, 2.0, 4.0]);
+    assert_eq!(*stats.gram("l").unwrap().values(), [1.0, 2.0, 2.0, 4.0]);
 }
 
 mod gram_properties {
@@ -1052,7 +1058,7 @@ mod gram_properties {
             prop_assert_eq!(file_bytes(&a, dir.path(), "a"), file_bytes(&b, dir.path(), "b"));
             let stats = a.stats().unwrap();
             for (layer, w, _) in LAYERS {
-                let g = stats.gram(layer).unwrap();
+                let g = stats.gram(layer).unwrap().values();
                 for i in 0..w {
                     prop_assert!(g[i * w + i] >= 0.0);
                     for j in 0..w {

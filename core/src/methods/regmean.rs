@@ -11,8 +11,9 @@
 //! bias (`out` floats) waits in the method's state until its turn. A
 //! layer's solve holds the f64 system of [`crate::least_squares`]
 //! (`8·(n² + 2·out·n + 128·n)` bytes, `n = in (+1 with a bias)`) and one
-//! model's decoded weight at a time; the Grams come from the statistics
-//! files (see the README for the whole bound).
+//! model's decoded weight and one model's Gram, decoded from its mapped
+//! statistics file ([`crate::stats::Gram::values`]), at a time (see the
+//! README for the whole bound).
 //!
 //! Determinism: the solve runs single-threaded per layer and adds the
 //! models in config order, so any thread count gives the same bytes.
@@ -195,9 +196,14 @@ fn layer_needs(
 ) -> bool {
     let width = t.shape[1];
     let models: Vec<&Input> = inputs.models.iter().collect();
-    let grams: Vec<Option<&[f32]>> = models
+    let grams: Vec<Option<usize>> = models
         .iter()
-        .map(|m| m.stats.as_ref().and_then(|(s, _)| s.gram(layer)))
+        .map(|m| {
+            m.stats
+                .as_ref()
+                .and_then(|(s, _)| s.gram(layer))
+                .map(|g| g.width())
+        })
         .collect();
     if grams.iter().all(Option::is_none) {
         return false;
@@ -208,10 +214,8 @@ fn layer_needs(
             None => Some(format!(
                 "models[{i}] has no Gram for layer `{layer}` while other models have one (record every model with --gram)"
             )),
-            Some(g) if g.len() != width * width => Some(format!(
-                "the Gram of layer `{layer}` is {}×{} but `{}` has shape {:?} (needs {width}×{width})",
-                g.len().isqrt(),
-                g.len().isqrt(),
+            Some(g) if *g != width => Some(format!(
+                "the Gram of layer `{layer}` is {g}×{g} but `{}` has shape {:?} (needs {width}×{width})",
                 t.name,
                 t.shape
             )),
@@ -283,7 +287,7 @@ fn solve_layer(
             .add_model(&RegMeanModel {
                 weight: &weight,
                 bias: bias.as_deref(),
-                gram,
+                gram: &gram.values(),
                 mean,
                 w: t.number("weight", Some(k))?,
             })
