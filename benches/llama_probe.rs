@@ -1,7 +1,8 @@
 //! Tokens per second of the native LLaMA probe (`flatmerge::probe::llama`)
 //! on random models, BF16 weights, with the recorder keeping per-example
-//! rows (what `flatmerge probe` does), for 1 worker thread and for all
-//! cores; the forward pass alone (no recorder) for comparison.
+//! rows (what `flatmerge probe` does), and recording every linear layer's
+//! Gram instead (`--gram`), for 1 worker thread and for all cores; the
+//! forward pass alone (no recorder) for comparison.
 //!
 //! Run: `cargo bench --bench llama_probe` (a plain `harness = false` main;
 //! `cargo bench --no-run` only builds it). `LLAMA_BENCH=small` runs the
@@ -96,22 +97,32 @@ fn main() {
             case.examples,
             case.tokens
         );
-        for threads in [1, cores] {
-            let time = best(3, || {
-                let recorder = Recorder::new(RecorderOptions {
-                    max_examples: case.examples,
-                    ..RecorderOptions::default()
+        // Means and rows (what `flatmerge probe` records by default), then
+        // means and Grams of every linear layer (`--gram`, no rows), in one run.
+        for (what, gram) in [("probe", false), ("probe --gram", true)] {
+            for threads in [1, cores] {
+                let time = best(3, || {
+                    let recorder = Recorder::new(RecorderOptions {
+                        max_examples: if gram { 0 } else { case.examples },
+                        gram,
+                        gram_shared: if gram {
+                            llama.gram_shared()
+                        } else {
+                            Default::default()
+                        },
+                        ..RecorderOptions::default()
+                    });
+                    run_probe(&llama, &examples, &recorder, Some(threads)).expect("probe");
+                    std::hint::black_box(recorder.stats().expect("stats"));
                 });
-                run_probe(&llama, &examples, &recorder, Some(threads)).expect("probe");
-                std::hint::black_box(recorder.stats().expect("stats"));
-            });
-            let s = time.as_secs_f64();
-            println!(
-                "  probe, {threads} thread(s): {:.3} s, {:.0} tokens/s, {:.1} GFLOP/s in linear layers",
-                s,
-                tokens / s,
-                flops / s / 1e9
-            );
+                let s = time.as_secs_f64();
+                println!(
+                    "  {what}, {threads} thread(s): {:.3} s, {:.0} tokens/s, {:.1} GFLOP/s in linear layers",
+                    s,
+                    tokens / s,
+                    flops / s / 1e9
+                );
+            }
         }
         for threads in [1, cores] {
             let pool = rayon::ThreadPoolBuilder::new()

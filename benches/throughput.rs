@@ -17,24 +17,32 @@
 //! `--reps N`, `--dir D` (default `target/throughput`), `--out D` (where
 //! merges are written; default beside the inputs — `/dev/shm/…` takes the
 //! disk out of the measurement).
+//!
+//! `regmean` merges `A` and `B` with Grams recorded by the native LLaMA
+//! probe (`--gram`) on 8 random sequences of 64 tokens, once per family
+//! (the recording time is printed, not counted); it reads two checkpoints
+//! and their Grams where the floors count three checkpoints.
 
 use flatmerge::config::{parse_byte_size, MergeConfig};
 use flatmerge::demo::{write_family, LlamaShape};
 use flatmerge::dtype::Dtype;
 use flatmerge::engine::{peak_resident_bytes, thread_pool, MergeOptions, PreparedMerge};
 use flatmerge::io::Checkpoint;
+use flatmerge::probe::set::write_probe_set;
+use flatmerge::probe::{probe_files, ProbeExample, ProbeInput, ProbeOptions};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const METHODS: [&str; 6] = [
+const METHODS: [&str; 7] = [
     "linear",
     "task_arithmetic",
     "ties",
     "dare_linear",
     "dare_ties",
     "safe_m",
+    "regmean",
 ];
 
 struct Options {
@@ -131,6 +139,9 @@ fn run_size(options: &Options, size: u64) {
             String::new()
         }
     );
+    if options.methods.iter().any(|m| m == "regmean") {
+        ensure_grams(&dir, shape.vocab);
+    }
     let pool = thread_pool(options.threads).expect("thread pool");
     // Each scan maps the files afresh, as a merge does: the floor includes
     // the page faults that map page-cache pages into the process. The first
@@ -209,6 +220,44 @@ fn ensure_family(dir: &Path, shape: &LlamaShape) -> bool {
     true
 }
 
+/// Records `A.gram.stats.safetensors` and `B.gram.stats.safetensors` (the
+/// native LLaMA probe, `--gram`, on a fixed random probe set) unless present.
+fn ensure_grams(dir: &Path, vocab: usize) {
+    let probe = dir.join("gram-probe.jsonl");
+    let mut rng = flatmerge::demo::Rng::new(3, "throughput probe");
+    let examples: Vec<ProbeExample> = (0..8)
+        .map(|_| ProbeExample {
+            input: ProbeInput::Tokens(
+                (0..64)
+                    .map(|_| (rng.next_u64() % vocab as u64) as u32)
+                    .collect(),
+            ),
+            modality: 0,
+            source: String::new(),
+            token_modality: None,
+            meta: None,
+        })
+        .collect();
+    write_probe_set(&probe, &examples).expect("write the probe set");
+    for model in ["A", "B"] {
+        let out = dir.join(format!("{model}.gram.stats.safetensors"));
+        if out.exists() {
+            continue;
+        }
+        let started = Instant::now();
+        let options = ProbeOptions {
+            gram: true,
+            max_examples: Some(0),
+            ..ProbeOptions::default()
+        };
+        probe_files(&dir.join(model), &probe, &out, &options).expect("record Grams");
+        println!(
+            "(recorded {model}'s Grams for regmean in {:.1} s)",
+            started.elapsed().as_secs_f64()
+        );
+    }
+}
+
 /// The merge config of `method` over the generated family (mergekit's
 /// documented parameters; SAFE-M at the SPEC defaults).
 fn config_text(method: &str) -> String {
@@ -216,6 +265,7 @@ fn config_text(method: &str) -> String {
     let base = "base_model: ./C\n";
     match method {
         "safe_m" => format!("merge_method: safe_m\n{base}base_model_stats: ./C.stats.safetensors\nmodels:\n  - model: ./A\n    stats: ./A.stats.safetensors\n  - model: ./B\n    stats: ./B.stats.safetensors\n"),
+        "regmean" => "merge_method: regmean\nmodels:\n  - model: ./A\n    stats: ./A.gram.stats.safetensors\n  - model: ./B\n    stats: ./B.gram.stats.safetensors\n".to_string(),
         "linear" => "merge_method: linear\nmodels:\n  - model: ./A\n    parameters: {weight: 0.5}\n  - model: ./B\n    parameters: {weight: 0.5}\n  - model: ./C\n    parameters: {weight: 0.5}\n".to_string(),
         _ => format!("merge_method: {method}\n{base}{models}"),
     }

@@ -49,6 +49,8 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
         "ties",
         "dare_ties",
         "dare_linear",
+        quality::REGMEAN_OWN,
+        quality::REGMEAN_SHARED,
         "safe_m, score sas",
         "safe_m, score ratio",
         "safe_m sas, no election",

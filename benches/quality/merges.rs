@@ -82,6 +82,50 @@ pub fn probe(model: &Path, probe: &Path, threads: Option<usize>) -> Result<PathB
     Ok(out)
 }
 
+/// Runs the native probe of `model` on `probe` for second moments
+/// (`--gram`): over the examples of `sources` only when given (RegMean's
+/// protocol: a model's own task), else over every example; means and
+/// Grams, no rows. Returns the statistics file, `MODEL.TAG.stats.safetensors`.
+pub fn probe_gram(
+    model: &Path,
+    probe: &Path,
+    sources: Option<&[String]>,
+    tag: &str,
+    threads: Option<usize>,
+) -> Result<PathBuf, String> {
+    let out = model.with_extension(format!("{tag}.stats.safetensors"));
+    probe_files(
+        model,
+        probe,
+        &out,
+        &ProbeOptions {
+            max_examples: Some(0),
+            threads,
+            gram: true,
+            sources: sources.map(<[String]>::to_vec),
+            ..ProbeOptions::default()
+        },
+    )
+    .map_err(|e| format!("probing {} for Grams: {e}", model.display()))?;
+    Ok(out)
+}
+
+/// A RegMean config (SPEC §7) over `models` with their Gram statistics,
+/// weight 1 each, with extra global `parameters` lines.
+pub fn regmean_yaml(models: &[(&Path, &Path)], params: &[&str]) -> String {
+    let mut y = "merge_method: regmean\nmodels:\n".to_string();
+    for (m, s) in models {
+        y += &format!("  - model: {}\n    stats: {}\n", q(m), q(s));
+    }
+    if !params.is_empty() {
+        y += "parameters:\n";
+        for p in params {
+            y += &format!("  {p}\n");
+        }
+    }
+    y
+}
+
 /// Runs merges into numbered directories under one folder.
 pub struct Merger {
     /// Where outputs go.

@@ -27,7 +27,7 @@ use flatmerge::demo::Rng;
 use flatmerge::probe::mlp::Activation;
 
 use flatmerge::safe_m::ScoreForm;
-use merges::{baseline_yaml, fam_yaml, safe_m_yaml, FamGroups, Merger};
+use merges::{baseline_yaml, fam_yaml, regmean_yaml, safe_m_yaml, FamGroups, Merger};
 use nn::{accuracy, Dense, Net};
 use tasks::{Sizes, Task};
 
@@ -184,6 +184,8 @@ pub enum RowKind {
     Preset,
     /// FAM (the heterogeneous pair).
     Fam,
+    /// Least-squares merging (RegMean, SPEC §7), label-free.
+    LeastSquares,
 }
 
 /// One table: a merge case.
@@ -365,6 +367,10 @@ struct CaseContext<'a> {
     c_stats: &'a Path,
     t_dirs: &'a [PathBuf],
     t_stats: &'a [PathBuf],
+    /// Each fine-tuned model's Grams over its own task's probe examples.
+    own_grams: &'a [PathBuf],
+    /// Each fine-tuned model's Grams over the whole meta-probe.
+    shared_grams: &'a [PathBuf],
     finetuned: &'a [f64],
     ancestor_acc: &'a [f64],
     grid: &'a [variants::Setting],
@@ -521,6 +527,23 @@ fn homologous_case(
         test: accs(&body, models, tasks, which, false),
         val: accs(&body, models, tasks, which, true),
     });
+    // Least-squares merging (SPEC §7) under both Gram protocols.
+    for (protocol, grams) in [
+        (REGMEAN_OWN, ctx.own_grams),
+        (REGMEAN_SHARED, ctx.shared_grams),
+    ] {
+        let models: Vec<(&Path, &Path)> = which
+            .iter()
+            .map(|&t| (ctx.t_dirs[t].as_path(), grams[t].as_path()))
+            .collect();
+        merge_row(
+            &mut rows,
+            merger,
+            RowKind::LeastSquares,
+            protocol,
+            regmean_yaml(&models, &[]),
+        )?;
+    }
     let safe_m = |extra: &[String]| {
         let mut y = safe_m_yaml((ctx.c_dir, ctx.c_stats), &with_stats, "sas");
         for line in extra {
@@ -589,6 +612,12 @@ pub fn case_tag(which: &[usize]) -> String {
 /// Label of the baseline tuned on validation.
 pub const TA_TUNED: &str = "task_arithmetic, λ tuned on validation (labels)";
 
+/// RegMean with each model's Grams over its own task's probe examples.
+pub const REGMEAN_OWN: &str = "regmean, own-task Grams (α = 0.9)";
+
+/// RegMean with every model's Grams over the shared meta-probe.
+pub const REGMEAN_SHARED: &str = "regmean, shared meta-probe Grams (α = 0.9)";
+
 /// Prefix of the variant-grid rows.
 pub const VARIANT_PREFIX: &str = "safe_m variant: ";
 
@@ -645,8 +674,20 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         .map(|d| merges::probe(d, &probe_path, opts.threads))
         .collect::<Result<_, _>>()?;
     let p_stats = merges::probe(&p_dir, &probe_path, opts.threads)?;
+    let own_grams: Vec<PathBuf> = t_dirs
+        .iter()
+        .zip(tasks)
+        .map(|(d, task)| {
+            let own = [task.name.to_string()];
+            merges::probe_gram(d, &probe_path, Some(&own), "own", opts.threads)
+        })
+        .collect::<Result<_, _>>()?;
+    let shared_grams: Vec<PathBuf> = t_dirs
+        .iter()
+        .map(|d| merges::probe_gram(d, &probe_path, None, "shared", opts.threads))
+        .collect::<Result<_, _>>()?;
     log(&format!(
-        "  probed 5 models on {probe_n} examples ({:.1}s)",
+        "  probed 5 models on {probe_n} examples, Grams of 3 by two protocols ({:.1}s)",
         t.elapsed().as_secs_f64()
     ));
 
@@ -697,6 +738,8 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         c_stats: &c_stats,
         t_dirs: &t_dirs,
         t_stats: &t_stats,
+        own_grams: &own_grams,
+        shared_grams: &shared_grams,
         finetuned: &finetuned,
         ancestor_acc: &ancestor_acc,
         grid: &grid,
@@ -1214,7 +1257,7 @@ impl Report {
     fn summary_markdown(&self, s: &mut String) {
         let _ = writeln!(
             s,
-            "\n### Summary: SAFE-M against the best baseline (test split, mean normalised accuracy)\n"
+            "\n### Summary: RegMean and SAFE-M against the best baseline (test split, mean normalised accuracy)\n"
         );
         if let Some(c) = &self.chosen {
             let _ = writeln!(
@@ -1224,9 +1267,9 @@ impl Report {
         }
         let _ = writeln!(
             s,
-            "| case | best baseline | its score | safe_m SPEC (sas) | chosen variant | chosen − best baseline, per seed |"
+            "| case | best baseline | its score | regmean, own-task Grams | regmean − best baseline, per seed | safe_m SPEC (sas) | chosen variant | chosen − best baseline, per seed |"
         );
-        let _ = writeln!(s, "|---|---|---|---|---|---|");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for case in self.homologous() {
             let Some(best) = self.best_baseline(case) else {
                 continue;
@@ -1236,7 +1279,7 @@ impl Report {
             let spec = find("safe_m, score sas (SPEC defaults)")
                 .map(|r| spread(&self.mean_normalised(case, r)))
                 .unwrap_or_default();
-            let (chosen, diff) = match self.chosen.as_deref().and_then(find) {
+            let against_best = |row: Option<&Row>| match row {
                 Some(r) => {
                     let c = self.mean_normalised(case, r);
                     let d: Vec<f64> = c.iter().zip(&b).map(|(x, y)| x - y).collect();
@@ -1244,9 +1287,11 @@ impl Report {
                 }
                 None => ("–".into(), "–".into()),
             };
+            let (regmean, regmean_diff) = against_best(find(REGMEAN_OWN));
+            let (chosen, diff) = against_best(self.chosen.as_deref().and_then(find));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {spec} | {chosen} | {diff} |",
+                "| {} | {} | {} | {regmean} | {regmean_diff} | {spec} | {chosen} | {diff} |",
                 case.title,
                 best.label,
                 spread(&b)
@@ -1284,6 +1329,7 @@ impl Report {
                     | RowKind::Variant
                     | RowKind::Preset
                     | RowKind::Baseline
+                    | RowKind::LeastSquares
             )
         });
         for row in labels {
