@@ -13,6 +13,8 @@ use flatmerge::config::MergeConfig;
 use flatmerge::demo::{write_family, write_heterogeneous_pair, LlamaShape, PairShape};
 use flatmerge::dtype::Dtype;
 use flatmerge::engine::PreparedMerge;
+use flatmerge::probe::set::write_probe_set;
+use flatmerge::probe::ProbeExample;
 use flatmerge_suite::{options, report, tempdir};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -89,12 +91,28 @@ fn write_gram_statistics(dir: &Path, models: &[&str]) {
     }
 }
 
+/// A probe set of token sequences for the methods that run the family
+/// through the native LLaMA probe themselves (`regmean_plusplus`).
+fn write_token_probe_set(path: &Path) {
+    let examples: Vec<ProbeExample> = (0..6u32)
+        .map(|i| {
+            ProbeExample::tokens(
+                (0..5)
+                    .map(|t| (i * 7 + t * 3) % SHAPE.vocab as u32)
+                    .collect(),
+            )
+        })
+        .collect();
+    write_probe_set(path, &examples).expect("probe set");
+}
+
 #[test]
 fn every_method_example_gives_the_recorded_bytes() {
     let dir = tempdir();
     write_family(dir.path(), &SHAPE, Dtype::BF16, 2, 3).expect("write the family");
     write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 7).expect("write the pair");
     write_gram_statistics(dir.path(), &["A", "B"]);
+    write_token_probe_set(&dir.path().join("probe.jsonl"));
     let mut examples: Vec<String> = std::fs::read_dir(examples_dir())
         .expect("examples")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())

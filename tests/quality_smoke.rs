@@ -51,6 +51,7 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
         "dare_linear",
         quality::REGMEAN_OWN,
         quality::REGMEAN_SHARED,
+        quality::REGMEAN_PP_OWN,
         "safe_m, score sas",
         "safe_m, score ratio",
         "safe_m sas, no election",

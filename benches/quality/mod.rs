@@ -371,6 +371,8 @@ struct CaseContext<'a> {
     own_grams: &'a [PathBuf],
     /// Each fine-tuned model's Grams over the whole meta-probe.
     shared_grams: &'a [PathBuf],
+    /// The meta-probe (RegMean++ re-runs the models on it).
+    probe: &'a Path,
     finetuned: &'a [f64],
     ancestor_acc: &'a [f64],
     grid: &'a [variants::Setting],
@@ -544,6 +546,24 @@ fn homologous_case(
             regmean_yaml(&models, &[]),
         )?;
     }
+    let own: Vec<(&Path, &Path)> = which
+        .iter()
+        .map(|&t| (ctx.t_dirs[t].as_path(), ctx.own_grams[t].as_path()))
+        .collect();
+    merge_row(
+        &mut rows,
+        merger,
+        RowKind::LeastSquares,
+        REGMEAN_PP_OWN,
+        regmean_yaml(&own, &[]).replacen(
+            "merge_method: regmean\n",
+            &format!(
+                "merge_method: regmean_plusplus\nprobe_set: {}\n",
+                merges::q(ctx.probe)
+            ),
+            1,
+        ),
+    )?;
     let safe_m = |extra: &[String]| {
         let mut y = safe_m_yaml((ctx.c_dir, ctx.c_stats), &with_stats, "sas");
         for line in extra {
@@ -617,6 +637,10 @@ pub const REGMEAN_OWN: &str = "regmean, own-task Grams (α = 0.9)";
 
 /// RegMean with every model's Grams over the shared meta-probe.
 pub const REGMEAN_SHARED: &str = "regmean, shared meta-probe Grams (α = 0.9)";
+
+/// RegMean++ with each model re-run on its own task's probe examples
+/// through the layers merged before each layer.
+pub const REGMEAN_PP_OWN: &str = "regmean_plusplus, own-task Grams (α = 0.9)";
 
 /// Prefix of the variant-grid rows.
 pub const VARIANT_PREFIX: &str = "safe_m variant: ";
@@ -740,6 +764,7 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         t_stats: &t_stats,
         own_grams: &own_grams,
         shared_grams: &shared_grams,
+        probe: &probe_path,
         finetuned: &finetuned,
         ancestor_acc: &ancestor_acc,
         grid: &grid,

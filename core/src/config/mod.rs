@@ -114,6 +114,9 @@ pub struct RawConfig {
     /// FAM: the neuron groups (SPEC §2.1).
     #[serde(default)]
     pub groups: Option<Spanned<GroupsSpec>>,
+    /// RegMean++: the probe set re-run through the partial merge (SPEC §7).
+    #[serde(default)]
+    pub probe_set: Option<Spanned<String>>,
 }
 
 /// `name_map:` as written: a built-in map's name, a list of rules, or `{file: PATH}`.
@@ -196,6 +199,8 @@ pub struct MergeConfig {
     pub nan_policy: NanPolicy,
     /// Where the config came from (for messages and the report).
     pub source: Option<PathBuf>,
+    /// The probe set a method runs itself (`regmean_plusplus`), resolved.
+    pub probe_set: Option<PathBuf>,
 }
 
 /// Settings of the chosen method.
@@ -592,6 +597,16 @@ fn validate(
             ));
         }
     }
+    if let Some(p) = raw.probe_set.as_ref().filter(|_| !method.uses_probe_set()) {
+        return Err(config_error(
+            Some(&p.referenced),
+            "probe_set",
+            format!(
+                "`probe_set` is for methods that run the models themselves (regmean_plusplus), not {}",
+                method.as_str()
+            ),
+        ));
+    }
     let models: Vec<ModelRef> = raw
         .models
         .iter()
@@ -639,6 +654,7 @@ fn validate(
             })?,
         },
         source: source.map(Path::to_path_buf),
+        probe_set: raw.probe_set.as_ref().map(|p| resolve(base_dir, &p.value)),
     })
 }
 

@@ -312,7 +312,11 @@ impl PreparedMerge {
 
     /// Refuses NaN or infinite values in the inputs of a tensor, naming the
     /// file, the tensor and the first bad index (the `error` NaN policy).
-    fn check_finite(&self, tensor: &TensorPlan, contributors: &[TensorView<'_>]) -> Result<()> {
+    pub(crate) fn check_finite(
+        &self,
+        tensor: &TensorPlan,
+        contributors: &[TensorView<'_>],
+    ) -> Result<()> {
         let mut inputs: Vec<(&std::path::Path, TensorView<'_>)> = Vec::new();
         fn named<'a>(
             input: &'a crate::plan::Input,

@@ -344,6 +344,42 @@ impl Checkpoint {
         checkpoint
     }
 
+    /// This checkpoint with some tensors read from other safetensors files
+    /// instead: every tensor of `files` must be a tensor of the checkpoint
+    /// with the same shape (its dtype may differ), and replaces it; the
+    /// list of tensors and its order stay the checkpoint's. For running a
+    /// model whose earlier layers were merged (RegMean++, SPEC §7) without
+    /// writing a copy of it. Errors name the file and tensor
+    /// ([`ErrorKind::Format`]) or are the files' own.
+    pub fn with_overrides(mut self, files: &[PathBuf]) -> Result<Checkpoint> {
+        for file in files {
+            let parsed = read_shard(file, self.shards.len())?;
+            for t in parsed.tensors {
+                let err = |msg: String| {
+                    Error::new(ErrorKind::Format, msg)
+                        .with_file(file)
+                        .with_tensor(&t.name)
+                };
+                let Some(&i) = self.by_name.get(&t.name) else {
+                    return Err(err(format!(
+                        "not a tensor of {}, so it cannot replace one",
+                        self.root.display()
+                    )));
+                };
+                if self.tensors[i].shape != t.shape {
+                    return Err(err(format!(
+                        "shape {:?}, but the tensor it replaces has shape {:?}",
+                        t.shape, self.tensors[i].shape
+                    )));
+                }
+                self.tensors[i] = t;
+            }
+            self.fingerprints.push(parsed.fingerprint);
+            self.shards.push(parsed.shard);
+        }
+        Ok(self)
+    }
+
     /// The path given to [`Checkpoint::open`].
     pub fn root(&self) -> &Path {
         &self.root

@@ -24,6 +24,7 @@ pub mod model_stock;
 pub mod nearswap;
 pub mod passthrough;
 pub mod regmean;
+pub mod regmean_plusplus;
 pub mod safe_m;
 pub mod slerp;
 pub mod sparsify;
@@ -141,6 +142,12 @@ pub trait Method: Sync {
 
     /// Whether the top-level `name_map` and `groups` keys apply (FAM).
     fn uses_name_map(&self) -> bool {
+        false
+    }
+
+    /// Whether the top-level `probe_set` key applies (a method that runs
+    /// the models through the native probes itself).
+    fn uses_probe_set(&self) -> bool {
         false
     }
 
@@ -268,6 +275,7 @@ pub const BUILTIN: &[&dyn Method] = &[
     &model_stock::ModelStock,
     &passthrough::Passthrough,
     &regmean::RegMean,
+    &regmean_plusplus::RegMeanPlusPlus,
 ];
 
 /// mergekit methods flatmerge does not run yet, refused by name.

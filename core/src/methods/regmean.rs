@@ -31,8 +31,10 @@ use crate::io::TensorView;
 use crate::least_squares::{RegMeanModel, RegMeanSystem, DEFAULT_ALPHA};
 use crate::plan::{layer_of, Input, Inputs, Plan, TensorPlan, TensorRule};
 use crate::report::TensorOutcome;
+use crate::stats::ActivationStats;
 use std::any::Any;
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Mutex;
 
 /// The method.
@@ -40,7 +42,11 @@ pub struct RegMean;
 
 /// Merged biases waiting for their turn, by tensor name.
 #[derive(Default)]
-struct Pending(Mutex<BTreeMap<String, Vec<f32>>>);
+pub(crate) struct Pending(Mutex<BTreeMap<String, Vec<f32>>>);
+
+/// The statistics (with Grams) of model `i` (its index in the config's
+/// `models`) and the file they came from.
+pub(crate) type StatsOf<'s> = dyn Fn(usize) -> Result<(&'s ActivationStats, &'s Path)> + 's;
 
 impl Method for RegMean {
     fn name(&self) -> &'static str {
@@ -158,11 +164,36 @@ impl Method for RegMean {
         let pending = state
             .downcast_ref::<Pending>()
             .ok_or_else(|| Error::new(ErrorKind::Plan, "regmean needs its state"))?;
+        let stats_of = |i: usize| -> Result<(&ActivationStats, &Path)> {
+            merge.inputs().models[i]
+                .stats
+                .as_ref()
+                .map(|(s, p)| (s, p.as_path()))
+                .ok_or_else(|| Error::new(ErrorKind::Stats, "statistics vanished after planning"))
+        };
+        merge_tensor_with(merge, pending, input, &stats_of)
+    }
+
+    fn report_parameters(&self, config: &MergeConfig) -> serde_json::Value {
+        mergekit::report_parameters(config)
+    }
+}
+
+/// One tensor of a least-squares merge with the Grams of `stats_of`: a
+/// layer's weight is solved (its bias kept in `pending` for its turn), a
+/// planned bias is taken from `pending`, other tensors are averaged.
+pub(crate) fn merge_tensor_with(
+    merge: &PreparedMerge,
+    pending: &Pending,
+    input: &TensorInput<'_>,
+    stats_of: &StatsOf<'_>,
+) -> Result<(Vec<u8>, TensorOutcome)> {
+    {
         let t = MergekitTensor::new(merge, input)?;
         let tensor = input.plan;
         match &tensor.rule {
             TensorRule::LeastSquares { layer, bias: false } => {
-                solve_layer(merge, &t, layer, pending)
+                solve_layer(merge, &t, layer, pending, stats_of)
             }
             TensorRule::LeastSquares { bias: true, .. } => {
                 let values = pending
@@ -177,10 +208,6 @@ impl Method for RegMean {
             }
             _ => Ok((average(&t)?, TensorOutcome::default())),
         }
-    }
-
-    fn report_parameters(&self, config: &MergeConfig) -> serde_json::Value {
-        mergekit::report_parameters(config)
     }
 }
 
@@ -252,6 +279,7 @@ fn solve_layer(
     t: &MergekitTensor<'_>,
     layer: &str,
     pending: &Pending,
+    stats_of: &StatsOf<'_>,
 ) -> Result<(Vec<u8>, TensorOutcome)> {
     let tensor = t.plan;
     let (out, width) = (tensor.shape[0], tensor.shape[1]);
@@ -265,11 +293,7 @@ fn solve_layer(
     let mut system = RegMeanSystem::new(out, width, has_bias, alpha)
         .map_err(|e| Error::new(ErrorKind::Config, e.to_string()))?;
     for (k, view) in t.contributors.iter().enumerate() {
-        let model = &merge.inputs().models[t.model_index[k]];
-        let (stats, path) = model
-            .stats
-            .as_ref()
-            .ok_or_else(|| Error::new(ErrorKind::Stats, "statistics vanished after planning"))?;
+        let (stats, path) = stats_of(t.model_index[k])?;
         let gram = stats.gram(layer).ok_or_else(|| {
             Error::new(ErrorKind::Stats, "Gram vanished after planning").with_file(path)
         })?;

@@ -101,6 +101,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     name: "llama",
     detect,
     open: |dir| Ok(Box::new(Llama::load(dir)?)),
+    open_with: |dir, checkpoint| Ok(Box::new(Llama::load_with(dir, checkpoint)?)),
 };
 
 /// The tokenizer of `text` examples, in the model directory (with the
@@ -237,7 +238,12 @@ impl Llama {
     /// for `config.json`, [`ErrorKind::Format`] for the tensors, the
     /// checkpoint's own errors.
     pub fn load(dir: &Path) -> Result<Llama> {
-        let checkpoint = Checkpoint::open(dir)?;
+        Llama::load_with(dir, Checkpoint::open(dir)?)
+    }
+
+    /// [`Llama::load`] with the `config.json` (and tokenizer) of `dir` and
+    /// the tensors of `checkpoint` (e.g. [`Checkpoint::with_overrides`]).
+    pub fn load_with(dir: &Path, checkpoint: Checkpoint) -> Result<Llama> {
         let rows = checkpoint
             .info(EMBED)
             .and_then(|t| t.shape.first().copied());

@@ -47,6 +47,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     name: "mlp",
     detect: |dir| dir.join(DESCRIPTION_FILE).is_file(),
     open: |dir| Ok(Box::new(Mlp::load(dir)?)),
+    open_with: |dir, checkpoint| Ok(Box::new(Mlp::load_with(dir, checkpoint)?)),
 };
 
 /// The function applied after a linear layer (evaluated in f64, rounded
@@ -366,8 +367,13 @@ impl Mlp {
     /// missing tensor, a wrong shape or a non-float dtype
     /// ([`ErrorKind::Format`]).
     pub fn load(dir: &Path) -> Result<Mlp> {
+        Mlp::load_with(dir, Checkpoint::open(dir)?)
+    }
+
+    /// [`Mlp::load`] with the description of `dir` and the tensors of
+    /// `checkpoint` (e.g. [`Checkpoint::with_overrides`]).
+    pub fn load_with(dir: &Path, checkpoint: Checkpoint) -> Result<Mlp> {
         let spec = MlpSpec::load(dir)?;
-        let checkpoint = Checkpoint::open(dir)?;
         let mut layers = Vec::with_capacity(spec.layers.len());
         for s in &spec.layers {
             let read = |suffix: &str, shape: &[usize]| -> Result<Option<Vec<f32>>> {

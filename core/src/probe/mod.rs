@@ -33,6 +33,7 @@ use rayon::prelude::*;
 pub use set::{ProbeExample, ProbeInput};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::io::Checkpoint;
 use crate::recorder::{MissingRows, Recorder, RecorderOptions};
 
 /// Name and widths of a linear layer a probe records.
@@ -107,6 +108,9 @@ pub struct Architecture {
     pub detect: fn(&Path) -> bool,
     /// Opens a model directory this architecture detected.
     pub open: fn(&Path) -> Result<Box<dyn ProbeModel>>,
+    /// Opens a model directory this architecture detected, with the
+    /// tensors of the given checkpoint instead of the directory's own.
+    pub open_with: fn(&Path, Checkpoint) -> Result<Box<dyn ProbeModel>>,
 }
 
 /// The architectures flatmerge can probe natively, tried in order.
@@ -120,6 +124,18 @@ pub const ARCHITECTURES: &[Architecture] = &[mlp::ARCHITECTURE, llama::ARCHITECT
 /// `model_type` has no native probe yet ([`ErrorKind::InvalidInput`]);
 /// the architecture's own errors when opening.
 pub fn open_model(dir: &Path) -> Result<Box<dyn ProbeModel>> {
+    (architecture_of(dir)?.open)(dir)
+}
+
+/// [`open_model`] with the tensors of `checkpoint` instead of the
+/// directory's own (the description, `config.json` and tokenizer still
+/// come from `dir`).
+pub fn open_model_with(dir: &Path, checkpoint: Checkpoint) -> Result<Box<dyn ProbeModel>> {
+    (architecture_of(dir)?.open_with)(dir, checkpoint)
+}
+
+/// The first architecture of [`ARCHITECTURES`] that recognises `dir`.
+pub(crate) fn architecture_of(dir: &Path) -> Result<&'static Architecture> {
     if !dir.is_dir() {
         return Err(Error::new(
             ErrorKind::NotFound,
@@ -128,7 +144,7 @@ pub fn open_model(dir: &Path) -> Result<Box<dyn ProbeModel>> {
         .with_file(dir));
     }
     if let Some(arch) = ARCHITECTURES.iter().find(|a| (a.detect)(dir)) {
-        return (arch.open)(dir);
+        return Ok(arch);
     }
     let names: Vec<&str> = ARCHITECTURES.iter().map(|a| a.name).collect();
     let config = dir.join("config.json");
@@ -330,6 +346,10 @@ pub struct ProbeOptions {
     /// decoder layers of a LLaMA, layers of an MLP) get Grams, bounding
     /// memory (module docs of [`crate::recorder`]); `None`: all.
     pub gram_blocks: Option<Range<usize>>,
+    /// With `gram`: only these layers get Grams (with `gram_blocks` too:
+    /// those of both); `None`: all. Names not recorded by the model are an
+    /// error.
+    pub gram_layers: Option<BTreeSet<String>>,
     /// Run only the probe examples whose `source` is listed (example ids
     /// stay their probe-set positions); the file records the sources.
     /// Rows need every example, so they are off unless `max_examples` asks.
@@ -347,6 +367,7 @@ impl std::fmt::Debug for ProbeOptions {
             .field("missing_rows", &self.missing_rows)
             .field("gram", &self.gram)
             .field("gram_blocks", &self.gram_blocks)
+            .field("gram_layers", &self.gram_layers)
             .field("sources", &self.sources)
             .field("part", &self.part)
             .field(
@@ -389,7 +410,24 @@ pub fn probe_files(
     output: &Path,
     options: &ProbeOptions,
 ) -> Result<ProbeSummary> {
-    let model = open_model(model_dir)?;
+    probe_model(
+        open_model(model_dir)?.as_ref(),
+        model_dir,
+        probe_set,
+        output,
+        options,
+    )
+}
+
+/// [`probe_files`] with the model already open ([`open_model_with`]);
+/// `model_dir` names it in the file and in errors.
+pub fn probe_model(
+    model: &dyn ProbeModel,
+    model_dir: &Path,
+    probe_set: &Path,
+    output: &Path,
+    options: &ProbeOptions,
+) -> Result<ProbeSummary> {
     let examples = set::read_probe_set(probe_set)?;
     if examples.is_empty() {
         return Err(
@@ -434,6 +472,22 @@ pub fn probe_files(
             }
             gram_layers = Some(chosen);
         }
+        if let Some(wanted) = &options.gram_layers {
+            let recorded: BTreeSet<String> = model.layers().into_iter().map(|l| l.name).collect();
+            if let Some(unknown) = wanted.iter().find(|l| !recorded.contains(*l)) {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "`{unknown}` is not a layer the {description} records, so it gets no Gram"
+                    ),
+                )
+                .with_file(model_dir));
+            }
+            gram_layers = Some(match gram_layers {
+                Some(chosen) => chosen.intersection(wanted).cloned().collect(),
+                None => wanted.clone(),
+            });
+        }
     }
     let recorder = Recorder::new(RecorderOptions {
         max_examples,
@@ -447,7 +501,7 @@ pub fn probe_files(
     });
     let start = Instant::now();
     let tokens = run_examples(
-        model.as_ref(),
+        model,
         &selected,
         Some(&ids),
         &recorder,
