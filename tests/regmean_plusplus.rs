@@ -313,3 +313,54 @@ fn probe_set_is_required_by_regmean_plusplus_and_refused_elsewhere() {
     assert!(absent.contains("nowhere.jsonl"), "{absent}");
     assert!(!out.exists(), "a refused merge wrote {}", out.display());
 }
+
+#[test]
+fn overrides_replace_tensors_of_the_same_shape_and_name_the_file_otherwise() {
+    use flatmerge::io::Checkpoint;
+    use flatmerge_suite::write_f32_model;
+    let dir = tempdir();
+    let model = write_f32_model(
+        &dir.path().join("M"),
+        &[
+            ("a.weight", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("b.weight", vec![2], vec![5.0, 6.0]),
+        ],
+    );
+    let file = |name: &str, tensors: &[(&str, Vec<usize>, Vec<f32>)]| {
+        write_f32_model(&dir.path().join(name), tensors).join("model.safetensors")
+    };
+    let good = file("good", &[("b.weight", vec![2], vec![7.0, 8.0])]);
+    let merged = Checkpoint::open(&model)
+        .unwrap()
+        .with_overrides(std::slice::from_ref(&good))
+        .unwrap();
+    let names: Vec<&str> = merged.tensors().iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["a.weight", "b.weight"]);
+    let b = merged.view("b.weight").unwrap();
+    let values: Vec<f32> = b
+        .data
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(values, [7.0, 8.0]);
+    assert_eq!(merged.view("a.weight").unwrap().data.len(), 16);
+
+    let shape = file("shape", &[("b.weight", vec![1, 2], vec![7.0, 8.0])]);
+    let err = Checkpoint::open(&model)
+        .unwrap()
+        .with_overrides(&[shape])
+        .expect_err("another shape")
+        .to_string();
+    assert!(err.contains("shape") && err.contains("b.weight"), "{err}");
+    assert!(err.contains("model.safetensors"), "{err}");
+    let unknown = file("unknown", &[("c.weight", vec![2], vec![7.0, 8.0])]);
+    let err = Checkpoint::open(&model)
+        .unwrap()
+        .with_overrides(&[unknown])
+        .expect_err("unknown tensor")
+        .to_string();
+    assert!(
+        err.contains("c.weight") && err.contains("cannot replace"),
+        "{err}"
+    );
+}
