@@ -58,6 +58,7 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
         "safe_m sas, no conflict removal",
         "safe_m sas, no decoupling",
         "safe_m preset: keep_all",
+        "safe_m preset: gram",
     ];
     expect(0, &homologous);
     expect(1, &homologous);

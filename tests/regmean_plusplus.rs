@@ -9,7 +9,9 @@
 use flatmerge::probe::mlp::{Activation, Linear, Mlp, MlpSpec};
 use flatmerge::probe::set::write_probe_set;
 use flatmerge::probe::{probe_files, ProbeExample, ProbeOptions};
-use flatmerge_suite::{dir_files, f32_tensors, report, tempdir, try_merge_yaml};
+use flatmerge_suite::{
+    dir_files, f32_tensors, report, solve_right_symmetric, tempdir, try_merge_yaml,
+};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -85,7 +87,7 @@ fn config(method: &str, extra: &str) -> String {
 }
 
 /// `[W* | b*]` (rows of `input + 1`) of SPEC §7 with weights 1, from each
-/// model's `(W, b, Gram, mean)`, by Gauss–Jordan elimination in f64.
+/// model's `(W, b, Gram, mean)`, in f64.
 #[allow(clippy::type_complexity)]
 fn solve(models: &[(&[f32], &[f32], Vec<f64>, Vec<f64>)], alpha: f64, out: usize) -> Vec<f64> {
     let input = models[0].3.len();
@@ -125,39 +127,7 @@ fn solve(models: &[(&[f32], &[f32], Vec<f64>, Vec<f64>)], alpha: f64, out: usize
             }
         }
     }
-    // X · lhs = rhs with lhs symmetric: eliminate on [lhs | rhsᵀ].
-    let mut a = lhs;
-    let mut x: Vec<Vec<f64>> = (0..n)
-        .map(|c| (0..out).map(|r| rhs[r * n + c]).collect())
-        .collect();
-    for col in 0..n {
-        let pivot = (col..n)
-            .max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))
-            .unwrap();
-        for k in 0..n {
-            a.swap(col * n + k, pivot * n + k);
-        }
-        x.swap(col, pivot);
-        for row in 0..n {
-            if row != col {
-                let f = a[row * n + col] / a[col * n + col];
-                for k in 0..n {
-                    a[row * n + k] -= f * a[col * n + k];
-                }
-                let pivot_row = x[col].clone();
-                for (v, p) in x[row].iter_mut().zip(&pivot_row) {
-                    *v -= f * p;
-                }
-            }
-        }
-    }
-    let mut merged = vec![0f64; out * n];
-    for c in 0..n {
-        for r in 0..out {
-            merged[r * n + c] = x[c][r] / a[c * n + c];
-        }
-    }
-    merged
+    solve_right_symmetric(&lhs, &rhs, n)
 }
 
 /// Gram and mean (per token) of what the second layer reads when the

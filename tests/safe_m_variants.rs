@@ -10,9 +10,10 @@ use flatmerge::engine::PreparedMerge;
 use flatmerge::io::Checkpoint;
 use flatmerge::plan::TensorRule;
 use flatmerge::safe_m::{
-    activation_lambda, fuse_block, fuse_block_with, merge_tensor, merge_tensor_with, row_rescale,
-    score_vote, task_vector, ConflictRule, Contributor, ContributorBlock, Election, ElectionParams,
-    MaskCounts, Member, Salience, ScoreForm, Variant, EPSILON,
+    activation_lambda, fuse_block, fuse_block_with, masked_task_vectors, merge_tensor,
+    merge_tensor_with, row_rescale, score_vote, task_vector, ConflictRule, Contributor,
+    ContributorBlock, Election, ElectionParams, MaskCounts, Member, Salience, ScoreForm, Variant,
+    EPSILON,
 };
 use flatmerge::stats::{ActivationStats, Rows};
 use flatmerge_suite::{
@@ -451,6 +452,34 @@ proptest! {
             // receiver_elected counts the receiver per block, so it sums too.
             prop_assert_eq!(sum, whole_counts[j]);
         }
+    }
+
+    /// `masked_task_vectors` is stage 2 of `fuse_block_with`: adding its
+    /// vectors (λ = 1, no direction, as for a bias) to the start point gives
+    /// the fused bits and the same counts, in either form.
+    #[test]
+    fn masked_task_vectors_are_what_the_fusion_adds(b in block(), v in variant()) {
+        let n = b.rows * b.cols;
+        let members: Vec<Member<'_>> = b
+            .members()
+            .into_iter()
+            .map(|m| Member { lambda_proj: 1.0, lambda_ortho: 1.0, ..m })
+            .collect();
+        let mut fused = vec![0.0f32; n];
+        let mut fused_counts = vec![MaskCounts::default(); 3];
+        fuse_block_with(&b.c, &members, None, EPSILON, &v, &mut fused, &mut Vec::new(), &mut fused_counts);
+        let mut taus = vec![Vec::new(); 3];
+        let mut counts = vec![MaskCounts::default(); 3];
+        masked_task_vectors(&b.c, &members, n, &v, &mut taus, &mut counts);
+        let mut want = if v.symmetric { b.c.clone() } else { b.w[0].clone() };
+        prop_assert_eq!(taus[0].is_empty(), !v.symmetric);
+        for tau in &taus {
+            for (w, t) in want.iter_mut().zip(tau) {
+                *w += *t;
+            }
+        }
+        prop_assert_eq!(bits(&fused), bits(&want));
+        prop_assert_eq!(counts, fused_counts);
     }
 
     /// Counts: kept + conflicts = elected for every member; `keep` removes nothing.

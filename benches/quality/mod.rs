@@ -566,6 +566,17 @@ fn homologous_case(
     )?;
     let safe_m = |extra: &[String]| {
         let mut y = safe_m_yaml((ctx.c_dir, ctx.c_stats), &with_stats, "sas");
+        if extra
+            .iter()
+            .any(|l| l == "reproject: gram" || l == "preset: gram")
+        {
+            // Means from the meta-probe, Grams from each model's own task.
+            for &t in which {
+                let stats = format!("    stats: {}\n", merges::q(&ctx.t_stats[t]));
+                let grams = format!("{stats}    grams: {}\n", merges::q(&ctx.own_grams[t]));
+                y = y.replacen(&stats, &grams, 1);
+            }
+        }
         for line in extra {
             y += &format!("  {line}\n");
         }
@@ -646,7 +657,7 @@ pub const REGMEAN_PP_OWN: &str = "regmean_plusplus, own-task Grams (α = 0.9)";
 pub const VARIANT_PREFIX: &str = "safe_m variant: ";
 
 /// The library's SAFE-M presets other than `spec` (one row each).
-pub const PRESETS: &[&str] = &["keep_all"];
+pub const PRESETS: &[&str] = &["keep_all", "gram"];
 
 fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String> {
     let verbose = opts.verbose;
@@ -746,7 +757,8 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         .collect();
 
     let mut merger = Merger::new(dir.join("merges"), opts.threads, seed);
-    let grid = variants::grid(opts.full_grid);
+    let mut grid = variants::grid(opts.full_grid);
+    grid.extend(variants::gram_grid(opts.full_grid));
     let template = models.ancestor.body().to_vec();
     let t = Instant::now();
     let mut cases = Vec::new();

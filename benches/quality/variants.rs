@@ -131,6 +131,59 @@ pub fn grid(full: bool) -> Vec<Setting> {
     out
 }
 
+/// SAFE-M with second moments (`reproject: gram`, docs/methods.md): the
+/// election and conflict rule as configured, then the least-squares
+/// re-projection from each model's own-task Gram; λ is `lambda_proj`.
+/// The symmetric form at density 1 without conflict removal is RegMean.
+pub fn gram_grid(full: bool) -> Vec<Setting> {
+    let mut out = Vec::new();
+    let densities: &[f64] = if full { &[0.2, 0.5, 1.0] } else { &[1.0] };
+    let lambdas: &[f64] = if full { &[1.0, 1.5, 2.0] } else { &[1.0] };
+    for symmetric in [false, true] {
+        for conflict in ["drop", "keep"] {
+            for &density in densities {
+                let ls: &[f64] = if density >= 1.0 { lambdas } else { &[1.0] };
+                for &lambda in ls {
+                    let mut params = vec![
+                        "reproject: gram".to_string(),
+                        format!("conflict: {conflict}"),
+                        format!("density: {density}"),
+                        format!("lambda_proj: {lambda}"),
+                    ];
+                    if symmetric {
+                        params.push("symmetric: true".into());
+                    }
+                    out.push(Setting {
+                        label: format!(
+                            "gram, {}, conflict {conflict}, density {density}, λ {lambda}",
+                            if symmetric { "symmetric" } else { "receiver" }
+                        ),
+                        params,
+                    });
+                }
+            }
+        }
+    }
+    // The label-free per-layer λ from the probe rows times a fixed scale.
+    let scales: &[f64] = if full { &[1.5, 2.0] } else { &[] };
+    for &lambda in scales {
+        out.push(Setting {
+            label: format!(
+                "gram, symmetric, conflict keep, density 1, λ {lambda}, layer_lambda activation"
+            ),
+            params: vec![
+                "reproject: gram".into(),
+                "conflict: keep".into(),
+                "density: 1".into(),
+                format!("lambda_proj: {lambda}"),
+                "symmetric: true".into(),
+                "layer_lambda: activation".into(),
+            ],
+        });
+    }
+    out
+}
+
 fn variant(
     symmetric: bool,
     conflict: &str,

@@ -294,11 +294,30 @@ pub struct Input {
     pub checkpoint: Checkpoint,
     /// Its statistics and the file they came from.
     pub stats: Option<(ActivationStats, PathBuf)>,
+    /// Its second statistics file with Grams (`grams:`) and its path.
+    pub grams: Option<(ActivationStats, PathBuf)>,
 }
 
 impl Input {
     pub(crate) fn layer(&self, layer: &str) -> Option<&LayerStats> {
         self.stats.as_ref().and_then(|(s, _)| s.layer(layer))
+    }
+
+    /// The Gram of `layer`: from the `grams:` file when one was given,
+    /// else from the statistics; with the file it came from.
+    pub(crate) fn gram(&self, layer: &str) -> Option<(&crate::stats::Gram, &Path)> {
+        self.grams
+            .as_ref()
+            .or(self.stats.as_ref())
+            .and_then(|(s, p)| s.gram(layer).map(|g| (g, p.as_path())))
+    }
+
+    /// The file [`Input::gram`] reads.
+    pub(crate) fn grams_path(&self) -> &Path {
+        self.grams
+            .as_ref()
+            .map(|(_, p)| p.as_path())
+            .unwrap_or_else(|| self.stats_path())
     }
 
     pub(crate) fn stats_path(&self) -> &Path {
@@ -384,7 +403,7 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         let checkpoint = Checkpoint::open(&model.path)
             .map_err(|e| problems.push(e))
             .ok();
-        let stats = match &model.stats {
+        let mut load = |path: &Option<PathBuf>| match path {
             Some(path) => match ActivationStats::load(path) {
                 Ok(s) => Some((s, path.clone())),
                 Err(e) => {
@@ -394,7 +413,13 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
             },
             None => None,
         };
-        checkpoint.map(|checkpoint| Input { checkpoint, stats })
+        let stats = load(&model.stats);
+        let grams = load(&model.grams);
+        checkpoint.map(|checkpoint| Input {
+            checkpoint,
+            stats,
+            grams,
+        })
     };
     let base = config.base.as_ref().map(&mut open);
     let models: Vec<Option<Input>> = config.models.iter().map(&mut open).collect();

@@ -846,22 +846,17 @@ pub fn fuse_block_with(
         count.receiver_elected += receiver_elected;
         for row_start in (0..n).step_by(cols) {
             let row = row_start..row_start + cols;
-            for (c, i) in row.clone().enumerate() {
-                let tau = member.weight[i] - ancestor[i];
-                let elected = is_elected(member.election.scores[i], member.election.threshold);
-                let keep = elected && survives(variant.conflict, j, i, ancestor[i], members, taus);
-                count.elected += elected as u64;
-                count.conflicts += (elected && !keep) as u64;
-                count.kept += keep as u64;
-                full_row[c] = tau;
-                tau_row[c] = if keep { tau } else { 0.0 };
-            }
-            if variant.rescale {
-                let s = row_rescale(full_row, tau_row, member.rescale_cap);
-                if s != 1.0 {
-                    tau_row.iter_mut().for_each(|t| *t *= s);
-                }
-            }
+            mask_row(
+                ancestor,
+                members,
+                j,
+                row.clone(),
+                variant,
+                tau_row,
+                full_row,
+                taus,
+                count,
+            );
             let row_direction =
                 direction.map(|(d, dd)| (d, projection_coefficient(tau_row, d, dd, epsilon)));
             add_decoupled(
@@ -872,6 +867,99 @@ pub fn fuse_block_with(
                 member.lambda_ortho,
             );
         }
+    }
+}
+
+/// Member `j`'s masked task vector on the entries `row` of one row, into
+/// `tau_row`: its task vector `τ_j = W_j − W_C` where it is elected and
+/// survives the conflict rule, else 0, then the row rescale when the
+/// variant asks; `full_row` receives the unmasked `τ_j`. Counts go to `count`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn mask_row(
+    ancestor: &[f32],
+    members: &[Member<'_>],
+    j: usize,
+    row: core::ops::Range<usize>,
+    variant: &Variant,
+    tau_row: &mut [f32],
+    full_row: &mut [f32],
+    taus: &mut [f32],
+    count: &mut MaskCounts,
+) {
+    let member = &members[j];
+    for (c, i) in row.enumerate() {
+        let tau = member.weight[i] - ancestor[i];
+        let elected = is_elected(member.election.scores[i], member.election.threshold);
+        let keep = elected && survives(variant.conflict, j, i, ancestor[i], members, taus);
+        count.elected += elected as u64;
+        count.conflicts += (elected && !keep) as u64;
+        count.kept += keep as u64;
+        full_row[c] = tau;
+        tau_row[c] = if keep { tau } else { 0.0 };
+    }
+    if variant.rescale {
+        let s = row_rescale(full_row, tau_row, member.rescale_cap);
+        if s != 1.0 {
+            tau_row.iter_mut().for_each(|t| *t *= s);
+        }
+    }
+}
+
+/// Stage 2 alone with a [`Variant`] on whole rows of width `cols`: each
+/// member's masked task vector (what [`fuse_block_with`] decomposes and
+/// adds), for the Gram re-projection (`reproject: gram`, docs/methods.md).
+/// `taus[j]` receives member `j`'s (the receiver's only in the symmetric
+/// form; in the receiver form `taus[0]` is left empty, its task vector
+/// being part of `W_A`). `counts` as in [`fuse_block_with`].
+pub fn masked_task_vectors(
+    ancestor: &[f32],
+    members: &[Member<'_>],
+    cols: usize,
+    variant: &Variant,
+    taus: &mut [Vec<f32>],
+    counts: &mut [MaskCounts],
+) {
+    let n = ancestor.len();
+    let m = members.len();
+    assert!(m > 0 && taus.len() == m && counts.len() == m);
+    assert!(members
+        .iter()
+        .all(|mb| mb.weight.len() == n && mb.election.scores.len() == n));
+    assert!(
+        cols > 0 && n % cols == 0,
+        "masked_task_vectors: not whole rows"
+    );
+    let receiver = &members[0];
+    let receiver_elected = receiver
+        .election
+        .scores
+        .iter()
+        .filter(|&&s| is_elected(s, receiver.election.threshold))
+        .count() as u64;
+    let mut full_row = vec![0.0f32; cols];
+    let mut entry_taus = vec![0.0f32; m];
+    taus[0].clear();
+    for j in usize::from(!variant.symmetric)..m {
+        counts[j].receiver_elected += receiver_elected;
+        let mut out = core::mem::take(&mut taus[j]);
+        out.clear();
+        out.resize(n, 0.0);
+        for (r, tau_row) in out.chunks_mut(cols).enumerate() {
+            let row = r * cols..(r + 1) * cols;
+            mask_row(
+                ancestor,
+                members,
+                j,
+                row,
+                variant,
+                tau_row,
+                &mut full_row,
+                &mut entry_taus,
+                &mut counts[j],
+            );
+        }
+        taus[j] = out;
     }
 }
 

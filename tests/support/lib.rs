@@ -348,3 +348,46 @@ pub fn spec_dare_uniform(seed: u64, k: usize, name: &str, i: u64) -> f64 {
     z ^= z >> 31;
     (z >> 11) as f64 / (1u64 << 53) as f64
 }
+
+/// `X` (`[rows, n]`, row-major) with `X · lhs = rhs` for a symmetric
+/// invertible `lhs` (`[n, n]`): Gauss–Jordan elimination with partial
+/// pivoting in f64, independent of the library's solver (least-squares
+/// merges' reference).
+pub fn solve_right_symmetric(lhs: &[f64], rhs: &[f64], n: usize) -> Vec<f64> {
+    let rows = rhs.len() / n;
+    assert_eq!(lhs.len(), n * n);
+    assert_eq!(rhs.len(), rows * n);
+    // X·lhs = rhs ⇔ lhs·Xᵀ = rhsᵀ (lhs symmetric): eliminate on [lhs | rhsᵀ].
+    let mut a = lhs.to_vec();
+    let mut x: Vec<Vec<f64>> = (0..n)
+        .map(|c| (0..rows).map(|r| rhs[r * n + c]).collect())
+        .collect();
+    for col in 0..n {
+        let pivot = (col..n)
+            .max_by(|&i, &j| a[i * n + col].abs().total_cmp(&a[j * n + col].abs()))
+            .expect("a column");
+        for k in 0..n {
+            a.swap(col * n + k, pivot * n + k);
+        }
+        x.swap(col, pivot);
+        for row in 0..n {
+            if row != col {
+                let f = a[row * n + col] / a[col * n + col];
+                for k in 0..n {
+                    a[row * n + k] -= f * a[col * n + k];
+                }
+                let pivot_row = x[col].clone();
+                for (v, p) in x[row].iter_mut().zip(&pivot_row) {
+                    *v -= f * p;
+                }
+            }
+        }
+    }
+    let mut out = vec![0f64; rows * n];
+    for (c, xc) in x.iter().enumerate() {
+        for r in 0..rows {
+            out[r * n + c] = xc[r] / a[c * n + c];
+        }
+    }
+    out
+}

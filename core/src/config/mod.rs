@@ -61,6 +61,12 @@ pub struct RawModel {
     /// Path of its activation statistics (SAFE-M, FAM).
     #[serde(default)]
     pub stats: Option<String>,
+    /// Path of a second statistics file holding its input Grams, for a
+    /// method that takes means from `stats` (recorded on the shared
+    /// meta-probe) and second moments from the model's own examples
+    /// (`safe_m` with `reproject: gram`).
+    #[serde(default)]
+    pub grams: Option<String>,
     /// Per-model parameters; they override the global ones.
     #[serde(default)]
     pub parameters: RawParams,
@@ -172,6 +178,8 @@ pub struct ModelRef {
     pub path: PathBuf,
     /// Its activation statistics file, when given.
     pub stats: Option<PathBuf>,
+    /// Its second statistics file with Grams (`grams:`), when given.
+    pub grams: Option<PathBuf>,
 }
 
 pub use crate::methods::fam::FamSettings;
@@ -613,14 +621,28 @@ fn validate(
         .map(|m| ModelRef {
             path: resolve(base_dir, &m.model),
             stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
+            grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
         })
         .collect();
+    if let Some(i) = raw.models.iter().position(|m| m.grams.is_some()) {
+        if !method.takes_grams_file() {
+            return Err(config_error(
+                None,
+                &format!("models[{i}].grams"),
+                format!(
+                    "`grams` is for safe_m with `reproject: gram`; {} reads Grams from `stats`",
+                    method.as_str()
+                ),
+            ));
+        }
+    }
     let base = raw.base_model.as_deref().map(|b| ModelRef {
         path: resolve(base_dir, b),
         stats: raw
             .base_model_stats
             .as_deref()
             .map(|s| resolve(base_dir, s)),
+        grams: None,
     });
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
         return Err(config_error(

@@ -151,6 +151,12 @@ pub trait Method: Sync {
         false
     }
 
+    /// Whether the per-model `grams:` key applies (a second statistics
+    /// file with Grams beside the means of `stats:`).
+    fn takes_grams_file(&self) -> bool {
+        false
+    }
+
     /// The parameters it accepts (name, scope, kind, default).
     fn params(&self) -> Vec<ParamDef>;
 

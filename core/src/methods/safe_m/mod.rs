@@ -20,7 +20,7 @@ use crate::report::{num, TensorOutcome};
 use crate::safe_m::{ConflictRule, ElectionParams, Salience, ScoreForm, Variant, EPSILON};
 use serde_json::{json, Value};
 use std::any::Any;
-use tensor::{safe_m_tensor, SafeMLayer};
+use tensor::{safe_m_gram_tensor, safe_m_tensor, SafeMLayer};
 
 /// The method.
 pub struct SafeM;
@@ -44,6 +44,10 @@ impl Method for SafeM {
 
     fn statistics(&self) -> Statistics {
         Statistics::Means
+    }
+
+    fn takes_grams_file(&self) -> bool {
+        true
     }
 
     /// Per-model keys apply to that model's election (and to a
@@ -70,7 +74,11 @@ impl Method for SafeM {
             per_model("lambda_ortho", Kind::ANY, Number(0.5)),
             shared("fallback_weight", Kind::ANY, Number(0.5)),
             shared("epsilon", Kind::POSITIVE, Number(EPSILON as f64)),
-            shared("preset", Kind::Choice(&["spec", "keep_all"]), Text("spec")),
+            shared(
+                "preset",
+                Kind::Choice(&["spec", "keep_all", "gram"]),
+                Text("spec"),
+            ),
             shared("symmetric", Kind::Bool, Bool(false)),
             shared(
                 "conflict",
@@ -87,6 +95,12 @@ impl Method for SafeM {
                 "layer_lambda",
                 Kind::Choice(&["fixed", "activation"]),
                 Text("fixed"),
+            ),
+            shared("reproject", Kind::Choice(&["mean", "gram"]), Text("mean")),
+            shared(
+                "gram_alpha",
+                Kind::UNIT,
+                Number(crate::least_squares::DEFAULT_ALPHA),
             ),
         ]
     }
@@ -120,6 +134,21 @@ impl Method for SafeM {
                 ),
                 TensorOutcome::default(),
             )),
+            TensorRule::SafeMWeight { layer } if s.reproject != Reproject::Mean => {
+                let receiver = merge.view(Model::Receiver, &tensor.name)?;
+                let ancestor = merge.view(Model::Base, &tensor.name)?;
+                let layers = SafeMLayer::gather(merge.inputs(), layer, tensor, s)?;
+                safe_m_gram_tensor(
+                    merge.inputs(),
+                    layer,
+                    tensor,
+                    s,
+                    &receiver,
+                    &ancestor,
+                    &input.contributors,
+                    &layers,
+                )
+            }
             TensorRule::SafeMWeight { layer } | TensorRule::SafeMBias { layer } => {
                 let receiver = merge.view(Model::Receiver, &tensor.name)?;
                 let ancestor = merge.view(Model::Base, &tensor.name)?;
@@ -175,8 +204,28 @@ impl Method for SafeM {
                 "layer_lambda": if v.activation_lambda { "activation" } else { "fixed" },
             });
         }
+        if let Reproject::Gram { alpha } = s.reproject {
+            p["reproject"] = json!({"form": "gram", "gram_alpha": alpha});
+        }
         p
     }
+}
+
+/// How the elected task vectors are fused into the receiver (docs/methods.md).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reproject {
+    /// SPEC §1.3: split along the receiver's mean input `x̄_A`, `λ_proj`
+    /// on the parallel part and `λ_ortho` on the rest.
+    Mean,
+    /// The least-squares re-projection from second moments: weights are
+    /// solved so that the merged layer reproduces, on each model's inputs
+    /// (its Gram, `G̃ = α G + (1 − α) diag G`), the receiver (`W_A`) and
+    /// each contributor's update on it (`W_A + λ τ_u,k`) — in the
+    /// symmetric form every model's `W_C + λ τ_u,j`.
+    Gram {
+        /// `gram_alpha`: the off-diagonal shrinkage of each Gram.
+        alpha: f64,
+    },
 }
 
 fn form_json(form: ScoreForm) -> Value {
@@ -212,6 +261,8 @@ pub struct SafeMSettings {
     pub variant: Variant,
     /// The preset whose defaults were used (`spec` unless `preset:` says otherwise).
     pub preset: &'static str,
+    /// How the elected task vectors are fused (`reproject:`).
+    pub reproject: Reproject,
 }
 
 /// Defaults of a SAFE-M preset; keys written in the config win over them.
@@ -222,6 +273,8 @@ struct SafeMPreset {
     lambda_proj: f64,
     lambda_ortho: f64,
     variant: Variant,
+    /// Whether `reproject` defaults to `gram`.
+    gram: bool,
 }
 
 /// `spec`: SPEC §1's defaults (what `merge_method: safe_m` does unless told otherwise).
@@ -238,6 +291,7 @@ const SAFE_M_SPEC: SafeMPreset = SafeMPreset {
         rescale: false,
         activation_lambda: false,
     },
+    gram: false,
 };
 
 /// `keep_all`: the setting chosen on the quality benchmark's validation
@@ -256,9 +310,31 @@ const SAFE_M_KEEP_ALL: SafeMPreset = SafeMPreset {
         rescale: false,
         activation_lambda: true,
     },
+    gram: false,
 };
 
-const SAFE_M_PRESETS: &[SafeMPreset] = &[SAFE_M_SPEC, SAFE_M_KEEP_ALL];
+/// `gram`: the setting the quality benchmark's validation split chose
+/// among every variant once second moments were available
+/// (docs/quality.md): every model's whole task vector over C, re-projected
+/// by the least-squares solve from each model's own-task Gram, scaled by
+/// 1.5 (λ = 1 is RegMean without the bias folded in).
+const SAFE_M_GRAM: SafeMPreset = SafeMPreset {
+    name: "gram",
+    density: 1.0,
+    lambda_proj: 1.5,
+    lambda_ortho: 1.5,
+    variant: Variant {
+        symmetric: true,
+        receiver_lambda: (1.0, 1.0),
+        conflict: ConflictRule::Keep,
+        salience: Salience::Weight,
+        rescale: false,
+        activation_lambda: false,
+    },
+    gram: true,
+};
+
+const SAFE_M_PRESETS: &[SafeMPreset] = &[SAFE_M_SPEC, SAFE_M_KEEP_ALL, SAFE_M_GRAM];
 
 fn safe_m_settings(input: &SettingsInput<'_>) -> Result<SafeMSettings> {
     let SettingsInput {
@@ -401,6 +477,50 @@ fn safe_m_settings(input: &SettingsInput<'_>) -> Result<SafeMSettings> {
             &[("fixed", false), ("activation", true)],
         )?,
     };
+    let default_reproject = if preset.gram { "gram" } else { "mean" };
+    let reproject = match global.choice(
+        "reproject",
+        default_reproject,
+        &[("mean", "mean"), ("gram", "gram")],
+    )? {
+        "gram" => Reproject::Gram {
+            alpha: global.number(
+                "gram_alpha",
+                crate::least_squares::DEFAULT_ALPHA,
+                |a| (0.0..=1.0).contains(&a),
+                "[0, 1]",
+            )?,
+        },
+        _ => Reproject::Mean,
+    };
+    if reproject == Reproject::Mean {
+        if let Some(v) = raw.parameters.get("gram_alpha") {
+            return Err(config_error(
+                Some(&v.referenced),
+                "gram_alpha",
+                "`gram_alpha` shrinks the Grams of `reproject: gram`; set `reproject: gram` or drop it",
+            ));
+        }
+        if let Some(i) = models.iter().position(|m| m.grams.is_some()) {
+            return Err(config_error(
+                None,
+                &format!("models[{i}].grams"),
+                "`grams` files are read by `reproject: gram` only; set it or drop them",
+            ));
+        }
+    } else {
+        // The Gram solve has no parallel/orthogonal split: one λ per model.
+        let ortho = std::iter::once(&raw.parameters)
+            .chain(raw.models.iter().map(|m| &m.parameters))
+            .find_map(|p| p.get("lambda_ortho"));
+        if let Some(v) = ortho {
+            return Err(config_error(
+                Some(&v.referenced),
+                "lambda_ortho",
+                "`reproject: gram` has no orthogonal part: a model's update is scaled by its `lambda_proj` alone",
+            ));
+        }
+    }
     Ok(SafeMSettings {
         receiver,
         contributors,
@@ -408,12 +528,16 @@ fn safe_m_settings(input: &SettingsInput<'_>) -> Result<SafeMSettings> {
         epsilon,
         variant,
         preset: preset.name,
+        reproject,
     })
 }
 
 /// The plan of a SAFE-M merge (SPEC §1.4 decides the rules).
 fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
     let mut problems = Problems::default();
+    let gram = config
+        .safe_m()
+        .is_some_and(|s| s.reproject != Reproject::Mean);
     let receiver = &inputs.receiver().checkpoint;
     let base = inputs.base.as_ref().map(|b| &b.checkpoint);
     let mut tensors = Vec::new();
@@ -452,7 +576,7 @@ fn plan_safe_m(config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
             };
             TensorRule::Copy { reason }
         } else {
-            safe_m_rule(&mut problems, inputs, info, ancestor, &present)
+            safe_m_rule(&mut problems, inputs, info, ancestor, &present, gram)
         };
         tensors.push(TensorPlan {
             name: info.name.clone(),
@@ -481,6 +605,7 @@ fn safe_m_rule(
     info: &TensorInfo,
     ancestor: Option<&TensorInfo>,
     present: &[usize],
+    gram: bool,
 ) -> TensorRule {
     let fallback = |reason| TensorRule::Fallback { reason };
     let Some((layer, is_weight)) = layer_of(&info.name) else {
@@ -542,6 +667,33 @@ fn safe_m_rule(
             "y_mean",
             out,
         );
+    }
+    if gram && is_weight {
+        let width = info.shape[1];
+        let models = std::iter::once((inputs.receiver(), "the receiver".to_string())).chain(
+            present
+                .iter()
+                .map(|&k| (inputs.contributor(k), format!("contributor {k}"))),
+        );
+        for (model, who) in models {
+            let problem = match model.gram(layer) {
+                None => format!(
+                    "`reproject: gram` needs {who}'s Gram of layer `{layer}` (record it with `flatmerge probe --gram`, on the model's own examples, and give it as `grams:` or in `stats:`)"
+                ),
+                Some((g, _)) if g.width() != width => format!(
+                    "{who}'s Gram of layer `{layer}` is {0}×{0} but `{1}` has shape {2:?} (needs {width}×{width})",
+                    g.width(),
+                    info.name,
+                    info.shape
+                ),
+                Some(_) => continue,
+            };
+            problems.push(
+                Error::new(ErrorKind::Stats, problem)
+                    .with_file(model.grams_path())
+                    .with_tensor(format!("{layer}.x_gram")),
+            );
+        }
     }
     // Incomplete statistics were pushed as problems: the plan fails as a whole.
     let layer = layer.to_string();

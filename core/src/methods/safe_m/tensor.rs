@@ -2,17 +2,19 @@
 //! exact thresholds, then one fusion pass over row chunks, all calling the
 //! kernels of [`crate::safe_m`].
 
-use super::SafeMSettings;
+use super::{Reproject, SafeMSettings};
 use crate::dtype::encode_f32;
-use crate::engine::chunks::{parallel_threshold, read, rows_per_chunk, tensor_buffer};
+use crate::engine::chunks::{parallel_threshold, read, read_all, rows_per_chunk, tensor_buffer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
+use crate::least_squares::{RegMeanModel, RegMeanSystem as LsSystem};
 use crate::plan::{Inputs, TensorPlan};
 use crate::reduce;
 use crate::report::TensorOutcome;
 use crate::safe_m::{
-    activation_lambda, fuse_block, fuse_block_with, output_shift, score_matrix, score_vector,
-    task_vector, ContributorBlock, Election, ElectionParams, MaskCounts, Member, Salience, Variant,
+    activation_lambda, fuse_block, fuse_block_with, masked_task_vectors, output_shift,
+    score_matrix, score_vector, task_vector, ContributorBlock, Election, ElectionParams,
+    MaskCounts, Member, Salience, Variant,
 };
 use rayon::prelude::*;
 
@@ -147,20 +149,19 @@ fn score_tensor(
     scores
 }
 
-/// SAFE-M on one tensor read from the checkpoints: a score pass per model,
-/// the thresholds, then one fusion pass over row chunks.
-pub(crate) fn safe_m_tensor(
+/// Stage 2's scores and thresholds: the receiver's, then each
+/// contributor's (plan order).
+#[allow(clippy::type_complexity)]
+fn elect(
     tensor: &TensorPlan,
     settings: &SafeMSettings,
     receiver: &TensorView<'_>,
     ancestor: &TensorView<'_>,
     contributors: &[TensorView<'_>],
     layer: &SafeMLayer<'_>,
-) -> (Vec<u8>, TensorOutcome) {
-    let is_weight = tensor.shape.len() == 2;
-    let v = is_weight.then_some(layer.x_mean);
-    let variant = &settings.variant;
-    let salient_over = (variant.salience == Salience::TaskVector).then_some(ancestor);
+) -> (Vec<f32>, f32, Vec<(Vec<f32>, f32)>) {
+    let v = (tensor.shape.len() == 2).then_some(layer.x_mean);
+    let salient_over = (settings.variant.salience == Salience::TaskVector).then_some(ancestor);
     let receiver_scores = score_tensor(
         receiver,
         salient_over,
@@ -169,7 +170,7 @@ pub(crate) fn safe_m_tensor(
         settings.receiver,
     );
     let receiver_threshold = parallel_threshold(&receiver_scores, settings.receiver.density);
-    let elections: Vec<(Vec<f32>, f32)> = tensor
+    let elections = tensor
         .contributors
         .iter()
         .zip(contributors)
@@ -187,6 +188,151 @@ pub(crate) fn safe_m_tensor(
             (scores, threshold)
         })
         .collect();
+    (receiver_scores, receiver_threshold, elections)
+}
+
+/// SAFE-M with `reproject: gram` on one weight (docs/methods.md): the
+/// election and conflict rule of the settings give each model's masked
+/// task vector `τ_u` ([`masked_task_vectors`]); the layer is then the
+/// least-squares solve ([`crate::least_squares`], no bias folded: the
+/// bias keeps SPEC §1.3's rule) over the targets `W_A` with the receiver's
+/// Gram and `W_A + λ_k τ_u,k` with contributor k's (receiver form), or
+/// `W_C + λ_j τ_u,j` with model j's Gram for every model (symmetric form).
+/// λ is a model's `lambda_proj` (times the layer's activation λ).
+///
+/// Memory: the decoded receiver, ancestor and contributors, the masked
+/// task vectors, one target and one Gram at a time, and the f64 system.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn safe_m_gram_tensor(
+    inputs: &Inputs,
+    layer_name: &str,
+    tensor: &TensorPlan,
+    settings: &SafeMSettings,
+    receiver: &TensorView<'_>,
+    ancestor: &TensorView<'_>,
+    contributors: &[TensorView<'_>],
+    layer: &SafeMLayer<'_>,
+) -> Result<(Vec<u8>, TensorOutcome)> {
+    let Reproject::Gram { alpha } = settings.reproject else {
+        return Err(Error::new(ErrorKind::Plan, "not a Gram re-projection"));
+    };
+    let variant = &settings.variant;
+    let (out_rows, cols) = (tensor.shape[0], tensor.shape[1]);
+    let (receiver_scores, receiver_threshold, elections) =
+        elect(tensor, settings, receiver, ancestor, contributors, layer);
+    let w_a = read_all(receiver);
+    let w_c = read_all(ancestor);
+    let weights: Vec<Vec<f32>> = contributors.iter().map(read_all).collect();
+    let scale = layer.lambda_scale.unwrap_or(1.0);
+    let members: Vec<Member<'_>> = std::iter::once(Member {
+        weight: &w_a,
+        election: Election {
+            scores: &receiver_scores,
+            threshold: receiver_threshold,
+        },
+        lambda_proj: scale * variant.receiver_lambda.0,
+        lambda_ortho: scale * variant.receiver_lambda.1,
+        rescale_cap: (1.0 / settings.receiver.density) as f32,
+    })
+    .chain(
+        tensor
+            .contributors
+            .iter()
+            .zip(&weights)
+            .zip(&elections)
+            .map(|((&k, weight), (scores, threshold))| Member {
+                weight,
+                election: Election {
+                    scores,
+                    threshold: *threshold,
+                },
+                lambda_proj: scale * settings.contributors[k].lambda_proj,
+                lambda_ortho: scale * settings.contributors[k].lambda_ortho,
+                rescale_cap: (1.0 / settings.contributors[k].election.density) as f32,
+            }),
+    )
+    .collect();
+    let mut taus = vec![Vec::new(); members.len()];
+    let mut counts = vec![MaskCounts::default(); members.len()];
+    masked_task_vectors(&w_c, &members, cols, variant, &mut taus, &mut counts);
+    let model_of = |j: usize| {
+        if j == 0 {
+            inputs.receiver()
+        } else {
+            inputs.contributor(tensor.contributors[j - 1])
+        }
+    };
+    let mut system = LsSystem::new(out_rows, cols, false, alpha)
+        .map_err(|e| Error::new(ErrorKind::Config, e.to_string()))?;
+    let mut target = vec![0f32; w_a.len()];
+    for (j, member) in members.iter().enumerate() {
+        let model = model_of(j);
+        let (gram, path) = model.gram(layer_name).ok_or_else(|| {
+            Error::new(ErrorKind::Stats, "Gram vanished after planning")
+                .with_file(model.grams_path())
+        })?;
+        let from: &[f32] = if variant.symmetric { &w_c } else { &w_a };
+        let tau = &taus[j];
+        if tau.is_empty() {
+            target.copy_from_slice(from);
+        } else {
+            for ((t, &f), &d) in target.iter_mut().zip(from).zip(tau) {
+                *t = f + member.lambda_proj * d;
+            }
+        }
+        system
+            .add_model(&RegMeanModel {
+                weight: &target,
+                bias: None,
+                gram: &gram.values(),
+                mean: None,
+                w: 1.0,
+            })
+            .map_err(|e| {
+                Error::new(ErrorKind::Stats, format!("reproject: gram: {e}"))
+                    .with_file(path)
+                    .with_tensor(&tensor.name)
+            })?;
+    }
+    let solution = system.solve().map_err(|e| {
+        Error::new(
+            ErrorKind::Stats,
+            format!("the Gram re-projection of layer `{layer_name}` failed: {e}"),
+        )
+        .with_tensor(&tensor.name)
+    })?;
+    let mut bytes = tensor_buffer::<u8>(solution.weight.len() * tensor.out_dtype.size());
+    encode_f32(tensor.out_dtype, &solution.weight, &mut bytes);
+    // Counts per contributor, as the mean re-projection reports them.
+    counts.remove(0);
+    Ok((
+        bytes,
+        TensorOutcome {
+            receiver_threshold: Some(receiver_threshold),
+            thresholds: elections.iter().map(|(_, t)| *t).collect(),
+            counts,
+            layer_lambda: layer.lambda_scale,
+            ridge: solution.ridge,
+            ..TensorOutcome::default()
+        },
+    ))
+}
+
+/// SAFE-M on one tensor read from the checkpoints: a score pass per model,
+/// the thresholds, then one fusion pass over row chunks.
+pub(crate) fn safe_m_tensor(
+    tensor: &TensorPlan,
+    settings: &SafeMSettings,
+    receiver: &TensorView<'_>,
+    ancestor: &TensorView<'_>,
+    contributors: &[TensorView<'_>],
+    layer: &SafeMLayer<'_>,
+) -> (Vec<u8>, TensorOutcome) {
+    let is_weight = tensor.shape.len() == 2;
+    let v = is_weight.then_some(layer.x_mean);
+    let variant = &settings.variant;
+    let (receiver_scores, receiver_threshold, elections) =
+        elect(tensor, settings, receiver, ancestor, contributors, layer);
     let cols = if is_weight {
         tensor.shape[1]
     } else {
