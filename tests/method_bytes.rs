@@ -111,7 +111,7 @@ fn every_method_example_gives_the_recorded_bytes() {
     let dir = tempdir();
     write_family(dir.path(), &SHAPE, Dtype::BF16, 2, 3).expect("write the family");
     write_heterogeneous_pair(dir.path(), &PairShape::SMALL, 0.05, 7).expect("write the pair");
-    write_gram_statistics(dir.path(), &["A", "B"]);
+    write_gram_statistics(dir.path(), &["A", "B", "mplug-owl2", "llava-1.5"]);
     write_token_probe_set(&dir.path().join("probe.jsonl"));
     let mut examples: Vec<String> = std::fs::read_dir(examples_dir())
         .expect("examples")

@@ -72,6 +72,8 @@ fn the_quick_benchmark_is_complete_bounded_and_deterministic() {
             "fam (defaults)",
             "fam (preset sketch)",
             "fam (lambda_search)",
+            quality::FAM_LS_REFERENCE,
+            quality::FAM_LS,
         ],
     );
     assert_eq!(report.cases[0].tasks, [0, 1]);

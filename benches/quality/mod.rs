@@ -653,6 +653,12 @@ pub const REGMEAN_SHARED: &str = "regmean, shared meta-probe Grams (α = 0.9)";
 /// through the layers merged before each layer.
 pub const REGMEAN_PP_OWN: &str = "regmean_plusplus, own-task Grams (α = 0.9)";
 
+/// FAM with the least-squares fusion from own-task Grams.
+pub const FAM_LS: &str = "fam (fusion: least_squares, own-task Grams)";
+
+/// RegMean of the unpermuted pair, the reference of [`FAM_LS`].
+pub const FAM_LS_REFERENCE: &str = "reference: regmean of the unpermuted pair (own-task Grams)";
+
 /// Prefix of the variant-grid rows.
 pub const VARIANT_PREFIX: &str = "safe_m variant: ";
 
@@ -709,6 +715,13 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
         .map(|d| merges::probe(d, &probe_path, opts.threads))
         .collect::<Result<_, _>>()?;
     let p_stats = merges::probe(&p_dir, &probe_path, opts.threads)?;
+    let p_own = merges::probe_gram(
+        &p_dir,
+        &probe_path,
+        Some(&[tasks[1].name.to_string()]),
+        "own",
+        opts.threads,
+    )?;
     let own_grams: Vec<PathBuf> = t_dirs
         .iter()
         .zip(tasks)
@@ -834,7 +847,20 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
             RowKind::Baseline,
             pair_acc(&m.body, permuted.head()),
         ));
-        let fam_rows: [(&str, FamGroups, &[&str]); 4] = [
+        let m = merger.run(
+            "het-regmean-reference",
+            &regmean_yaml(
+                &[(&t_dirs[0], &own_grams[0]), (&t_dirs[1], &own_grams[1])],
+                &[],
+            ),
+            &template,
+        )?;
+        rows.push(fixed_row(
+            FAM_LS_REFERENCE,
+            RowKind::Reference,
+            pair_acc(&m.body, models.finetuned[1].head()),
+        ));
+        let fam_rows: [(&str, FamGroups, &[&str]); 5] = [
             ("fam (defaults)", FamGroups::Explicit, &[]),
             (
                 "fam (preset sketch)",
@@ -851,15 +877,27 @@ fn run_seed(seed: u64, opts: &Options, dir: &Path) -> Result<SeedResult, String>
                 FamGroups::Sequential,
                 &[],
             ),
+            (FAM_LS, FamGroups::Explicit, &["fusion: least_squares"]),
         ];
         for (label, groups, params) in fam_rows {
-            let yaml = fam_yaml(
+            let mut yaml = fam_yaml(
                 (&t_dirs[0], &t_stats[0]),
                 (&p_dir, &p_stats),
                 WIDTHS.len() - 1,
                 groups,
                 params,
             );
+            if label == FAM_LS {
+                // Rows and means from the meta-probe, Grams from each model's own task.
+                for (stats, grams) in [(&t_stats[0], &own_grams[0]), (&p_stats, &p_own)] {
+                    let line = format!("    stats: {}\n", merges::q(stats));
+                    yaml = yaml.replacen(
+                        &line,
+                        &format!("{line}    grams: {}\n", merges::q(grams)),
+                        1,
+                    );
+                }
+            }
             let m = merger.run(&format!("het-{label}"), &yaml, &template)?;
             // The task-2 head reads the merged body in A's basis: re-index its
             // columns by the alignment FAM found for the last hidden layer.

@@ -82,6 +82,10 @@ impl Method for Fam {
         true
     }
 
+    fn takes_grams_file(&self) -> bool {
+        true
+    }
+
     /// SPEC §2.4's defaults (`preset: sketch` changes `density`, `fos_min`
     /// and `beta`).
     fn params(&self) -> Vec<ParamDef> {
@@ -121,6 +125,16 @@ impl Method for Fam {
                 Kind::NumberList,
                 Text("[0, 0.25, 0.5, 0.75, 1]"),
             ),
+            shared(
+                "fusion",
+                Kind::Choice(&["flat", "least_squares"]),
+                Text("flat"),
+            ),
+            shared(
+                "gram_alpha",
+                Kind::UNIT,
+                Number(crate::least_squares::DEFAULT_ALPHA),
+            ),
         ]
     }
 
@@ -141,6 +155,9 @@ impl Method for Fam {
             .config()
             .fam()
             .ok_or_else(|| Error::new(ErrorKind::Plan, "fam needs FAM settings"))?;
+        if settings.gram_fusion.is_some() {
+            tensor::check_grams(merge.inputs(), merge.plan())?;
+        }
         let alignments = alignments(merge)?;
         let (lambdas, grid) = if settings.lambda_search {
             let view = |receiver: bool, name: &str| merge.fam_view(receiver, name);
@@ -192,7 +209,7 @@ impl Method for Fam {
         let Some(f) = config.fam() else {
             return Value::Null;
         };
-        json!({
+        let mut p = json!({
             "preset": f.preset,
             "density": f.density,
             "fos_min": num(f.fos_min),
@@ -207,7 +224,12 @@ impl Method for Fam {
             "lambda_grid": f.lambda_grid.iter().map(|&x| num(x)).collect::<Vec<_>>(),
             "name_map": f.name_map.source,
             "strict": config.strict,
-        })
+        });
+        // Only the least-squares fusion adds keys: flat merges report what they did before.
+        if let Some(alpha) = f.gram_fusion {
+            p["fusion"] = json!({"form": "least_squares", "gram_alpha": alpha});
+        }
+        p
     }
 }
 
@@ -242,6 +264,9 @@ pub struct FamSettings {
     pub name_map: crate::namemap::NameMap,
     /// The groups as configured.
     pub groups: GroupsSpec,
+    /// `fusion: least_squares`: its `gram_alpha` (`None`: the flat
+    /// projection fusion of SPEC §2.4).
+    pub gram_fusion: Option<f64>,
 }
 
 impl PartialEq for FamSettings {
@@ -260,6 +285,7 @@ impl PartialEq for FamSettings {
             && self.preset == other.preset
             && self.name_map.source == other.name_map.source
             && self.groups == other.groups
+            && self.gram_fusion == other.gram_fusion
     }
 }
 
@@ -400,6 +426,31 @@ fn fam_settings(input: &SettingsInput<'_>) -> Result<FamSettings> {
             ));
         }
     }
+    let gram_fusion = match text("fusion", "flat", &["flat", "least_squares"])?.as_str() {
+        "least_squares" => Some(global.number(
+            "gram_alpha",
+            crate::least_squares::DEFAULT_ALPHA,
+            |a| (0.0..=1.0).contains(&a),
+            "[0, 1]",
+        )?),
+        _ => {
+            if let Some(v) = raw.parameters.get("gram_alpha") {
+                return Err(config_error(
+                    Some(&v.referenced),
+                    "gram_alpha",
+                    "`gram_alpha` shrinks the Grams of `fusion: least_squares`; set it or drop the key",
+                ));
+            }
+            if let Some(i) = models.iter().position(|m| m.grams.is_some()) {
+                return Err(config_error(
+                    None,
+                    &format!("models[{i}].grams"),
+                    "`grams` files are read by `fusion: least_squares` only; set it or drop them",
+                ));
+            }
+            None
+        }
+    };
     Ok(FamSettings {
         density: global.number("density", k, |k| k > 0.0 && k <= 1.0, "in (0, 1]")?,
         fos_min: global.number("fos_min", fos, finite, "(finite)")? as f32,
@@ -420,6 +471,7 @@ fn fam_settings(input: &SettingsInput<'_>) -> Result<FamSettings> {
         preset,
         name_map,
         groups,
+        gram_fusion,
     })
 }
 

@@ -13,6 +13,7 @@ use crate::fam::{
     sharpness, standardise_columns,
 };
 use crate::io::TensorView;
+use crate::least_squares::{RegMeanModel, RegMeanSystem};
 use crate::plan::{GroupPlan, Input, Inputs, Plan, TensorPlan, TensorRule};
 use crate::reduce;
 use crate::stats::{LayerStats, Rows};
@@ -293,6 +294,11 @@ impl FamTensor<'_> {
             let dd = reduce::sum_squares(&x);
             Some((x, dd))
         });
+        if let (Some(alpha), Some(layer), false, 2) =
+            (self.settings.gram_fusion, layer, *average, shape.len())
+        {
+            return self.least_squares(&a, &b, &align, layer, cols, cols_b, rows_b, alpha);
+        }
         let (lambda_proj, lambda_ortho) = self.lambdas;
         let (beta, eps) = (self.settings.beta, self.settings.epsilon);
         let chunk = rows_per_chunk(cols) * cols;
@@ -330,6 +336,155 @@ impl FamTensor<'_> {
                 }
             },
         );
+        Ok(bytes)
+    }
+}
+
+/// `fusion: least_squares`: every fused weight's Grams are present and of
+/// its widths, in both models, before any tensor is read; every problem at
+/// once.
+pub fn check_grams(inputs: &Inputs, plan: &Plan) -> Result<()> {
+    let mut problems = crate::plan::Problems::default();
+    let (a, b) = (inputs.receiver(), inputs.contributor(0));
+    for t in &plan.tensors {
+        let TensorRule::Fam {
+            layer: Some(layer),
+            average: false,
+            ..
+        } = &t.rule
+        else {
+            continue;
+        };
+        if t.shape.len() != 2 {
+            continue;
+        }
+        let source = t.source.as_deref().unwrap_or(&t.name);
+        let b_layer = crate::layers::layer_of(source).map_or(source, |(l, _)| l);
+        let b_width = b
+            .checkpoint
+            .info(source)
+            .and_then(|i| i.shape.get(1).copied());
+        for (input, layer, width, who) in [
+            (a, layer.as_str(), Some(t.shape[1]), "the receiver"),
+            (b, b_layer, b_width, "the contributor"),
+        ] {
+            let problem = match (input.gram(layer), width) {
+                (None, _) => format!(
+                    "`fusion: least_squares` needs {who}'s Gram of layer `{layer}` (`flatmerge probe --gram`, given as `grams:` or in `stats:`)"
+                ),
+                (Some((g, _)), Some(w)) if g.width() != w => format!(
+                    "{who}'s Gram of layer `{layer}` is {0}×{0} but the layer has {w} inputs",
+                    g.width()
+                ),
+                _ => continue,
+            };
+            problems.push(
+                Error::new(ErrorKind::Stats, problem)
+                    .with_file(input.grams_path())
+                    .with_tensor(format!("{layer}.x_gram")),
+            );
+        }
+    }
+    problems.into_result()
+}
+
+impl FamTensor<'_> {
+    /// `fusion: least_squares` on one aligned weight (docs/methods.md): B's
+    /// fused rows in A's basis (`B̃`, A's rows where nothing is fused, A's
+    /// values in the columns B has no match for), B's Gram in A's column
+    /// order (`G̃_B`, zero on those columns, so that only A's inputs fix
+    /// them), then the SPEC §7 solve `(W_A G̃_A + B̃ G̃_B)(G̃_A + G̃_B)⁻¹`
+    /// (shrunk Grams, no bias folded: biases keep the flat rule). A row A
+    /// keeps comes back as A's row. The flatness factor β does not apply.
+    #[allow(clippy::too_many_arguments)]
+    fn least_squares(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        align: &Alignment<'_>,
+        layer: &str,
+        cols: usize,
+        cols_b: usize,
+        rows_b: usize,
+        alpha: f64,
+    ) -> Result<Vec<u8>> {
+        let rows = self.plan.shape[0];
+        let (receiver, contributor) = (self.inputs.receiver(), self.inputs.contributor(0));
+        let source = self.plan.source.as_deref().unwrap_or(&self.plan.name);
+        let b_layer = crate::layers::layer_of(source).map_or(source, |(l, _)| l);
+        let gram_of = |input: &Input, layer: &str, width: usize| -> Result<Vec<f32>> {
+            let (gram, path) = input.gram(layer).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Stats,
+                    format!("`fusion: least_squares` needs the Gram of layer `{layer}`"),
+                )
+                .with_file(input.grams_path())
+                .with_tensor(format!("{layer}.x_gram"))
+            })?;
+            if gram.width() != width {
+                return Err(Error::new(
+                    ErrorKind::Stats,
+                    format!(
+                        "the Gram of layer `{layer}` is {0}×{0} but its weight has {width} columns",
+                        gram.width()
+                    ),
+                )
+                .with_file(path)
+                .with_tensor(format!("{layer}.x_gram")));
+            }
+            Ok(gram.values().into_owned())
+        };
+        let gram_a = gram_of(receiver, layer, cols)?;
+        let gram_b = gram_of(contributor, b_layer, cols_b)?;
+        let matched: Vec<Option<usize>> = (0..cols)
+            .map(|i| align.col(i).filter(|&c| c < cols_b))
+            .collect();
+        let mut gram_b_in_a = vec![0f32; cols * cols];
+        for (i, ci) in matched.iter().enumerate() {
+            let Some(ci) = ci else { continue };
+            for (k, ck) in matched.iter().enumerate() {
+                if let Some(ck) = ck {
+                    gram_b_in_a[i * cols + k] = gram_b[ci * cols_b + ck];
+                }
+            }
+        }
+        drop(gram_b);
+        let mut b_in_a = vec![0f32; rows * cols];
+        let mut row = Vec::with_capacity(cols);
+        for (r, out) in b_in_a.chunks_mut(cols).enumerate() {
+            let a_row = &a[r * cols..(r + 1) * cols];
+            match align.row(r, rows_b, self.settings.beta) {
+                Some((j, _)) => {
+                    row_in_a_basis(b, j, cols_b, a_row, align, &mut row);
+                    out.copy_from_slice(&row);
+                }
+                None => out.copy_from_slice(a_row),
+            }
+        }
+        let err = |e: crate::least_squares::LsError| {
+            Error::new(
+                ErrorKind::Stats,
+                format!("the least-squares fusion of layer `{layer}` failed: {e}"),
+            )
+            .with_tensor(&self.plan.name)
+        };
+        let mut system = RegMeanSystem::new(rows, cols, false, alpha).map_err(err)?;
+        for (weight, gram) in [(a, &gram_a), (b_in_a.as_slice(), &gram_b_in_a)] {
+            system
+                .add_model(&RegMeanModel {
+                    weight,
+                    bias: None,
+                    gram,
+                    mean: None,
+                    w: 1.0,
+                })
+                .map_err(err)?;
+        }
+        let solution = system.solve().map_err(err)?;
+        let dtype = self.plan.out_dtype;
+        let mut bytes =
+            crate::engine::chunks::tensor_buffer::<u8>(solution.weight.len() * dtype.size());
+        crate::dtype::encode_f32(dtype, &solution.weight, &mut bytes);
         Ok(bytes)
     }
 }
