@@ -18,6 +18,10 @@
 //! merges are written; default beside the inputs — `/dev/shm/…` takes the
 //! disk out of the measurement).
 //!
+//! `tsv`, `iso_c`, `iso_cts` and `wudi` (SPEC §8) merge `A` and `B` over
+//! `C` at their defaults: every 2-D weight's SVDs (or WUDI's solve) run
+//! single-threaded per task, tasks in parallel.
+//!
 //! `regmean` merges `A` and `B` with Grams recorded by the native LLaMA
 //! probe (`--gram`) on 8 random sequences of 64 tokens, once per family
 //! (the recording time is printed, not counted); it reads two checkpoints
@@ -35,7 +39,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const METHODS: [&str; 7] = [
+const METHODS: [&str; 11] = [
     "linear",
     "task_arithmetic",
     "ties",
@@ -43,6 +47,10 @@ const METHODS: [&str; 7] = [
     "dare_ties",
     "safe_m",
     "regmean",
+    "tsv",
+    "iso_c",
+    "iso_cts",
+    "wudi",
 ];
 
 struct Options {
@@ -267,6 +275,10 @@ fn config_text(method: &str) -> String {
         "safe_m" => format!("merge_method: safe_m\n{base}base_model_stats: ./C.stats.safetensors\nmodels:\n  - model: ./A\n    stats: ./A.stats.safetensors\n  - model: ./B\n    stats: ./B.stats.safetensors\n"),
         "regmean" => "merge_method: regmean\nmodels:\n  - model: ./A\n    stats: ./A.gram.stats.safetensors\n  - model: ./B\n    stats: ./B.gram.stats.safetensors\n".to_string(),
         "linear" => "merge_method: linear\nmodels:\n  - model: ./A\n    parameters: {weight: 0.5}\n  - model: ./B\n    parameters: {weight: 0.5}\n  - model: ./C\n    parameters: {weight: 0.5}\n".to_string(),
+        // SPEC §8's methods take no weights or densities: the defaults.
+        "tsv" | "iso_c" | "iso_cts" | "wudi" => {
+            format!("merge_method: {method}\n{base}models:\n  - model: ./A\n  - model: ./B\n")
+        }
         _ => format!("merge_method: {method}\n{base}{models}"),
     }
 }

@@ -186,6 +186,8 @@ pub enum RowKind {
     Fam,
     /// Least-squares merging (RegMean, SPEC §7), label-free.
     LeastSquares,
+    /// Data-free subspace merging (SPEC §8).
+    Subspace,
 }
 
 /// One table: a merge case.
@@ -529,6 +531,37 @@ fn homologous_case(
         test: accs(&body, models, tasks, which, false),
         val: accs(&body, models, tasks, which, true),
     });
+    // Data-free subspace merging (SPEC §8): each method at α = 1, and with
+    // α chosen on the validation split as task arithmetic's λ is.
+    for &(method, label, tuned) in SUBSPACE {
+        merge_row(
+            &mut rows,
+            merger,
+            RowKind::Subspace,
+            label,
+            baseline_yaml(method, base, &paths, &[]),
+        )?;
+        let mut best: Option<(f64, f64, Vec<Dense>)> = None;
+        for &alpha in &ALPHA_GRID {
+            let yaml = baseline_yaml(method, base, &paths, &[&format!("alpha: {alpha}")]);
+            let m = merger.run(&format!("{case}-{method}-grid-{alpha}"), &yaml, ctx.template)?;
+            let v = accs(&m.body, models, tasks, which, true);
+            let score = v.iter().zip(&val_ft).map(|(a, f)| a / f).sum::<f64>() / k as f64;
+            if best.as_ref().is_none_or(|b| score > b.0) {
+                best = Some((score, alpha, m.body));
+            }
+        }
+        let (_, alpha, body) = best.expect("a grid");
+        notes.push(format!(
+            "seed {seed}, case {case}: {method} α chosen on validation = {alpha}"
+        ));
+        rows.push(SeedRow {
+            label: tuned.into(),
+            kind: RowKind::Subspace,
+            test: accs(&body, models, tasks, which, false),
+            val: accs(&body, models, tasks, which, true),
+        });
+    }
     // Least-squares merging (SPEC §7) under both Gram protocols.
     for (protocol, grams) in [
         (REGMEAN_OWN, ctx.own_grams),
@@ -642,6 +675,22 @@ pub fn case_tag(which: &[usize]) -> String {
 
 /// Label of the baseline tuned on validation.
 pub const TA_TUNED: &str = "task_arithmetic, λ tuned on validation (labels)";
+
+/// The data-free subspace methods (SPEC §8): `(method, row at α = 1, row
+/// with α chosen on validation)`.
+pub const SUBSPACE: &[(&str, &str, &str)] = &[
+    ("tsv", "tsv (TSV-M, α = 1)", "tsv, α tuned on validation (labels)"),
+    ("iso_c", "iso_c (α = 1)", "iso_c, α tuned on validation (labels)"),
+    (
+        "iso_cts",
+        "iso_cts (common space 0.8, α = 1)",
+        "iso_cts, α tuned on validation (labels)",
+    ),
+    ("wudi", "wudi (closed form, α = 1)", "wudi, α tuned on validation (labels)"),
+];
+
+/// The α grid of the subspace methods' validation choice.
+pub const ALPHA_GRID: [f64; 7] = [0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0];
 
 /// RegMean with each model's Grams over its own task's probe examples.
 pub const REGMEAN_OWN: &str = "regmean, own-task Grams (α = 0.9)";
@@ -1405,6 +1454,7 @@ impl Report {
                     | RowKind::Preset
                     | RowKind::Baseline
                     | RowKind::LeastSquares
+                    | RowKind::Subspace
             )
         });
         for row in labels {

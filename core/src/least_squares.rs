@@ -53,6 +53,10 @@
 //! associative): a permuted order gives a result equal to within a few f32
 //! ulps, not necessarily bitwise (the engine adds models in config order).
 //!
+//! **Data-free Grams.** [`RegMeanSystem::add_task_matrix`] adds WUDI's
+//! Gram `τᵀτ / ‖τ‖²_F` of a task matrix (SPEC §8) in place of a recorded
+//! one, block by block, through the same sums and solve.
+//!
 //! faer builds without `std` (`default-features = false`), so this module is
 //! part of the `no_std` core.
 
@@ -221,6 +225,14 @@ enum GramSource<'a> {
         mean: Option<&'a [f32]>,
         alpha: f64,
     },
+    /// WUDI's data-free Gram `scale · τᵀτ` of a task matrix `τ`
+    /// (`[out, inp]` row-major f64; SPEC §8), built block by block so that
+    /// the whole `inp × inp` Gram is never held beside the sums.
+    TaskMatrix {
+        tau: &'a [f64],
+        out: usize,
+        scale: f64,
+    },
 }
 
 impl GramSource<'_> {
@@ -230,6 +242,17 @@ impl GramSource<'_> {
         match *self {
             GramSource::Recorded { gram, mean, alpha } => {
                 fill_recorded(gram, mean, alpha, inp, n, c0, width, blk)
+            }
+            GramSource::TaskMatrix { tau, out, scale } => {
+                let t = MatRef::from_row_major_slice(tau, out, inp);
+                matmul(
+                    MatMut::from_row_major_slice_mut(blk, n, width),
+                    Accum::Replace,
+                    t.transpose(),
+                    t.subcols(c0, width),
+                    scale,
+                    Par::Seq,
+                );
             }
         }
     }
@@ -355,6 +378,47 @@ impl RegMeanSystem {
         };
         self.accumulate(&weight, model.w, &source);
         Ok(())
+    }
+
+    /// Adds a task matrix `τ` (`[out, inp]` row-major, a system without a
+    /// bias) with WUDI's data-free Gram `G = τᵀτ / ‖τ‖²_F` (SPEC §8) and
+    /// weight `w`: `S += w G`, `R += w τ G`. The solve then minimises
+    /// `Σ w ‖(X − τ) τᵀ‖²_F / ‖τ‖²_F` over the task matrices added.
+    ///
+    /// An all-zero `τ` adds nothing and returns `Ok(false)`: its term is
+    /// zero at every point (`G` itself is 0/0 and is read as zero). Memory
+    /// beyond the sums: one block of `G` columns (`8·inp·128` bytes); cost
+    /// `2·out·inp²` multiply-adds.
+    ///
+    /// Errors: [`LsError::BiasMismatch`] for a system with a bias,
+    /// [`LsError::Shape`], [`LsError::NotFinite`], [`LsError::BadModelWeight`].
+    pub fn add_task_matrix(&mut self, tau: &[f64], w: f64) -> Result<bool, LsError> {
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(LsError::BadModelWeight { w });
+        }
+        if self.bias {
+            return Err(LsError::BiasMismatch {
+                system_has_bias: true,
+            });
+        }
+        check_len("task matrix", tau.len(), self.out * self.inp)?;
+        if let Some(index) = tau.iter().position(|v| !v.is_finite()) {
+            return Err(LsError::NotFinite {
+                what: "task matrix",
+                index,
+            });
+        }
+        let norm2: f64 = tau.iter().map(|v| v * v).sum();
+        if w == 0.0 || norm2 == 0.0 {
+            return Ok(false);
+        }
+        let source = GramSource::TaskMatrix {
+            tau,
+            out: self.out,
+            scale: 1.0 / norm2,
+        };
+        self.accumulate(tau, w, &source);
+        Ok(true)
     }
 
     fn accumulate(&mut self, weight: &[f64], w: f64, source: &GramSource<'_>) {
@@ -959,6 +1023,38 @@ mod tests {
         let s = merge(1, 2, false, 1.0, &models).unwrap();
         let g = gradient(1, 2, 1.0, &models, &s.weight, None).unwrap();
         assert!(g.iter().all(|v| v.abs() < 1e-6), "{g:?}");
+    }
+
+    #[test]
+    fn task_matrices_add_their_data_free_grams() {
+        // τ₁ = [1, 0]: G₁ = diag(1, 0); τ₂ = [1, 1]: G₂ = ½[[1, 1], [1, 1]].
+        // S = [[1.5, .5], [.5, .5]], R = τ₁G₁ + τ₂G₂ = [2, 1] ⇒ X = [1, 1].
+        let mut system = RegMeanSystem::new(1, 2, false, 1.0).unwrap();
+        assert_eq!(system.add_task_matrix(&[1.0, 0.0], 1.0), Ok(true));
+        assert_eq!(system.add_task_matrix(&[1.0, 1.0], 1.0), Ok(true));
+        // A zero task matrix adds nothing.
+        assert_eq!(system.add_task_matrix(&[0.0, 0.0], 1.0), Ok(false));
+        let s = system.solve().unwrap();
+        assert!(close(&s.weight, &[1.0, 1.0], 1e-6), "{:?}", s.weight);
+        let mut with_bias = RegMeanSystem::new(1, 2, true, 1.0).unwrap();
+        assert_eq!(
+            with_bias.add_task_matrix(&[1.0, 0.0], 1.0),
+            Err(LsError::BiasMismatch {
+                system_has_bias: true
+            })
+        );
+        let mut system = RegMeanSystem::new(1, 2, false, 1.0).unwrap();
+        assert_eq!(
+            system.add_task_matrix(&[1.0, f64::INFINITY], 1.0),
+            Err(LsError::NotFinite {
+                what: "task matrix",
+                index: 1
+            })
+        );
+        assert!(matches!(
+            system.add_task_matrix(&[1.0], 1.0),
+            Err(LsError::Shape { .. })
+        ));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - the **numeric core** (always built, `no_std` + `alloc` without the
 //!   `std` feature): every formula of `SPEC.md` as a plain function on
 //!   slices — [`safe_m`], [`select`], [`reduce`], [`dtype`], and
-//!   least-squares merging ([`least_squares`]);
+//!   least-squares merging ([`least_squares`]) and data-free subspace
+//!   merging ([`subspace`]);
 //! - the **std layer** (feature `std`, on by default): memory-mapped
 //!   safetensors checkpoints ([`io`]), activation statistics files
 //!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
@@ -26,6 +27,7 @@ pub mod reduce;
 pub mod safe_m;
 pub mod select;
 pub mod simd;
+pub mod subspace;
 
 #[cfg(feature = "std")]
 pub mod config;

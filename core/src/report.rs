@@ -40,6 +40,45 @@ pub struct TensorOutcome {
     pub layer_lambda: Option<f32>,
     /// Least-squares merging: the ridge factor `δ` the solve needed (SPEC §7).
     pub ridge: Option<f64>,
+    /// Data-free subspace merging (SPEC §8): what a 2-D tensor's decomposition kept.
+    pub subspace: Option<Subspace>,
+}
+
+/// What the decomposition of one 2-D tensor kept in a data-free subspace
+/// merge (SPEC §8; `tsv`, `iso_c`, `iso_cts`, `wudi`). Contributor lists are
+/// in plan order. Directions whose singular value is at most the rank
+/// tolerance (`σ₁·max(out, in)·ε_f64`) are never kept.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Subspace {
+    /// `r = min(out, in)`.
+    pub r: usize,
+    /// The slots of each task: TSV-M `⌊r/T⌋`, Iso-CTS `(r − k)/T`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_task: Option<usize>,
+    /// The slots of the common space `Σ τ_k`: Iso-C `r`, Iso-CTS `k`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub common: Option<usize>,
+    /// The common directions kept (those above the tolerance).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub common_kept: Option<usize>,
+    /// Each contributor's numerical rank: of `τ_k` (TSV-M), of its residual
+    /// outside the common space (Iso-CTS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ranks: Vec<usize>,
+    /// The directions each contributor gave.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<usize>,
+    /// The ranks of the orthogonalised `U` and `V`: below the number of
+    /// directions kept when tasks share directions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub factor_ranks: Option<[usize; 2]>,
+    /// Iso-C and Iso-CTS: the flat singular value `σ̄`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigma: Option<f64>,
+    /// Contributors whose task matrix is all zero (they give nothing; WUDI
+    /// leaves them out of its objective).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zero: Vec<usize>,
 }
 
 /// One input model in the report.
@@ -78,6 +117,9 @@ pub struct TensorReport {
     /// the summed Gram positive definite (absent: none was needed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ridge: Option<f64>,
+    /// Data-free subspace merging: what the tensor's decomposition kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subspace: Option<Subspace>,
 }
 
 /// The receiver's election over one tensor.
@@ -199,6 +241,7 @@ impl MergeReport {
                     sparsity: Vec::new(),
                     layer_lambda: None,
                     ridge: None,
+                    subspace: None,
                 })
                 .collect(),
             dropped: plan.dropped.clone(),
@@ -213,6 +256,7 @@ impl MergeReport {
         tensor.sparsity = outcome.sparsity;
         tensor.layer_lambda = outcome.layer_lambda;
         tensor.ridge = outcome.ridge;
+        tensor.subspace = outcome.subspace;
         if let (Some(threshold), Some(first)) = (outcome.receiver_threshold, outcome.counts.first())
         {
             tensor.receiver = Some(ReceiverMask {

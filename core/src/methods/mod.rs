@@ -28,6 +28,7 @@ pub mod regmean_plusplus;
 pub mod safe_m;
 pub mod slerp;
 pub mod sparsify;
+pub mod subspace;
 pub mod ties_reference;
 
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
@@ -282,6 +283,10 @@ pub const BUILTIN: &[&dyn Method] = &[
     &passthrough::Passthrough,
     &regmean::RegMean,
     &regmean_plusplus::RegMeanPlusPlus,
+    &subspace::TSV,
+    &subspace::ISO_C,
+    &subspace::ISO_CTS,
+    &subspace::WUDI,
 ];
 
 /// mergekit methods flatmerge does not run yet, refused by name.
