@@ -241,19 +241,31 @@ fn qwen2_biases_are_read_and_unannounced_biases_refused() {
 }
 
 #[test]
-fn a_llava_config_without_text_config_is_refused_by_name() {
+fn the_original_llava_config_is_read_flat_and_llava_hf_nested() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("config.json");
+    // The original release: model_type `llava`, the language model's keys
+    // at the top, no text_config.
     std::fs::write(
         &path,
-        r#"{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}"#,
+        r#"{"model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"],
+            "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "vocab_size": 64, "mm_hidden_size": 16}"#,
     )
     .unwrap();
-    let e = flatmerge::probe::llama::LlamaConfig::load(dir.path(), None).unwrap_err();
-    assert_eq!(e.tensor(), Some("text_config"), "{e}");
-    assert!(
-        e.message()
-            .contains("keeps its language model in `text_config`"),
-        "{e}"
-    );
+    let c = flatmerge::probe::llama::LlamaConfig::load(dir.path(), None).unwrap();
+    assert_eq!((c.hidden_size, c.num_hidden_layers), (32, 2));
+    // llava-hf: the nested text_config wins over top-level keys, and a
+    // top-level tie_word_embeddings fills in when the nested one lacks it.
+    std::fs::write(
+        &path,
+        r#"{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+            "hidden_size": 999, "tie_word_embeddings": true,
+            "text_config": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48,
+                            "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 64}}"#,
+    )
+    .unwrap();
+    let c = flatmerge::probe::llama::LlamaConfig::load(dir.path(), None).unwrap();
+    assert_eq!((c.hidden_size, c.num_hidden_layers), (32, 3));
+    assert!(c.tie_word_embeddings && c.qkv_bias && !c.o_bias);
 }

@@ -17,6 +17,15 @@ Usage:
                    checkpoints saved from newer code without the conversion
     qwen2          Qwen2ForCausalLM (q/k/v biases, rope_theta 1e6)
     llava-qwen2    LlavaForConditionalGeneration with a Qwen2 text_config
+    mplug-owl2     an imitation of mPLUG-Owl2 (transformers ships no class):
+                   a LlamaForCausalLM's tensors with k/v and both norms split
+                   into `multiway.{0,1}` copies, plus `model.vision_model.*`
+                   and `model.visual_abstractor.*` tensors from the
+                   documented list (heterogeneous-pairs.md), small widths
+    llava-original an imitation of the original LLaVA-1.5 release layout: a
+                   LlamaForCausalLM's tensors plus `model.mm_projector.{0,2}`
+                   (no vision tower, as released), flat config with
+                   `model_type` llava
 
 `hooks` loads DIR with transformers in float64, runs every example's
 `tokens` (one sequence at a time, no padding) and records, through forward
@@ -33,7 +42,11 @@ example's tokens, `x_gram` is the mean of x xᵀ over every token (SPEC §4).
 
 `forward` loads DIR with transformers and runs one forward pass on a few
 tokens; it prints the logits' shape and fails on non-finite values (the
-check that a merged checkpoint still loads and runs).
+check that a merged checkpoint still loads and runs). With
+`--language-model`, for the layouts transformers has no class for (the
+original LLaVA), it loads the language model's tensors (`model.*` but the
+vision modules and projector, `lm_head`) into a `LlamaForCausalLM` built
+from the flat config, refusing any missing or extra language-model tensor.
 """
 
 import json
@@ -77,8 +90,93 @@ def randomise(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
 
 
+def llama_state(vocab, seed):
+    model = transformers.LlamaForCausalLM(tiny_text("llama", vocab))
+    randomise(model, seed)
+    return model.config, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def write_imitation(out, config, state, extra):
+    os.makedirs(out, exist_ok=True)
+    text = config.to_dict()
+    text.update(extra)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(text, f, indent=2)
+    state = {k: v.contiguous() for k, v in state.items()}
+    save_file(state, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+
+
+def mplug_owl2(out, vocab, seed):
+    config, state = llama_state(vocab, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for l in range(config.num_hidden_layers):
+        for module in ("self_attn.k_proj", "self_attn.v_proj", "input_layernorm", "post_attention_layernorm"):
+            base = f"model.layers.{l}.{module}"
+            w = state.pop(base + ".weight")
+            for copy in (0, 1):
+                state[f"{base}.multiway.{copy}.weight"] = w + 0.05 * copy * torch.randn(w.shape, generator=g)
+    v, h = 16, config.hidden_size
+    shapes = {
+        "model.vision_model.embeddings.cls_token": [1, 1, v],
+        "model.vision_model.embeddings.patch_embed.weight": [v, 3, 14, 14],
+        "model.vision_model.embeddings.position_embedding": [1, 5, v],
+        "model.vision_model.pre_layernorm.weight": [v],
+        "model.vision_model.pre_layernorm.bias": [v],
+        "model.vision_model.encoder.layers.0.input_layernorm.weight": [v],
+        "model.vision_model.encoder.layers.0.self_attn.query_key_value.weight": [3 * v, v],
+        "model.vision_model.encoder.layers.0.self_attn.query_key_value.bias": [3 * v],
+        "model.vision_model.encoder.layers.0.self_attn.dense.weight": [v, v],
+        "model.vision_model.encoder.layers.0.mlp.fc1.weight": [2 * v, v],
+        "model.vision_model.encoder.layers.0.mlp.fc2.weight": [v, 2 * v],
+        "model.vision_model.post_layernorm.weight": [v],
+        "model.visual_abstractor.query_embeds": [1, 4, v],
+        "model.visual_abstractor.encoder.layers.0.crossattention.attention.query.weight": [v, v],
+        "model.visual_abstractor.encoder.layers.0.crossattention.output.mlp.w1.weight": [22, v],
+        "model.visual_abstractor.visual_fc.weight": [h, v],
+        "model.visual_abstractor.visual_fc.bias": [h],
+        "model.visual_abstractor.vit_eos": [1, 1, h],
+    }
+    for name, shape in shapes.items():
+        state[name] = 0.1 * torch.randn(shape, generator=g)
+    write_imitation(
+        out,
+        config,
+        state,
+        {"model_type": "mplug_owl2", "architectures": ["MPLUGOwl2LlamaForCausalLM"]},
+    )
+
+
+def llava_original(out, vocab, seed):
+    config, state = llama_state(vocab, seed)
+    g = torch.Generator().manual_seed(seed + 2)
+    h, v = config.hidden_size, 16
+    for name, shape in {
+        "model.mm_projector.0.weight": [h, v],
+        "model.mm_projector.0.bias": [h],
+        "model.mm_projector.2.weight": [h, h],
+        "model.mm_projector.2.bias": [h],
+    }.items():
+        state[name] = 0.1 * torch.randn(shape, generator=g)
+    write_imitation(
+        out,
+        config,
+        state,
+        {
+            "model_type": "llava",
+            "architectures": ["LlavaLlamaForCausalLM"],
+            "mm_hidden_size": v,
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        },
+    )
+
+
 def build(kind, out, vocab, seed):
     torch.manual_seed(seed)
+    if kind == "mplug-owl2":
+        return mplug_owl2(out, vocab, seed)
+    if kind == "llava-original":
+        return llava_original(out, vocab, seed)
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(tiny_text("qwen2", vocab))
     elif kind in ("llava", "llava-memory", "llava-qwen2"):
@@ -186,8 +284,32 @@ def hooks(model_dir, probe_path):
     json.dump({"layers": layers}, sys.stdout)
 
 
-def forward(model_dir):
-    model = load(model_dir)
+def language_model(model_dir):
+    from safetensors.torch import load_file
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        flat = json.load(f)
+    keys = set(transformers.LlamaConfig().to_dict()) & set(flat)
+    config = transformers.LlamaConfig(**{k: flat[k] for k in keys if k not in ("model_type", "architectures")})
+    model = transformers.LlamaForCausalLM(config)
+    tensors = {}
+    for name in sorted(os.listdir(model_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(model_dir, name)))
+    lm = {
+        k: v
+        for k, v in tensors.items()
+        if k == "lm_head.weight"
+        or (k.startswith("model.") and not k.startswith(("model.mm_projector.", "model.vision_tower.")))
+    }
+    missing, unexpected = model.load_state_dict(lm, strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"language model tensors: missing {missing}, unexpected {unexpected}")
+    return model.double().eval()
+
+
+def forward(model_dir, lm_only=False):
+    model = language_model(model_dir) if lm_only else load(model_dir)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.tensor([[1, 2, 3, min(4, vocab - 2)]], dtype=torch.long)
     with torch.no_grad():
@@ -216,6 +338,8 @@ def main():
         hooks(args[1], args[2])
     elif len(args) == 2 and args[0] == "forward":
         forward(args[1])
+    elif len(args) == 3 and args[0] == "forward" and args[2] == "--language-model":
+        forward(args[1], lm_only=True)
     else:
         raise SystemExit(__doc__)
 

@@ -228,7 +228,7 @@ impl LlamaConfig {
         let Value::Object(obj) = value else {
             return Err(Error::new(ErrorKind::InvalidInput, "not a JSON object").with_file(file));
         };
-        let obj = language_model_config(&obj).map_err(|e| e.with_file(file))?;
+        let obj = language_model_config(&obj);
         LlamaConfig::from_object(&obj, embedding_rows).map_err(|e| e.with_file(file))
     }
 
@@ -488,31 +488,22 @@ const NESTED: [&str; 3] = ["llava", "llava_next", "llava_onevision"];
 /// The object describing the language model: the nested `text_config` of a
 /// vision-language checkpoint ([`NESTED`]), with the top level's
 /// `tie_word_embeddings` where the nested object lacks it (older llava-hf
-/// configs keep it at the top); the object itself otherwise.
-fn language_model_config(obj: &Map<String, Value>) -> Result<Map<String, Value>> {
+/// configs keep it at the top); the object itself otherwise — the original
+/// LLaVA release (`LlavaLlamaForCausalLM`) has `model_type` `llava` with
+/// the language model's keys at the top.
+fn language_model_config(obj: &Map<String, Value>) -> Map<String, Value> {
     let model_type = obj.get("model_type").and_then(Value::as_str);
-    if !model_type.is_some_and(|t| NESTED.contains(&t)) {
-        return Ok(obj.clone());
-    }
     match obj.get("text_config") {
-        Some(Value::Object(text)) => {
+        Some(Value::Object(text)) if model_type.is_some_and(|t| NESTED.contains(&t)) => {
             let mut text = text.clone();
             if !text.contains_key("tie_word_embeddings") {
                 if let Some(tie) = obj.get("tie_word_embeddings") {
                     text.insert("tie_word_embeddings".into(), tie.clone());
                 }
             }
-            Ok(text)
+            text
         }
-        _ => Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!(
-                "model_type `{}` keeps its language model in `text_config`, and there is none \
-                 (native LLaMA probe)",
-                model_type.unwrap_or_default()
-            ),
-        )
-        .with_tensor("text_config")),
+        _ => obj.clone(),
     }
 }
 
@@ -526,8 +517,10 @@ pub fn is_llama_config(value: &Value) -> bool {
     if matches!(model_type, Some("llama" | "mplug_owl2")) || model_type.is_some_and(is_qwen2_type) {
         return true;
     }
-    if model_type.is_some_and(|t| NESTED.contains(&t)) {
-        return value.get("text_config").is_some_and(is_llama_config);
+    if let Some(text) = value.get("text_config") {
+        if model_type.is_some_and(|t| NESTED.contains(&t)) {
+            return is_llama_config(text);
+        }
     }
     value
         .get("architectures")
