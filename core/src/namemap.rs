@@ -471,6 +471,124 @@ mod tests {
     }
 
     #[test]
+    fn llava_hf_maps_take_either_naming() {
+        let owl = NameMap::builtin("llava-hf-to-mplug-owl2").unwrap();
+        for prefix in ["language_model.model.", "model.language_model."] {
+            assert_eq!(
+                owl.apply(&format!("{prefix}layers.3.self_attn.v_proj.weight")),
+                [
+                    "model.layers.3.self_attn.v_proj.multiway.0.weight",
+                    "model.layers.3.self_attn.v_proj.multiway.1.weight"
+                ]
+            );
+            assert_eq!(
+                owl.apply(&format!("{prefix}layers.3.mlp.up_proj.weight")),
+                ["model.layers.3.mlp.up_proj.weight"]
+            );
+        }
+        assert_eq!(
+            owl.apply("language_model.lm_head.weight"),
+            ["lm_head.weight"]
+        );
+        assert!(owl.apply("multi_modal_projector.linear_2.bias").is_empty());
+        assert!(owl
+            .apply("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+            .is_empty());
+        assert!(owl.keeps("model.visual_abstractor.vit_eos"));
+        let llava = NameMap::builtin("llava-hf-to-llava").unwrap();
+        assert_eq!(
+            llava.apply("model.multi_modal_projector.linear_2.weight"),
+            ["model.mm_projector.2.weight"]
+        );
+        assert_eq!(
+            llava.apply("multi_modal_projector.linear_1.bias"),
+            ["model.mm_projector.0.bias"]
+        );
+        assert_eq!(
+            llava.apply("vision_tower.vision_model.post_layernorm.weight"),
+            ["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"]
+        );
+        // Released LLaVA has no tower: dropped on purpose then, mapped otherwise.
+        let tower = "vision_tower.vision_model.post_layernorm.weight";
+        assert!(llava.drops(tower, |_| false));
+        assert!(!llava.drops(tower, |_| true));
+    }
+
+    #[test]
+    fn accounting_sorts_every_tensor_into_one_class() {
+        let map = NameMap::builtin("llava-1.5-to-mplug-owl2").unwrap();
+        let a = [
+            "model.layers.0.self_attn.k_proj.multiway.0.weight",
+            "model.layers.0.self_attn.k_proj.multiway.1.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.visual_abstractor.visual_fc.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ];
+        let b = [
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.mm_projector.0.weight",
+            "model.extra.weight",
+        ];
+        let acc = map.account(a, b);
+        assert_eq!(acc.mapped.len(), 1);
+        assert_eq!(acc.one_to_many.len(), 1);
+        assert_eq!(acc.one_to_many[0].1.len(), 2);
+        assert_eq!(
+            acc.kept_from_a,
+            ["model.visual_abstractor.visual_fc.weight"]
+        );
+        assert_eq!(acc.dropped_from_b, ["model.mm_projector.0.weight"]);
+        assert_eq!(
+            acc.unaccounted_a,
+            ["model.layers.0.self_attn.q_proj.weight"]
+        );
+        assert_eq!(acc.unaccounted_b, ["model.extra.weight"]);
+        assert_eq!(acc.unaccounted(), 2);
+    }
+
+    #[test]
+    fn detection_refuses_no_match_and_two_matches() {
+        let (a, b) = (Path::new("a"), Path::new("b"));
+        // Names every map leaves unchanged: identity and the original-LLaVA
+        // map both account for them, so `auto` cannot choose.
+        let names = ["model.layers.0.mlp.up_proj.weight"];
+        let e = NameMap::detect(names, names, a, b).unwrap_err();
+        assert!(
+            e.message()
+                .contains("`identity`, `llava-1.5-to-mplug-owl2`"),
+            "{e}"
+        );
+        // Nothing fits: the nearest map and its first unaccounted tensors.
+        let e = NameMap::detect(["x.weight"], ["y.weight"], a, b).unwrap_err();
+        assert!(
+            e.message()
+                .contains("nearest `identity` leaves 2 unaccounted"),
+            "{e}"
+        );
+        assert!(e.message().contains("B `y.weight`, A `x.weight`"), "{e}");
+        // One fits.
+        let (map, acc) = NameMap::detect(
+            ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"],
+            [
+                "language_model.model.layers.0.mlp.up_proj.weight",
+                "language_model.lm_head.weight",
+                "multi_modal_projector.linear_1.weight",
+            ],
+            a,
+            b,
+        )
+        .unwrap();
+        // The projector tells the two llava-hf maps apart: mPLUG-Owl2's
+        // drops it, LLaVA's maps it to `model.mm_projector.0`, which A lacks.
+        assert_eq!(map.source, "llava-hf-to-mplug-owl2");
+        assert_eq!(
+            acc.dropped_from_b,
+            ["multi_modal_projector.linear_1.weight"]
+        );
+    }
+
+    #[test]
     fn first_rule_wins_and_patterns_match_whole_names() {
         let map = NameMap::new(
             "test",
