@@ -373,6 +373,17 @@ fn map(args: MapArgs) -> Result<(), Error> {
     for b in &acc.unaccounted_b {
         println!("  unaccounted  B {b}");
     }
+    for v in flatmerge::methods::fam::vocabulary_mismatches(plan, prepared.inputs()) {
+        println!(
+            "vocabulary {}: A {} rows, B {} rows: {} merged, {} kept from A, {} of B dropped",
+            v["tensor"].as_str().unwrap_or("?"),
+            v["rows_a"],
+            v["rows_b"],
+            v["merged_rows"],
+            v["kept_from_a"],
+            v["dropped_from_b"]
+        );
+    }
     let without = plan.tensors.iter().filter(|t| t.source.is_none()).count();
     println!(
         "{} tensors of A: {} with a counterpart in B, {} without; {} tensors of B dropped",

@@ -361,3 +361,142 @@ fn strict_fails_exactly_on_the_unaccounted_tensors_and_no_map_fits_gets_one_line
     assert!(!e.status.success());
     assert!(!out.exists(), "nothing written");
 }
+
+#[test]
+fn vocabularies_of_different_sizes_merge_the_common_rows_and_keep_a_s_extra_rows() {
+    if !python_ready() {
+        return;
+    }
+    use flatmerge::io::Checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let probe = root.join("probe.jsonl");
+    std::fs::write(
+        &probe,
+        "{\"tokens\": [1, 2, 3, 4, 5]}\n{\"tokens\": [9, 8, 7]}\n{\"tokens\": [20, 30, 40, 50]}\n",
+    )
+    .unwrap();
+    let build = |kind: &str, vocab: u32, seed: u32| -> String {
+        let name = format!("{kind}-{vocab}");
+        let model = root.join(&name);
+        let (v, s) = (vocab.to_string(), seed.to_string());
+        python(&[
+            "build",
+            kind,
+            model.to_str().unwrap(),
+            "--vocab",
+            &v,
+            "--seed",
+            &s,
+        ]);
+        ok(
+            flatmerge(&[
+                "probe",
+                model.to_str().unwrap(),
+                "--probe-set",
+                probe.to_str().unwrap(),
+                "-o",
+                root.join(format!("{name}.stats.safetensors"))
+                    .to_str()
+                    .unwrap(),
+                "-q",
+            ]),
+            "probe",
+        );
+        name
+    };
+    // A larger (Qwen2-VL's 152064 against OneVision's 151646, scaled down),
+    // then A smaller.
+    for (rows_a, rows_b) in [(70usize, 64usize), (64, 70)] {
+        let a = build("mplug-owl2", rows_a as u32, 3);
+        let b = build("llava", rows_b as u32, 4);
+        let stats = |m: &str| {
+            root.join(format!("{m}.stats.safetensors"))
+                .display()
+                .to_string()
+        };
+        let (ma, mb) = (root.join(&a), root.join(&b));
+        let (sa, sb) = (stats(&a), stats(&b));
+        let stdout = ok(
+            flatmerge(&[
+                "map",
+                ma.to_str().unwrap(),
+                mb.to_str().unwrap(),
+                "--stats-a",
+                &sa,
+                "--stats-b",
+                &sb,
+                "--name-map",
+                "auto",
+                "--strict",
+            ]),
+            "map",
+        );
+        let common = rows_a.min(rows_b);
+        let line = format!(
+            "vocabulary model.embed_tokens.weight: A {rows_a} rows, B {rows_b} rows: {common} merged, {} kept from A, {} of B dropped",
+            rows_a.saturating_sub(rows_b),
+            rows_b.saturating_sub(rows_a)
+        );
+        assert!(stdout.contains(&line), "{stdout}");
+        let config = root.join("vocab.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "merge_method: fam\nname_map: auto\nmodels:\n  - model: {}\n    stats: {sa}\n  - model: {}\n    stats: {sb}\n",
+                ma.display(),
+                mb.display()
+            ),
+        )
+        .unwrap();
+        let out = root.join(format!("merged-{rows_a}-{rows_b}"));
+        ok(
+            flatmerge(&[
+                "merge",
+                config.to_str().unwrap(),
+                out.to_str().unwrap(),
+                "--strict",
+                "-q",
+            ]),
+            "merge",
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("merge_report.json")).unwrap()).unwrap();
+        let vocab = report["fam"]["vocabulary"].as_array().unwrap();
+        assert_eq!(vocab.len(), 2, "embedding and lm_head: {vocab:?}");
+        for v in vocab {
+            assert_eq!(v["merged_rows"], common);
+            assert_eq!(v["kept_from_a"], rows_a.saturating_sub(rows_b));
+            assert_eq!(v["dropped_from_b"], rows_b.saturating_sub(rows_a));
+        }
+        let (ca, cb, cm) = (
+            Checkpoint::open(&ma).unwrap(),
+            Checkpoint::open(&mb).unwrap(),
+            Checkpoint::open(&out).unwrap(),
+        );
+        for (name_a, name_b) in [
+            (
+                "model.embed_tokens.weight",
+                "language_model.model.embed_tokens.weight",
+            ),
+            ("lm_head.weight", "language_model.lm_head.weight"),
+        ] {
+            let wa = ca.view(name_a).unwrap().to_f32_vec();
+            let wb = cb.view(name_b).unwrap().to_f32_vec();
+            let wm = cm.view(name_a).unwrap().to_f32_vec();
+            assert_eq!(wm.len(), wa.len(), "{name_a}: A's shape");
+            let h = 32;
+            for r in 0..rows_a {
+                for c in 0..h {
+                    let (x, m) = (wa[r * h + c], wm[r * h + c]);
+                    if r < common {
+                        // SPEC §2.4: rows without statistics are averaged.
+                        assert_eq!(m, 0.5 * (x + wb[r * h + c]), "{name_a}[{r}, {c}]");
+                    } else {
+                        assert_eq!(m, x, "{name_a}[{r}, {c}]: A's extra row kept");
+                    }
+                }
+            }
+        }
+    }
+}

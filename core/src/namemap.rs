@@ -85,6 +85,8 @@ pub struct Accounting {
     /// B's tensors mapped to names A lacks, or matched by no rule and
     /// absent from A.
     pub unaccounted_b: Vec<String>,
+    /// B's tensors some rule matched (0: the map acted as the identity).
+    pub by_rule: usize,
 }
 
 impl Accounting {
@@ -276,6 +278,7 @@ impl NameMap {
         let mut out = Accounting::default();
         for name in b {
             let (matched, targets) = self.apply_rule(name);
+            out.by_rule += usize::from(matched);
             let present: Vec<String> = targets
                 .iter()
                 .filter(|t| in_a.contains(t.as_str()))
@@ -330,17 +333,20 @@ impl NameMap {
             })
             .collect();
         let files = format!("A {} and B {}", a_file.display(), b_file.display());
+        // A built-in map none of whose rules fires on B is the identity in
+        // disguise (two checkpoints of the same layout): only `identity`
+        // itself counts then, so such pairs are not ambiguous.
+        let fits = |(m, acc): &(NameMap, Accounting)| {
+            acc.unaccounted() == 0 && (m.source == "identity" || acc.by_rule > 0)
+        };
         let complete: Vec<&str> = candidates
             .iter()
-            .filter(|(_, acc)| acc.unaccounted() == 0)
+            .filter(|c| fits(c))
             .map(|(m, _)| m.source.as_str())
             .collect();
         match complete.len() {
             1 => {
-                let i = candidates
-                    .iter()
-                    .position(|(_, acc)| acc.unaccounted() == 0)
-                    .unwrap_or(0);
+                let i = candidates.iter().position(fits).unwrap_or(0);
                 Ok(candidates.swap_remove(i))
             }
             0 => {
@@ -550,13 +556,27 @@ mod tests {
     #[test]
     fn detection_refuses_no_match_and_two_matches() {
         let (a, b) = (Path::new("a"), Path::new("b"));
-        // Names every map leaves unchanged: identity and the original-LLaVA
-        // map both account for them, so `auto` cannot choose.
+        // Same names on both sides: only identity fits (the built-in maps'
+        // rules fire on nothing, so they do not count).
         let names = ["model.layers.0.mlp.up_proj.weight"];
-        let e = NameMap::detect(names, names, a, b).unwrap_err();
+        let (map, _) = NameMap::detect(names, names, a, b).unwrap();
+        assert_eq!(map.source, "identity");
+        // A vision tower every LLaVA map drops: three maps fit, `auto`
+        // cannot choose.
+        let e = NameMap::detect(
+            names,
+            [
+                "model.layers.0.mlp.up_proj.weight",
+                "model.vision_tower.x.weight",
+            ],
+            a,
+            b,
+        )
+        .unwrap_err();
         assert!(
-            e.message()
-                .contains("`identity`, `llava-1.5-to-mplug-owl2`"),
+            e.message().contains(
+                "`llava-1.5-to-mplug-owl2`, `llava-hf-to-mplug-owl2`, `llava-hf-to-llava`"
+            ),
             "{e}"
         );
         // Nothing fits: the nearest map and its first unaccounted tensors.

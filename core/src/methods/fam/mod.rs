@@ -36,6 +36,8 @@ struct FamState {
     grid: Option<tensor::LambdaGrid>,
     /// The map used (the one `auto` picked) and how it accounts for the pair.
     name_map: (String, bool, crate::namemap::Accounting),
+    /// [`vocabulary_mismatches`].
+    vocabulary: Vec<Value>,
 }
 
 /// The report's account of a name map: which map, whether `auto` picked
@@ -58,6 +60,7 @@ impl FamState {
         let (source, detected, acc) = &self.name_map;
         json!({
             "name_map": accounting_report(source, *detected, acc),
+            "vocabulary": self.vocabulary,
             "groups": self.alignments.iter().map(tensor::GroupAlignment::summary).collect::<Vec<_>>(),
             "mapping": self.alignments.iter().map(|a| json!({"group": a.name, "b_neuron_of_a": a.matching})).collect::<Vec<_>>(),
             "lambda_proj": self.lambdas.0,
@@ -175,6 +178,7 @@ impl Method for Fam {
             lambdas,
             grid,
             name_map: (map.source.clone(), settings.name_map.is_auto(), accounting),
+            vocabulary: vocabulary_mismatches(merge.plan(), merge.inputs()),
         };
         Ok(Prepared {
             report: Some(("fam", state.report())),
@@ -639,12 +643,16 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                 },
                 Some(other) => {
                     float_check(&mut problems, b, other);
+                    // Vocabulary rows may differ (Qwen's 151646 vs 152064):
+                    // the kernel merges the common rows and keeps A's extra
+                    // ones; B's extra rows are dropped. The report lists both.
+                    let vocab = is_vocabulary_tensor(&info.name);
                     let fits =
                         other.shape.len() == info.shape.len()
                             && other.shape.iter().zip(&info.shape).enumerate().all(
                                 |(axis, (x, y))| {
                                     x == y
-                                        || (axis == 0 && rows_of.is_some())
+                                        || (axis == 0 && (rows_of.is_some() || vocab))
                                         || (axis == 1 && cols_of.is_some())
                                 },
                             );
@@ -705,6 +713,38 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
         layers: layer_count(receiver),
         groups: group_plans,
     })
+}
+
+/// Whether a receiver tensor's rows are the vocabulary (token embeddings,
+/// output projection), which may differ in count between the pair.
+pub fn is_vocabulary_tensor(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name.ends_with("lm_head.weight")
+}
+
+/// Vocabulary tensors whose row counts differ between the pair: per tensor,
+/// the rows merged (the common ones), A's extra rows kept and B's extra
+/// rows dropped (SPEC §5: nothing is truncated silently).
+pub fn vocabulary_mismatches(plan: &Plan, inputs: &Inputs) -> Vec<Value> {
+    let b = &inputs.contributor(0).checkpoint;
+    plan.tensors
+        .iter()
+        .filter(|t| is_vocabulary_tensor(&t.name) && matches!(t.rule, TensorRule::Fam { .. }))
+        .filter_map(|t| {
+            let rows_b = *b.info(t.source.as_deref()?)?.shape.first()?;
+            let rows_a = *t.shape.first()?;
+            (rows_a != rows_b).then(|| {
+                json!({
+                    "tensor": t.name,
+                    "source": t.source,
+                    "rows_a": rows_a,
+                    "rows_b": rows_b,
+                    "merged_rows": rows_a.min(rows_b),
+                    "kept_from_a": rows_a.saturating_sub(rows_b),
+                    "dropped_from_b": rows_b.saturating_sub(rows_a),
+                })
+            })
+        })
+        .collect()
 }
 
 fn fam_rule(
