@@ -500,3 +500,101 @@ fn vocabularies_of_different_sizes_merge_the_common_rows_and_keep_a_s_extra_rows
         }
     }
 }
+
+#[test]
+fn onevision_into_qwen2_vl_merges_across_vocabularies_and_transformers_runs_it() {
+    if !python_ready() {
+        return;
+    }
+    // Qwen2-VL's vocabulary is the larger (152064 against OneVision's
+    // 151646): here 70 against 64.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let probe = root.join("probe.jsonl");
+    std::fs::write(
+        &probe,
+        "{\"tokens\": [1, 2, 3, 4, 5]}\n{\"tokens\": [9, 8, 7, 30]}\n",
+    )
+    .unwrap();
+    for (kind, vocab) in [("qwen2-vl", "70"), ("llava-onevision", "64")] {
+        let model = root.join(kind);
+        python(&[
+            "build",
+            kind,
+            model.to_str().unwrap(),
+            "--vocab",
+            vocab,
+            "--seed",
+            "5",
+        ]);
+        ok(
+            flatmerge(&[
+                "probe",
+                model.to_str().unwrap(),
+                "--probe-set",
+                probe.to_str().unwrap(),
+                "-o",
+                root.join(format!("{kind}.stats.safetensors"))
+                    .to_str()
+                    .unwrap(),
+                "-q",
+            ]),
+            "probe",
+        );
+    }
+    let m = Models {
+        root: root.to_path_buf(),
+        _dir: dir,
+    };
+    let stdout = ok(
+        m.map(
+            "qwen2-vl",
+            "llava-onevision",
+            &["--name-map", "auto", "--strict", "-a"],
+        ),
+        "map",
+    );
+    assert!(
+        stdout.contains("name map: llava-onevision-to-qwen2-vl (picked by auto)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("unaccounted: 0 of A, 0 of B"), "{stdout}");
+    assert!(
+        stdout.contains("vocabulary model.embed_tokens.weight: A 70 rows, B 64 rows: 64 merged, 6 kept from A, 0 of B dropped"),
+        "{stdout}"
+    );
+    let (b_classes, a_counts) = listing(&stdout);
+    assert_eq!(
+        b_classes.len(),
+        names(&m.root.join("llava-onevision")).len()
+    );
+    assert_eq!(a_counts.len(), names(&m.root.join("qwen2-vl")).len());
+    let config = m.root.join("vl.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "merge_method: fam\nname_map: auto\nmodels:\n  - model: {}\n    stats: {}\n  - model: {}\n    stats: {}\n",
+            m.model("qwen2-vl"),
+            m.stats("qwen2-vl"),
+            m.model("llava-onevision"),
+            m.stats("llava-onevision")
+        ),
+    )
+    .unwrap();
+    let out = m.root.join("merged");
+    ok(
+        flatmerge(&[
+            "merge",
+            config.to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--strict",
+            "-q",
+        ]),
+        "merge",
+    );
+    let forward = python(&["forward", out.to_str().unwrap()]);
+    assert!(
+        forward.contains("\"logits_shape\": [1, 4, 70]"),
+        "{forward}"
+    );
+}

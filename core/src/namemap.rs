@@ -57,10 +57,11 @@ pub struct NameMap {
 
 /// The built-in maps, by name (`name_map: auto` chooses among these and
 /// `identity`).
-pub const BUILTIN: [&str; 3] = [
+pub const BUILTIN: [&str; 4] = [
     "llava-1.5-to-mplug-owl2",
     "llava-hf-to-mplug-owl2",
     "llava-hf-to-llava",
+    "llava-onevision-to-qwen2-vl",
 ];
 
 /// The value of `name_map` that picks a built-in map from the checkpoints.
@@ -259,6 +260,22 @@ impl NameMap {
                 NameMap::new(name, &rules)
                     .ok()?
                     .with_accounting(&[], &[llava_hf_vision])
+            }
+            // LLaVA-OneVision-Qwen2 (llava-hf, either naming) → Qwen2-VL as
+            // transformers saves it (`model.layers.*`, `lm_head`, `visual.*`):
+            // the same Qwen2 language model; OneVision's SigLIP tower,
+            // projector and `image_newline` have no place in Qwen2-VL, whose
+            // own vision tower and merger are kept. The vocabularies differ
+            // (151646 vs 152064 rows): see the FAM plan.
+            "llava-onevision-to-qwen2-vl" => {
+                let mut rules = llava_hf_language();
+                rules.push(rule(r"(?:model\.)?multi_modal_projector\..*", &[]));
+                rules.push(rule(r"(?:model\.)?vision_tower\..*", &[]));
+                rules.push(rule(r"(?:model\.)?image_newline", &[]));
+                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                NameMap::new(name, &rules)
+                    .ok()?
+                    .with_accounting(&[r"(?:model\.)?visual\..*"], &[])
             }
             _ => return None,
         };

@@ -3,7 +3,9 @@
 //! a llava-hf `LlavaForConditionalGeneration` (nested `text_config`, names
 //! `language_model.model.layers.*`), the same model under transformers'
 //! in-memory names (`model.language_model.*`), a `Qwen2ForCausalLM` (q/k/v
-//! biases, `rope_theta` 1e6), and a LLaVA whose language model is Qwen2.
+//! biases, `rope_theta` 1e6), a LLaVA whose language model is Qwen2, a
+//! `Qwen2VLForConditionalGeneration` and a
+//! `LlavaOnevisionForConditionalGeneration`.
 //! Every statistic the probe records (means, per-example rows, Grams) is
 //! compared with what transformers' forward hooks see on the same tokens,
 //! in float64, under the checkpoint's own tensor names.
@@ -196,10 +198,16 @@ fn qwen2_language_models_match_transformers() {
     let (layers, worst) = check("qwen2", "model.");
     assert_eq!(layers.len(), 14);
     let (_, worst_llava) = check("llava-qwen2", "language_model.model.");
+    // The two ends of the AdaMMS OneVision → Qwen2-VL pair: Qwen2-VL's
+    // multimodal rope on text-only positions, OneVision's nested Qwen2.
+    let (vl, worst_vl) = check("qwen2-vl", "model.");
+    assert!(vl.iter().all(|l| l.starts_with("model.layers.")), "{vl:?}");
+    let (_, worst_ov) = check("llava-onevision", "language_model.model.");
     let _ = writeln!(
         std::io::stderr(),
         "Qwen2 against transformers: largest error / tolerance (rtol {RTOL:e}): \
-         {worst:.3} (Qwen2ForCausalLM), {worst_llava:.3} (LLaVA with a Qwen2 text_config)"
+         {worst:.3} (Qwen2ForCausalLM), {worst_llava:.3} (LLaVA with a Qwen2 text_config), \
+         {worst_vl:.3} (Qwen2-VL), {worst_ov:.3} (LLaVA-OneVision)"
     );
 }
 

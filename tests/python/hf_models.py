@@ -17,6 +17,10 @@ Usage:
                    checkpoints saved from newer code without the conversion
     qwen2          Qwen2ForCausalLM (q/k/v biases, rope_theta 1e6)
     llava-qwen2    LlavaForConditionalGeneration with a Qwen2 text_config
+    llava-onevision LlavaOnevisionForConditionalGeneration (Qwen2 text_config,
+                   SigLIP vision tower), as transformers saves it
+    qwen2-vl       Qwen2VLForConditionalGeneration (multimodal rope), as
+                   transformers saves it: `model.layers.*`, `visual.*`
     mplug-owl2     an imitation of mPLUG-Owl2 (transformers ships no class):
                    a LlamaForCausalLM's tensors with k/v and both norms split
                    into `multiway.{0,1}` copies, plus `model.vision_model.*`
@@ -194,6 +198,46 @@ def build(kind, out, vocab, seed):
             text_config=text, vision_config=vision, image_token_index=vocab - 1
         )
         model = transformers.LlavaForConditionalGeneration(config)
+    elif kind == "llava-onevision":
+        text = tiny_text("qwen2", vocab).to_dict()
+        vision = dict(
+            model_type="siglip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        config = transformers.LlavaOnevisionConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_index=vocab - 1,
+            video_token_index=vocab - 2,
+        )
+        model = transformers.LlavaOnevisionForConditionalGeneration(config)
+    elif kind == "qwen2-vl":
+        text = tiny_text("qwen2", vocab).to_dict()
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": [1, 1, 2], "rope_theta": 1e6}
+        text.pop("rope_parameters", None)
+        config = transformers.Qwen2VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=1,
+                embed_dim=16,
+                hidden_size=32,
+                num_heads=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=vocab - 1,
+            video_token_id=vocab - 2,
+            vision_start_token_id=vocab - 3,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        model = transformers.Qwen2VLForConditionalGeneration(config)
     else:
         raise SystemExit(f"unknown kind {kind}")
     randomise(model, seed)
@@ -227,9 +271,12 @@ def checkpoint_name(module_name, on_disk):
     llava-hf name transformers converts on load."""
     if module_name + ".weight" in on_disk:
         return module_name
-    legacy = module_name.replace("model.language_model.", "language_model.model.", 1)
-    if legacy + ".weight" in on_disk:
-        return legacy
+    for legacy in (
+        module_name.replace("model.language_model.", "language_model.model.", 1),
+        module_name.replace("model.language_model.", "model.", 1),
+    ):
+        if legacy + ".weight" in on_disk:
+            return legacy
     raise SystemExit(f"no checkpoint tensor for module {module_name}")
 
 
@@ -241,7 +288,7 @@ def hooks(model_dir, probe_path):
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or "lm_head" in name:
             continue
-        if "vision" in name or "multi_modal_projector" in name:
+        if "vision" in name or "visual" in name or "multi_modal_projector" in name:
             continue
         layer = checkpoint_name(name, on_disk)
 

@@ -482,8 +482,10 @@ fn is_qwen2_type(t: &str) -> bool {
 
 /// `model_type`s of vision-language checkpoints whose language model is
 /// described by a nested `text_config` (llava-hf's LLaVA-1.5, LLaVA-NeXT,
-/// LLaVA-OneVision).
-const NESTED: [&str; 3] = ["llava", "llava_next", "llava_onevision"];
+/// LLaVA-OneVision; Qwen2-VL). Qwen2-VL's multimodal rope (`mrope_section`)
+/// gives every token of a text-only sequence the same position on its
+/// three axes, where it is the plain rope: the probe runs token ids only.
+const NESTED: [&str; 4] = ["llava", "llava_next", "llava_onevision", "qwen2_vl"];
 
 /// The object describing the language model: the nested `text_config` of a
 /// vision-language checkpoint ([`NESTED`]), with the top level's
