@@ -604,11 +604,15 @@ mod tests {
             "{e}"
         );
         assert!(e.message().contains("B `y.weight`, A `x.weight`"), "{e}");
-        // One fits.
+        // One fits: only the mPLUG-Owl2 map feeds both k_proj copies.
         let (map, acc) = NameMap::detect(
-            ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"],
             [
-                "language_model.model.layers.0.mlp.up_proj.weight",
+                "model.layers.0.self_attn.k_proj.multiway.0.weight",
+                "model.layers.0.self_attn.k_proj.multiway.1.weight",
+                "lm_head.weight",
+            ],
+            [
+                "language_model.model.layers.0.self_attn.k_proj.weight",
                 "language_model.lm_head.weight",
                 "multi_modal_projector.linear_1.weight",
             ],
@@ -616,9 +620,8 @@ mod tests {
             b,
         )
         .unwrap();
-        // The projector tells the two llava-hf maps apart: mPLUG-Owl2's
-        // drops it, LLaVA's maps it to `model.mm_projector.0`, which A lacks.
         assert_eq!(map.source, "llava-hf-to-mplug-owl2");
+        assert_eq!(acc.one_to_many.len(), 1);
         assert_eq!(
             acc.dropped_from_b,
             ["multi_modal_projector.linear_1.weight"]
