@@ -57,11 +57,13 @@ pub struct NameMap {
 
 /// The built-in maps, by name (`name_map: auto` chooses among these and
 /// `identity`).
-pub const BUILTIN: [&str; 4] = [
+pub const BUILTIN: [&str; 6] = [
     "llava-1.5-to-mplug-owl2",
     "llava-hf-to-mplug-owl2",
     "llava-hf-to-llava",
     "llava-onevision-to-qwen2-vl",
+    "sharegpt4v-to-llava",
+    "llava-to-sharegpt4v",
 ];
 
 /// The value of `name_map` that picks a built-in map from the checkpoints.
@@ -211,7 +213,10 @@ impl NameMap {
                 rule(r"language_model\.lm_head\.(.*)", &["lm_head.$1"]),
             ]
         };
-        let llava_hf_vision = r"(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)";
+        // The tower's own top-level modules (CLIP, SigLIP), so that the
+        // original layout's `model.vision_tower.vision_tower.*` is not taken
+        // for llava-hf's.
+        let llava_hf_vision = r"(?:model\.)?vision_tower\.(?:vision_model\.)?((?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\..*)";
         let llava_hf_projector = r"(?:model\.)?multi_modal_projector\.linear_([12])\.(weight|bias)";
         let map = match name {
             // Original LLaVA-1.5 layout → mPLUG-Owl2: LLaVA's projector and
@@ -270,13 +275,24 @@ impl NameMap {
             "llava-onevision-to-qwen2-vl" => {
                 let mut rules = llava_hf_language();
                 rules.push(rule(r"(?:model\.)?multi_modal_projector\..*", &[]));
-                rules.push(rule(r"(?:model\.)?vision_tower\..*", &[]));
+                rules.push(rule(llava_hf_vision, &[]));
                 rules.push(rule(r"(?:model\.)?image_newline", &[]));
                 rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
                 NameMap::new(name, &rules)
                     .ok()?
                     .with_accounting(&[r"(?:model\.)?visual\..*"], &[])
             }
+            // ShareGPT4V is built on the LLaVA code base: the same names, but
+            // it stores its fine-tuned CLIP tower
+            // (`model.vision_tower.vision_tower.*`), which released LLaVA-1.5
+            // checkpoints do not. Into LLaVA the tower is dropped when A lacks
+            // it; into ShareGPT4V, A's tower is kept when B lacks it.
+            "sharegpt4v-to-llava" => NameMap::new(name, &[rule(r".*\.rotary_emb\.inv_freq", &[])])
+                .ok()?
+                .with_accounting(&[], &[r"model\.vision_tower\..*"]),
+            "llava-to-sharegpt4v" => NameMap::new(name, &[rule(r".*\.rotary_emb\.inv_freq", &[])])
+                .ok()?
+                .with_accounting(&[r"model\.vision_tower\..*"], &[]),
             _ => return None,
         };
         Some(map)
@@ -350,11 +366,13 @@ impl NameMap {
             })
             .collect();
         let files = format!("A {} and B {}", a_file.display(), b_file.display());
-        // A built-in map none of whose rules fires on B is the identity in
-        // disguise (two checkpoints of the same layout): only `identity`
-        // itself counts then, so such pairs are not ambiguous.
+        // A built-in map that renames, drops and keeps nothing on this pair
+        // is the identity in disguise (two checkpoints of the same layout):
+        // only `identity` itself counts then, so such pairs are not ambiguous.
         let fits = |(m, acc): &(NameMap, Accounting)| {
-            acc.unaccounted() == 0 && (m.source == "identity" || acc.by_rule > 0)
+            let acted =
+                acc.by_rule > 0 || !acc.kept_from_a.is_empty() || !acc.dropped_from_b.is_empty();
+            acc.unaccounted() == 0 && (m.source == "identity" || acted)
         };
         let complete: Vec<&str> = candidates
             .iter()
@@ -578,8 +596,8 @@ mod tests {
         let names = ["model.layers.0.mlp.up_proj.weight"];
         let (map, _) = NameMap::detect(names, names, a, b).unwrap();
         assert_eq!(map.source, "identity");
-        // A vision tower every LLaVA map drops: three maps fit, `auto`
-        // cannot choose.
+        // An original-layout vision tower both the mPLUG-Owl2 and the
+        // ShareGPT4V → LLaVA maps drop: two maps fit, `auto` cannot choose.
         let e = NameMap::detect(
             names,
             [
@@ -591,9 +609,8 @@ mod tests {
         )
         .unwrap_err();
         assert!(
-            e.message().contains(
-                "`llava-1.5-to-mplug-owl2`, `llava-hf-to-mplug-owl2`, `llava-hf-to-llava`"
-            ),
+            e.message()
+                .contains("`llava-1.5-to-mplug-owl2`, `sharegpt4v-to-llava`"),
             "{e}"
         );
         // Nothing fits: the nearest map and its first unaccounted tensors.
@@ -626,6 +643,28 @@ mod tests {
             acc.dropped_from_b,
             ["multi_modal_projector.linear_1.weight"]
         );
+    }
+
+    #[test]
+    fn sharegpt4v_and_llava_differ_by_the_stored_vision_tower() {
+        let (a, b) = (Path::new("a"), Path::new("b"));
+        let lm = [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.mm_projector.0.weight",
+            "lm_head.weight",
+        ];
+        let tower = "model.vision_tower.vision_tower.vision_model.post_layernorm.weight";
+        let with_tower: Vec<&str> = lm.iter().copied().chain([tower]).collect();
+        let (map, acc) = NameMap::detect(lm, with_tower.clone(), a, b).unwrap();
+        assert_eq!(map.source, "sharegpt4v-to-llava");
+        assert_eq!(acc.dropped_from_b, [tower]);
+        assert_eq!(acc.mapped.len(), 3);
+        let (map, acc) = NameMap::detect(with_tower.clone(), lm, a, b).unwrap();
+        assert_eq!(map.source, "llava-to-sharegpt4v");
+        assert_eq!(acc.kept_from_a, [tower]);
+        // Both store it: the same layout, the identity.
+        let (map, _) = NameMap::detect(with_tower.clone(), with_tower, a, b).unwrap();
+        assert_eq!(map.source, "identity");
     }
 
     #[test]
