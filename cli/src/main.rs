@@ -110,9 +110,16 @@ struct MapArgs {
     /// B's activation statistics (with per-example rows).
     #[arg(long)]
     stats_b: PathBuf,
-    /// A built-in name map (`llava-1.5-to-mplug-owl2`) or a rules file.
+    /// A built-in name map (`llava-hf-to-mplug-owl2`, …), `auto` (the
+    /// built-in map that accounts for every tensor), or a rules file.
     #[arg(long)]
     name_map: Option<String>,
+    /// Fail when any tensor of A or B is unaccounted for by the map.
+    #[arg(long)]
+    strict: bool,
+    /// List every tensor by class (mapped, one-to-many, kept, dropped).
+    #[arg(short, long)]
+    all: bool,
     /// Group template: auto, llama_mlp, sequential, none.
     #[arg(long)]
     groups: Option<String>,
@@ -320,8 +327,63 @@ fn map(args: MapArgs) -> Result<(), Error> {
         args.groups.as_deref(),
         args.preset.as_deref(),
     )?;
+    let mut config = config;
+    config.strict = args.strict;
     let prepared = PreparedMerge::new(config)?;
     let plan = prepared.plan();
+    let settings = prepared
+        .config()
+        .fam()
+        .ok_or_else(|| Error::new(ErrorKind::Plan, "map needs FAM settings"))?;
+    let (name_map, acc) = flatmerge::methods::fam::resolve_name_map(settings, prepared.inputs())?;
+    let picked = if settings.name_map.is_auto() {
+        " (picked by auto)"
+    } else {
+        ""
+    };
+    println!("name map: {}{picked}", name_map.source);
+    println!(
+        "B → A: {} mapped one-to-one, {} one-to-many (into {} tensors of A), {} dropped from B; \
+         {} kept from A; unaccounted: {} of A, {} of B",
+        acc.mapped.len(),
+        acc.one_to_many.len(),
+        acc.one_to_many.iter().map(|(_, a)| a.len()).sum::<usize>(),
+        acc.dropped_from_b.len(),
+        acc.kept_from_a.len(),
+        acc.unaccounted_a.len(),
+        acc.unaccounted_b.len()
+    );
+    if args.all {
+        for (b, a) in &acc.mapped {
+            println!("  mapped       {b} → {a}");
+        }
+        for (b, a) in &acc.one_to_many {
+            println!("  one-to-many  {b} → {}", a.join(", "));
+        }
+        for a in &acc.kept_from_a {
+            println!("  kept from A  {a}");
+        }
+        for b in &acc.dropped_from_b {
+            println!("  dropped      {b}");
+        }
+    }
+    for a in &acc.unaccounted_a {
+        println!("  unaccounted  A {a}");
+    }
+    for b in &acc.unaccounted_b {
+        println!("  unaccounted  B {b}");
+    }
+    for v in flatmerge::methods::fam::vocabulary_mismatches(plan, prepared.inputs()) {
+        println!(
+            "vocabulary {}: A {} rows, B {} rows: {} merged, {} kept from A, {} of B dropped",
+            v["tensor"].as_str().unwrap_or("?"),
+            v["rows_a"],
+            v["rows_b"],
+            v["merged_rows"],
+            v["kept_from_a"],
+            v["dropped_from_b"]
+        );
+    }
     let without = plan.tensors.iter().filter(|t| t.source.is_none()).count();
     println!(
         "{} tensors of A: {} with a counterpart in B, {} without; {} tensors of B dropped",

@@ -47,18 +47,89 @@ pub struct NameMap {
     /// Where the map came from (a built-in name, a file, or `config`).
     pub source: String,
     rules: Vec<Rule>,
+    /// Receiver tensors the map expects to have no counterpart (kept from
+    /// A, accounted for): mPLUG-Owl2's vision modules.
+    receiver_only: Vec<Regex>,
+    /// Contributor tensors whose target the receiver may lack (dropped
+    /// then, accounted for): a vision tower some copies of A do not store.
+    optional: Vec<Regex>,
 }
 
-/// The built-in maps, by name.
-pub const BUILTIN: [&str; 1] = ["llava-1.5-to-mplug-owl2"];
+/// The built-in maps, by name (`name_map: auto` chooses among these and
+/// `identity`).
+pub const BUILTIN: [&str; 6] = [
+    "llava-1.5-to-mplug-owl2",
+    "llava-hf-to-mplug-owl2",
+    "llava-hf-to-llava",
+    "llava-onevision-to-qwen2-vl",
+    "sharegpt4v-to-llava",
+    "llava-to-sharegpt4v",
+];
+
+/// The value of `name_map` that picks a built-in map from the checkpoints.
+pub const AUTO: &str = "auto";
+
+/// How one map accounts for every tensor of a pair (SPEC §5): each tensor
+/// of B is mapped (to one or several tensors of A) or dropped by a rule,
+/// each tensor of A receives from B or is one the map keeps from A. What
+/// is left is unaccounted for (`--strict` refuses exactly those).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accounting {
+    /// B's tensors mapped to exactly one tensor of A: `(b, a)`.
+    pub mapped: Vec<(String, String)>,
+    /// B's tensors feeding several tensors of A: `(b, [a…])`.
+    pub one_to_many: Vec<(String, Vec<String>)>,
+    /// A's tensors the map keeps from A (no counterpart expected).
+    pub kept_from_a: Vec<String>,
+    /// B's tensors a rule drops (or whose optional target A lacks).
+    pub dropped_from_b: Vec<String>,
+    /// A's tensors with no counterpart the map expected.
+    pub unaccounted_a: Vec<String>,
+    /// B's tensors mapped to names A lacks, or matched by no rule and
+    /// absent from A.
+    pub unaccounted_b: Vec<String>,
+    /// B's tensors some rule matched (0: the map acted as the identity).
+    pub by_rule: usize,
+}
+
+impl Accounting {
+    /// Tensors unaccounted for, on both sides.
+    pub fn unaccounted(&self) -> usize {
+        self.unaccounted_a.len() + self.unaccounted_b.len()
+    }
+
+    /// The first `n` unaccounted tensors, `A: name` / `B: name`.
+    pub fn first_unaccounted(&self, n: usize) -> Vec<String> {
+        self.unaccounted_b
+            .iter()
+            .map(|t| format!("B `{t}`"))
+            .chain(self.unaccounted_a.iter().map(|t| format!("A `{t}`")))
+            .take(n)
+            .collect()
+    }
+}
 
 impl NameMap {
     /// The identity map.
     pub fn identity() -> NameMap {
         NameMap {
             source: "identity".into(),
-            rules: Vec::new(),
+            ..NameMap::default()
         }
+    }
+
+    /// The `auto` placeholder: [`NameMap::detect`] replaces it once the
+    /// checkpoints are open.
+    pub fn auto() -> NameMap {
+        NameMap {
+            source: AUTO.into(),
+            ..NameMap::default()
+        }
+    }
+
+    /// Whether this is the `auto` placeholder.
+    pub fn is_auto(&self) -> bool {
+        self.source == AUTO && self.rules.is_empty()
     }
 
     /// Compiles rules; an invalid pattern is an error naming it.
@@ -88,37 +159,262 @@ impl NameMap {
         Ok(NameMap {
             source: source.to_string(),
             rules,
+            ..NameMap::default()
         })
     }
 
-    /// A built-in map by name (see [`BUILTIN`]).
+    /// The same map with patterns (whole-name, as rules) for receiver
+    /// tensors kept from A and contributor tensors whose target A may lack.
+    fn with_accounting(mut self, receiver_only: &[&str], optional: &[&str]) -> NameMap {
+        let compile = |p: &&str| Regex::new(&format!("^(?:{p})$")).ok();
+        self.receiver_only = receiver_only.iter().filter_map(compile).collect();
+        self.optional = optional.iter().filter_map(compile).collect();
+        self
+    }
+
+    /// A built-in map by name (see [`BUILTIN`] and the README's tensor
+    /// accounting of each).
     pub fn builtin(name: &str) -> Option<NameMap> {
-        let rules: Vec<RawRule> = match name {
-            // LLaVA-1.5 → mPLUG-Owl2 (heterogeneous-pairs.md): one LLaVA
-            // tensor feeds both modality copies of k/v and the two norms;
-            // LLaVA's projector and vision tower have no place in mPLUG-Owl2.
-            "llava-1.5-to-mplug-owl2" => vec![
+        // mPLUG-Owl2's modules without a LLaVA counterpart
+        // (heterogeneous-pairs.md): its ViT and visual abstractor.
+        const MPLUG_ONLY: [&str; 2] = [r"model\.vision_model\..*", r"model\.visual_abstractor\..*"];
+        // One LLaVA tensor feeds both modality copies of k/v and the two
+        // norms (the published AdaMMS merge does the same).
+        let multiway = |prefix: &str| {
+            vec![
                 rule(
-                    r"model\.layers\.(\d+)\.self_attn\.(k_proj|v_proj)\.weight",
+                    &format!(r"{prefix}layers\.(\d+)\.self_attn\.(k_proj|v_proj)\.weight"),
                     &[
                         "model.layers.$1.self_attn.$2.multiway.0.weight",
                         "model.layers.$1.self_attn.$2.multiway.1.weight",
                     ],
                 ),
                 rule(
-                    r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
+                    &format!(
+                        r"{prefix}layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight"
+                    ),
                     &[
                         "model.layers.$1.$2.multiway.0.weight",
                         "model.layers.$1.$2.multiway.1.weight",
                     ],
                 ),
-                rule(r"model\.mm_projector\..*", &[]),
-                rule(r"model\.vision_tower\..*", &[]),
-                rule(r".*\.rotary_emb\.inv_freq", &[]),
-            ],
+            ]
+        };
+        // llava-hf's language model in either naming in circulation: as
+        // transformers saves it (`language_model.model.*`,
+        // `language_model.lm_head`) and as newer transformers names it in
+        // memory (`model.language_model.*`, top-level `lm_head`).
+        let llava_hf_language = || {
+            vec![
+                rule(
+                    r"(?:language_model\.model|model\.language_model)\.(.*)",
+                    &["model.$1"],
+                ),
+                rule(r"language_model\.lm_head\.(.*)", &["lm_head.$1"]),
+            ]
+        };
+        // The tower's own top-level modules (CLIP, SigLIP), so that the
+        // original layout's `model.vision_tower.vision_tower.*` is not taken
+        // for llava-hf's.
+        let llava_hf_vision = r"(?:model\.)?vision_tower\.(?:vision_model\.)?((?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\..*)";
+        let llava_hf_projector = r"(?:model\.)?multi_modal_projector\.linear_([12])\.(weight|bias)";
+        let map = match name {
+            // Original LLaVA-1.5 layout → mPLUG-Owl2: LLaVA's projector and
+            // vision tower have no place in mPLUG-Owl2.
+            "llava-1.5-to-mplug-owl2" => {
+                let mut rules = multiway(r"model\.");
+                rules.push(rule(r"model\.mm_projector\..*", &[]));
+                rules.push(rule(r"model\.vision_tower\..*", &[]));
+                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                NameMap::new(name, &rules)
+                    .ok()?
+                    .with_accounting(&MPLUG_ONLY, &[])
+            }
+            // llava-hf → mPLUG-Owl2: as above, from either llava-hf naming.
+            "llava-hf-to-mplug-owl2" => {
+                let mut rules = multiway(r"(?:language_model\.model|model\.language_model)\.");
+                rules.extend(llava_hf_language());
+                rules.push(rule(llava_hf_projector, &[]));
+                rules.push(rule(llava_hf_vision, &[]));
+                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                NameMap::new(name, &rules)
+                    .ok()?
+                    .with_accounting(&MPLUG_ONLY, &[])
+            }
+            // llava-hf → the original LLaVA layout: the projector's two
+            // linear layers are `mm_projector.0` and `.2` (a GELU between),
+            // the CLIP tower sits under `model.vision_tower.vision_tower`;
+            // released LLaVA checkpoints do not store the tower, so its
+            // tensors are dropped when A lacks them.
+            "llava-hf-to-llava" => {
+                // `linear_1` is `.0`, `linear_2` is `.2` (a GELU at `.1`).
+                let mut rules = llava_hf_language();
+                rules.push(rule(
+                    r"(?:model\.)?multi_modal_projector\.linear_1\.(weight|bias)",
+                    &["model.mm_projector.0.$1"],
+                ));
+                rules.push(rule(
+                    r"(?:model\.)?multi_modal_projector\.linear_2\.(weight|bias)",
+                    &["model.mm_projector.2.$1"],
+                ));
+                rules.push(rule(
+                    llava_hf_vision,
+                    &["model.vision_tower.vision_tower.vision_model.$1"],
+                ));
+                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                NameMap::new(name, &rules)
+                    .ok()?
+                    .with_accounting(&[], &[llava_hf_vision])
+            }
+            // LLaVA-OneVision-Qwen2 (llava-hf, either naming) → Qwen2-VL as
+            // transformers saves it (`model.layers.*`, `lm_head`, `visual.*`):
+            // the same Qwen2 language model; OneVision's SigLIP tower,
+            // projector and `image_newline` have no place in Qwen2-VL, whose
+            // own vision tower and merger are kept. The vocabularies differ
+            // (151646 vs 152064 rows): see the FAM plan.
+            "llava-onevision-to-qwen2-vl" => {
+                let mut rules = llava_hf_language();
+                rules.push(rule(r"(?:model\.)?multi_modal_projector\..*", &[]));
+                rules.push(rule(llava_hf_vision, &[]));
+                rules.push(rule(r"(?:model\.)?image_newline", &[]));
+                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                NameMap::new(name, &rules)
+                    .ok()?
+                    .with_accounting(&[r"(?:model\.)?visual\..*"], &[])
+            }
+            // ShareGPT4V is built on the LLaVA code base: the same names, but
+            // it stores its fine-tuned CLIP tower
+            // (`model.vision_tower.vision_tower.*`), which released LLaVA-1.5
+            // checkpoints do not. Into LLaVA the tower is dropped when A lacks
+            // it; into ShareGPT4V, A's tower is kept when B lacks it.
+            "sharegpt4v-to-llava" => NameMap::new(name, &[rule(r".*\.rotary_emb\.inv_freq", &[])])
+                .ok()?
+                .with_accounting(&[], &[r"model\.vision_tower\..*"]),
+            "llava-to-sharegpt4v" => NameMap::new(name, &[rule(r".*\.rotary_emb\.inv_freq", &[])])
+                .ok()?
+                .with_accounting(&[r"model\.vision_tower\..*"], &[]),
             _ => return None,
         };
-        NameMap::new(name, &rules).ok()
+        Some(map)
+    }
+
+    /// How this map accounts for the tensors of receiver `a` and
+    /// contributor `b` ([`Accounting`]), in the checkpoints' orders.
+    pub fn account<'a>(
+        &self,
+        a: impl IntoIterator<Item = &'a str>,
+        b: impl IntoIterator<Item = &'a str>,
+    ) -> Accounting {
+        let a: Vec<&str> = a.into_iter().collect();
+        let in_a: std::collections::BTreeSet<&str> = a.iter().copied().collect();
+        let mut fed = std::collections::BTreeSet::new();
+        let mut out = Accounting::default();
+        for name in b {
+            let (matched, targets) = self.apply_rule(name);
+            out.by_rule += usize::from(matched);
+            let present: Vec<String> = targets
+                .iter()
+                .filter(|t| in_a.contains(t.as_str()))
+                .cloned()
+                .collect();
+            if matched && targets.is_empty() {
+                out.dropped_from_b.push(name.to_string());
+            } else if present.len() == targets.len() && !targets.is_empty() {
+                fed.extend(present.iter().cloned());
+                if present.len() == 1 {
+                    out.mapped.push((name.to_string(), present[0].clone()));
+                } else {
+                    out.one_to_many.push((name.to_string(), present));
+                }
+            } else if self.optional.iter().any(|r| r.is_match(name)) {
+                out.dropped_from_b.push(name.to_string());
+            } else {
+                out.unaccounted_b.push(name.to_string());
+            }
+        }
+        for name in a {
+            if fed.contains(name) {
+                continue;
+            }
+            if self.receiver_only.iter().any(|r| r.is_match(name)) {
+                out.kept_from_a.push(name.to_string());
+            } else {
+                out.unaccounted_a.push(name.to_string());
+            }
+        }
+        out
+    }
+
+    /// Picks the map for a pair (`name_map: auto`): among `identity` and
+    /// every built-in map, the one that accounts for every tensor of both
+    /// checkpoints. Errors ([`ErrorKind::Config`], naming both files): none
+    /// does — the message names the map that came nearest and its first
+    /// unaccounted tensors — or several do.
+    pub fn detect<'a>(
+        a: impl IntoIterator<Item = &'a str>,
+        b: impl IntoIterator<Item = &'a str>,
+        a_file: &Path,
+        b_file: &Path,
+    ) -> Result<(NameMap, Accounting)> {
+        let a: Vec<&str> = a.into_iter().collect();
+        let b: Vec<&str> = b.into_iter().collect();
+        let mut candidates: Vec<(NameMap, Accounting)> = std::iter::once(NameMap::identity())
+            .chain(BUILTIN.iter().filter_map(|n| NameMap::builtin(n)))
+            .map(|m| {
+                let acc = m.account(a.iter().copied(), b.iter().copied());
+                (m, acc)
+            })
+            .collect();
+        let files = format!("A {} and B {}", a_file.display(), b_file.display());
+        // A built-in map that renames, drops and keeps nothing on this pair
+        // is the identity in disguise (two checkpoints of the same layout):
+        // only `identity` itself counts then, so such pairs are not ambiguous.
+        let fits = |(m, acc): &(NameMap, Accounting)| {
+            let acted =
+                acc.by_rule > 0 || !acc.kept_from_a.is_empty() || !acc.dropped_from_b.is_empty();
+            acc.unaccounted() == 0 && (m.source == "identity" || acted)
+        };
+        let complete: Vec<&str> = candidates
+            .iter()
+            .filter(|c| fits(c))
+            .map(|(m, _)| m.source.as_str())
+            .collect();
+        match complete.len() {
+            1 => {
+                let i = candidates.iter().position(fits).unwrap_or(0);
+                Ok(candidates.swap_remove(i))
+            }
+            0 => {
+                // Nearest: fewest unaccounted; the first on a tie (built-in order).
+                let (m, acc) = candidates
+                    .iter()
+                    .min_by_key(|(_, acc)| acc.unaccounted())
+                    .ok_or_else(|| Error::new(ErrorKind::Config, "no name maps"))?;
+                Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "name_map: auto: no built-in map accounts for every tensor of {files}; \
+                         nearest `{}` leaves {} unaccounted, first {} (write a map file, or \
+                         name a map and accept the rest as kept/dropped)",
+                        m.source,
+                        acc.unaccounted(),
+                        acc.first_unaccounted(3).join(", ")
+                    ),
+                ))
+            }
+            _ => Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "name_map: auto: the maps {} all account for every tensor of {files}; name \
+                     one",
+                    complete
+                        .iter()
+                        .map(|m| format!("`{m}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
     }
 
     /// A map file (YAML or JSON): a list of `{pattern, replace}` rules.
@@ -141,9 +437,15 @@ impl NameMap {
     /// The receiver names `name` maps to: itself when no rule matches,
     /// several names, or none (dropped).
     pub fn apply(&self, name: &str) -> Vec<String> {
+        self.apply_rule(name).1
+    }
+
+    /// [`apply`](Self::apply), and whether a rule matched (a drop by a
+    /// rule is accounted for; an unmatched name is used unchanged).
+    fn apply_rule(&self, name: &str) -> (bool, Vec<String>) {
         for rule in &self.rules {
             if let Some(captures) = rule.pattern.captures(name) {
-                return rule
+                let names = rule
                     .replacements
                     .iter()
                     .map(|r| {
@@ -152,9 +454,24 @@ impl NameMap {
                         out
                     })
                     .collect();
+                return (true, names);
             }
         }
-        vec![name.to_string()]
+        (false, vec![name.to_string()])
+    }
+
+    /// Whether B's tensor `name` is dropped on purpose: by a rule with no
+    /// replacement, or as an optional tensor whose target A lacks.
+    pub fn drops(&self, name: &str, receiver_has: impl Fn(&str) -> bool) -> bool {
+        let (matched, targets) = self.apply_rule(name);
+        (matched && targets.is_empty())
+            || (self.optional.iter().any(|r| r.is_match(name))
+                && !targets.iter().all(|t| receiver_has(t)))
+    }
+
+    /// Whether A's tensor `name` is one the map keeps from A.
+    pub fn keeps(&self, name: &str) -> bool {
+        self.receiver_only.iter().any(|r| r.is_match(name))
     }
 }
 
@@ -192,6 +509,162 @@ mod tests {
         assert!(map
             .apply("model.layers.0.self_attn.rotary_emb.inv_freq")
             .is_empty());
+    }
+
+    #[test]
+    fn llava_hf_maps_take_either_naming() {
+        let owl = NameMap::builtin("llava-hf-to-mplug-owl2").unwrap();
+        for prefix in ["language_model.model.", "model.language_model."] {
+            assert_eq!(
+                owl.apply(&format!("{prefix}layers.3.self_attn.v_proj.weight")),
+                [
+                    "model.layers.3.self_attn.v_proj.multiway.0.weight",
+                    "model.layers.3.self_attn.v_proj.multiway.1.weight"
+                ]
+            );
+            assert_eq!(
+                owl.apply(&format!("{prefix}layers.3.mlp.up_proj.weight")),
+                ["model.layers.3.mlp.up_proj.weight"]
+            );
+        }
+        assert_eq!(
+            owl.apply("language_model.lm_head.weight"),
+            ["lm_head.weight"]
+        );
+        assert!(owl.apply("multi_modal_projector.linear_2.bias").is_empty());
+        assert!(owl
+            .apply("vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
+            .is_empty());
+        assert!(owl.keeps("model.visual_abstractor.vit_eos"));
+        let llava = NameMap::builtin("llava-hf-to-llava").unwrap();
+        assert_eq!(
+            llava.apply("model.multi_modal_projector.linear_2.weight"),
+            ["model.mm_projector.2.weight"]
+        );
+        assert_eq!(
+            llava.apply("multi_modal_projector.linear_1.bias"),
+            ["model.mm_projector.0.bias"]
+        );
+        assert_eq!(
+            llava.apply("vision_tower.vision_model.post_layernorm.weight"),
+            ["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"]
+        );
+        // Released LLaVA has no tower: dropped on purpose then, mapped otherwise.
+        let tower = "vision_tower.vision_model.post_layernorm.weight";
+        assert!(llava.drops(tower, |_| false));
+        assert!(!llava.drops(tower, |_| true));
+    }
+
+    #[test]
+    fn accounting_sorts_every_tensor_into_one_class() {
+        let map = NameMap::builtin("llava-1.5-to-mplug-owl2").unwrap();
+        let a = [
+            "model.layers.0.self_attn.k_proj.multiway.0.weight",
+            "model.layers.0.self_attn.k_proj.multiway.1.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.visual_abstractor.visual_fc.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+        ];
+        let b = [
+            "model.layers.0.self_attn.k_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.mm_projector.0.weight",
+            "model.extra.weight",
+        ];
+        let acc = map.account(a, b);
+        assert_eq!(acc.mapped.len(), 1);
+        assert_eq!(acc.one_to_many.len(), 1);
+        assert_eq!(acc.one_to_many[0].1.len(), 2);
+        assert_eq!(
+            acc.kept_from_a,
+            ["model.visual_abstractor.visual_fc.weight"]
+        );
+        assert_eq!(acc.dropped_from_b, ["model.mm_projector.0.weight"]);
+        assert_eq!(
+            acc.unaccounted_a,
+            ["model.layers.0.self_attn.q_proj.weight"]
+        );
+        assert_eq!(acc.unaccounted_b, ["model.extra.weight"]);
+        assert_eq!(acc.unaccounted(), 2);
+    }
+
+    #[test]
+    fn detection_refuses_no_match_and_two_matches() {
+        let (a, b) = (Path::new("a"), Path::new("b"));
+        // Same names on both sides: only identity fits (the built-in maps'
+        // rules fire on nothing, so they do not count).
+        let names = ["model.layers.0.mlp.up_proj.weight"];
+        let (map, _) = NameMap::detect(names, names, a, b).unwrap();
+        assert_eq!(map.source, "identity");
+        // An original-layout vision tower both the mPLUG-Owl2 and the
+        // ShareGPT4V → LLaVA maps drop: two maps fit, `auto` cannot choose.
+        let e = NameMap::detect(
+            names,
+            [
+                "model.layers.0.mlp.up_proj.weight",
+                "model.vision_tower.x.weight",
+            ],
+            a,
+            b,
+        )
+        .unwrap_err();
+        assert!(
+            e.message()
+                .contains("`llava-1.5-to-mplug-owl2`, `sharegpt4v-to-llava`"),
+            "{e}"
+        );
+        // Nothing fits: the nearest map and its first unaccounted tensors.
+        let e = NameMap::detect(["x.weight"], ["y.weight"], a, b).unwrap_err();
+        assert!(
+            e.message()
+                .contains("nearest `identity` leaves 2 unaccounted"),
+            "{e}"
+        );
+        assert!(e.message().contains("B `y.weight`, A `x.weight`"), "{e}");
+        // One fits: only the mPLUG-Owl2 map feeds both k_proj copies.
+        let (map, acc) = NameMap::detect(
+            [
+                "model.layers.0.self_attn.k_proj.multiway.0.weight",
+                "model.layers.0.self_attn.k_proj.multiway.1.weight",
+                "lm_head.weight",
+            ],
+            [
+                "language_model.model.layers.0.self_attn.k_proj.weight",
+                "language_model.lm_head.weight",
+                "multi_modal_projector.linear_1.weight",
+            ],
+            a,
+            b,
+        )
+        .unwrap();
+        assert_eq!(map.source, "llava-hf-to-mplug-owl2");
+        assert_eq!(acc.one_to_many.len(), 1);
+        assert_eq!(
+            acc.dropped_from_b,
+            ["multi_modal_projector.linear_1.weight"]
+        );
+    }
+
+    #[test]
+    fn sharegpt4v_and_llava_differ_by_the_stored_vision_tower() {
+        let (a, b) = (Path::new("a"), Path::new("b"));
+        let lm = [
+            "model.layers.0.mlp.up_proj.weight",
+            "model.mm_projector.0.weight",
+            "lm_head.weight",
+        ];
+        let tower = "model.vision_tower.vision_tower.vision_model.post_layernorm.weight";
+        let with_tower: Vec<&str> = lm.iter().copied().chain([tower]).collect();
+        let (map, acc) = NameMap::detect(lm, with_tower.clone(), a, b).unwrap();
+        assert_eq!(map.source, "sharegpt4v-to-llava");
+        assert_eq!(acc.dropped_from_b, [tower]);
+        assert_eq!(acc.mapped.len(), 3);
+        let (map, acc) = NameMap::detect(with_tower.clone(), lm, a, b).unwrap();
+        assert_eq!(map.source, "llava-to-sharegpt4v");
+        assert_eq!(acc.kept_from_a, [tower]);
+        // Both store it: the same layout, the identity.
+        let (map, _) = NameMap::detect(with_tower.clone(), with_tower, a, b).unwrap();
+        assert_eq!(map.source, "identity");
     }
 
     #[test]

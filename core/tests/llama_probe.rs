@@ -510,8 +510,15 @@ fn configs_the_probe_cannot_run_are_refused_by_key() {
     assert!(e.message().contains("low_freq_factor"), "{e}");
     let e = with(json!({"hidden_act": "gelu"}));
     assert_eq!(e.tensor(), Some("hidden_act"), "{e}");
+    // Biases are supported now; a config announcing them names the first
+    // one the checkpoint lacks.
     let e = with(json!({"attention_bias": true}));
-    assert_eq!(e.tensor(), Some("attention_bias"), "{e}");
+    assert_eq!(
+        e.tensor(),
+        Some("model.layers.0.self_attn.q_proj.bias"),
+        "{e}"
+    );
+    assert!(e.message().contains("missing"), "{e}");
     let e = with(json!({"num_key_value_heads": 3}));
     assert!(e.message().contains("do not divide"), "{e}");
     let e = with(json!({"hidden_size": null}));

@@ -1,24 +1,36 @@
-//! LLaMA-family decoders (LLaMA 1–3, Vicuna, LLaVA-1.5's and mPLUG-Owl2's
-//! language models): a pure-Rust CPU forward pass that records every linear
-//! layer for the probe (SPEC §1.1).
+//! LLaMA-family decoders (LLaMA 1–3, Vicuna, Qwen2, LLaVA-1.5's and
+//! mPLUG-Owl2's language models): a pure-Rust CPU forward pass that records
+//! every linear layer for the probe (SPEC §1.1).
 //!
 //! # Model directory
 //!
 //! A Hugging Face directory: `config.json` ([`LlamaConfig`]: sizes, RMSNorm
 //! epsilon, `rope_theta`, `rope_scaling` linear, dynamic or llama3,
-//! grouped-query attention, tied embeddings) beside `model.safetensors` or
-//! shards with their index. [`ARCHITECTURE`] claims a directory whose
-//! `config.json` has `model_type` `llama` or `mplug_owl2`, or an
-//! `architectures` entry containing `Llama` or `MPLUGOwl2`.
+//! grouped-query attention, tied embeddings, biases) beside
+//! `model.safetensors` or shards with their index. [`ARCHITECTURE`] claims a
+//! directory whose `config.json` has `model_type` `llama`, `mplug_owl2` or
+//! `qwen2`, an `architectures` entry containing `Llama` or `MPLUGOwl2`, or
+//! is a vision-language checkpoint (`model_type` `llava`, `llava_next`,
+//! `llava_onevision`) whose nested `text_config` is one of those: only its
+//! language model runs.
 //!
 //! Tensors (`[out, in]`, F32, F16 or BF16; others are ignored — vision
-//! towers, projectors, `rotary_emb.inv_freq`): `model.embed_tokens.weight`,
-//! per layer `model.layers.N.` + `input_layernorm`, `self_attn.{q,k,v,o}_proj`,
-//! `post_attention_layernorm`, `mlp.{gate,up,down}_proj`, then
-//! `model.norm.weight` and `lm_head.weight` (absent when tied; a checkpoint
-//! without it runs the probe but has no logits). Every name,
-//! dtype and shape is checked when the model is opened, before any weight is
-//! read.
+//! towers, projectors, `rotary_emb.inv_freq`), under a prefix `P`:
+//! `P embed_tokens.weight`, per layer `P layers.N.` + `input_layernorm`,
+//! `self_attn.{q,k,v,o}_proj`, `post_attention_layernorm`,
+//! `mlp.{gate,up,down}_proj`, then `P norm.weight` and the output
+//! projection (absent when tied; a checkpoint without it runs the probe but
+//! has no logits). `P` is the first of `model.` (a plain decoder, the
+//! original LLaVA and mPLUG-Owl2 layouts; head `lm_head.weight`),
+//! `language_model.model.` (llava-hf as saved; head
+//! `language_model.lm_head.weight`) and `model.language_model.` (newer
+//! transformers' in-memory names; head `lm_head.weight`) whose embedding is
+//! present. Recorded layers keep the checkpoint's names, so statistics line
+//! up with the merge. Biases (`.bias`, `[out]`) are read where the config
+//! implies them — q/k/v for a Qwen2 `model_type`, q/k/v/o for LLaMA's
+//! `attention_bias`, the MLP for `mlp_bias` — and a bias it does not imply is
+//! refused rather than ignored. Every name, dtype and shape is checked when
+//! the model is opened, before any weight is read.
 //!
 //! # Modality-adaptive layers (mPLUG-Owl2)
 //!
@@ -71,7 +83,7 @@
 //! For every linear layer (q, k, v, o, gate, up, down, each multiway copy;
 //! not `lm_head`, which SPEC §1.4 merges without statistics) the probe
 //! pushes one batch per example: `x` the layer's input rows, `y` its output
-//! before any nonlinearity (q and k before the rotary embedding, gate
+//! (bias included) before any nonlinearity (q and k before the rotary embedding, gate
 //! before the SiLU), one row per token that went through the layer.
 
 mod config;
@@ -139,13 +151,30 @@ pub struct Hook<'a> {
 struct Routed {
     /// Layer names (tensor names without `.weight`), one per copy.
     layers: Vec<String>,
+    /// Whether each copy has a `.bias` (checked against the config).
+    bias: bool,
 }
 
 impl Routed {
     fn tensor(&self, copy: usize) -> String {
         format!("{}.weight", self.layers[copy])
     }
+
+    fn bias(&self, copy: usize) -> Option<String> {
+        self.bias.then(|| format!("{}.bias", self.layers[copy]))
+    }
 }
+
+/// Where the language model's tensors live in a checkpoint: the prefix of
+/// `embed_tokens`, `layers.N.*` and `norm` (`model.` for a plain decoder,
+/// `language_model.model.` as llava-hf checkpoints store it,
+/// `model.language_model.` as newer `transformers` names it in memory), and
+/// the output projection's name.
+const LAYOUTS: [(&str, &str); 3] = [
+    ("model.", "lm_head.weight"),
+    ("language_model.model.", "language_model.lm_head.weight"),
+    ("model.language_model.", "lm_head.weight"),
+];
 
 #[derive(Debug, Clone)]
 struct DecoderLayer {
@@ -217,6 +246,8 @@ pub struct Llama {
     layers: Vec<DecoderLayer>,
     /// Copies per multiway module (1 without any).
     copies: usize,
+    /// The language model's tensor prefix ([`LAYOUTS`]), e.g. `model.`.
+    prefix: String,
     embed: String,
     norm: String,
     /// The output projection (the embedding when tied); `None` when the
@@ -224,10 +255,6 @@ pub struct Llama {
     lm_head: Option<String>,
     counters: Counters,
 }
-
-const EMBED: &str = "model.embed_tokens.weight";
-const FINAL_NORM: &str = "model.norm.weight";
-const LM_HEAD: &str = "lm_head.weight";
 
 impl Llama {
     /// Opens the model directory `dir`: its checkpoint, `config.json`, and
@@ -244,8 +271,21 @@ impl Llama {
     /// [`Llama::load`] with the `config.json` (and tokenizer) of `dir` and
     /// the tensors of `checkpoint` (e.g. [`Checkpoint::with_overrides`]).
     pub fn load_with(dir: &Path, checkpoint: Checkpoint) -> Result<Llama> {
+        // The first layout whose embedding is present; a checkpoint with none
+        // is reported against the plain layout's name.
+        let (prefix, lm_head_name) = LAYOUTS
+            .iter()
+            .copied()
+            .find(|(p, _)| {
+                checkpoint
+                    .info(&format!("{p}embed_tokens.weight"))
+                    .is_some()
+            })
+            .unwrap_or(LAYOUTS[0]);
+        let embed = format!("{prefix}embed_tokens.weight");
+        let final_norm = format!("{prefix}norm.weight");
         let rows = checkpoint
-            .info(EMBED)
+            .info(&embed)
             .and_then(|t| t.shape.first().copied());
         let config = LlamaConfig::load(dir, rows)?;
         let err = |tensor: &str, msg: String| {
@@ -274,7 +314,7 @@ impl Llama {
             }
             Ok(())
         };
-        let routed = |base: String| -> Result<Routed> {
+        let routed = |base: String, bias: bool| -> Result<Routed> {
             let plain = checkpoint.info(&format!("{base}.weight")).is_some();
             let mut copies = Vec::new();
             while checkpoint
@@ -291,25 +331,32 @@ impl Llama {
                          which one the model uses is ambiguous"
                     ),
                 )),
-                (_, true) => Ok(Routed { layers: vec![base] }),
-                (false, false) => Ok(Routed { layers: copies }),
+                (_, true) => Ok(Routed {
+                    layers: vec![base],
+                    bias,
+                }),
+                (false, false) => Ok(Routed {
+                    layers: copies,
+                    bias,
+                }),
             }
         };
         let h = config.hidden_size;
-        check(EMBED, &[config.vocab_size, h])?;
+        check(&embed, &[config.vocab_size, h])?;
+        let (qkv, o, mlp) = (config.qkv_bias, config.o_bias, config.mlp_bias);
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{l}");
+            let p = format!("{prefix}layers.{l}");
             let layer = DecoderLayer {
-                input_norm: routed(format!("{p}.input_layernorm"))?,
-                q: routed(format!("{p}.self_attn.q_proj"))?,
-                k: routed(format!("{p}.self_attn.k_proj"))?,
-                v: routed(format!("{p}.self_attn.v_proj"))?,
-                o: routed(format!("{p}.self_attn.o_proj"))?,
-                post_norm: routed(format!("{p}.post_attention_layernorm"))?,
-                gate: routed(format!("{p}.mlp.gate_proj"))?,
-                up: routed(format!("{p}.mlp.up_proj"))?,
-                down: routed(format!("{p}.mlp.down_proj"))?,
+                input_norm: routed(format!("{p}.input_layernorm"), false)?,
+                q: routed(format!("{p}.self_attn.q_proj"), qkv)?,
+                k: routed(format!("{p}.self_attn.k_proj"), qkv)?,
+                v: routed(format!("{p}.self_attn.v_proj"), qkv)?,
+                o: routed(format!("{p}.self_attn.o_proj"), o)?,
+                post_norm: routed(format!("{p}.post_attention_layernorm"), false)?,
+                gate: routed(format!("{p}.mlp.gate_proj"), mlp)?,
+                up: routed(format!("{p}.mlp.up_proj"), mlp)?,
+                down: routed(format!("{p}.mlp.down_proj"), mlp)?,
             };
             for norm in [&layer.input_norm, &layer.post_norm] {
                 for c in 0..norm.layers.len() {
@@ -319,6 +366,22 @@ impl Llama {
             for (module, inn, out) in layer.linears(&config) {
                 for c in 0..module.layers.len() {
                     check(&module.tensor(c), &[out, inn])?;
+                    match module.bias(c) {
+                        Some(bias) => check(&bias, &[out])?,
+                        // A bias the config does not announce would be
+                        // silently ignored: refuse it instead.
+                        None => {
+                            let bias = format!("{}.bias", module.layers[c]);
+                            if checkpoint.info(&bias).is_some() {
+                                return Err(err(
+                                    &bias,
+                                    "a bias config.json does not announce (`attention_bias`, \
+                                     `mlp_bias`, or a Qwen2 model_type for q/k/v)"
+                                        .into(),
+                                ));
+                            }
+                        }
+                    }
                 }
             }
             for shared in [&layer.q, &layer.o, &layer.gate, &layer.up, &layer.down] {
@@ -333,14 +396,14 @@ impl Llama {
             }
             layers.push(layer);
         }
-        check(FINAL_NORM, &[h])?;
+        check(&final_norm, &[h])?;
         // The probe never needs `lm_head`: a checkpoint without it (a
         // classifier's backbone) still runs; only `logits` refuses.
         let lm_head = if config.tie_word_embeddings {
-            Some(EMBED)
-        } else if checkpoint.info(LM_HEAD).is_some() {
-            check(LM_HEAD, &[config.vocab_size, h])?;
-            Some(LM_HEAD)
+            Some(embed.clone())
+        } else if checkpoint.info(lm_head_name).is_some() {
+            check(lm_head_name, &[config.vocab_size, h])?;
+            Some(lm_head_name.to_string())
         } else {
             None
         };
@@ -373,9 +436,10 @@ impl Llama {
             checkpoint,
             layers,
             copies,
-            embed: EMBED.to_string(),
-            norm: FINAL_NORM.to_string(),
-            lm_head: lm_head.map(str::to_string),
+            prefix: prefix.to_string(),
+            embed,
+            norm: final_norm,
+            lm_head,
             counters: Counters::default(),
         })
     }
@@ -585,7 +649,8 @@ impl Llama {
     ) -> Result<Vec<f32>> {
         let t = routes.len();
         if module.layers.len() == 1 {
-            let y = linear(&self.view(&module.tensor(0)), x, t, in_f, out_f);
+            let mut y = linear(&self.view(&module.tensor(0)), x, t, in_f, out_f);
+            self.add_bias(module, 0, &mut y, out_f);
             visit(Hook {
                 layer: &module.layers[0],
                 rows: t,
@@ -604,13 +669,14 @@ impl Llama {
                 .iter()
                 .flat_map(|&i| x[i * in_f..(i + 1) * in_f].iter().copied())
                 .collect();
-            let ys = linear(
+            let mut ys = linear(
                 &self.view(&module.tensor(copy)),
                 &xs,
                 picked.len(),
                 in_f,
                 out_f,
             );
+            self.add_bias(module, copy, &mut ys, out_f);
             visit(Hook {
                 layer,
                 rows: picked.len(),
@@ -622,6 +688,25 @@ impl Llama {
             }
         }
         Ok(y)
+    }
+
+    /// Adds copy `copy`'s bias, if the module has one, to every row of `y`
+    /// (the hooked output includes it, as a `torch.nn.Linear` hook sees it).
+    fn add_bias(&self, module: &Routed, copy: usize, y: &mut [f32], out_f: usize) {
+        if let Some(bias) = module.bias(copy) {
+            let b = self.view(&bias).to_f32_vec();
+            for row in y.chunks_exact_mut(out_f) {
+                row.iter_mut().zip(&b).for_each(|(v, b)| *v += b);
+            }
+        }
+    }
+
+    /// The language model's tensor prefix: `model.` for a plain decoder,
+    /// `language_model.model.` or `model.language_model.` for a
+    /// vision-language checkpoint. Recorded layers are named
+    /// `{prefix}layers.N.…`, the checkpoint's own names.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     /// The tokens of example `id`, or why it does not fit.
@@ -709,6 +794,20 @@ impl ProbeModel for Llama {
             ", MLP {}, vocabulary {}",
             c.intermediate_size, c.vocab_size
         ));
+        if c.qkv_bias || c.o_bias || c.mlp_bias {
+            let which: Vec<&str> = [(c.qkv_bias, "q/k/v"), (c.o_bias, "o"), (c.mlp_bias, "MLP")]
+                .iter()
+                .filter(|(on, _)| *on)
+                .map(|(_, w)| *w)
+                .collect();
+            text.push_str(&format!(", biases on {}", which.join(", ")));
+        }
+        if c.rope_theta != 10000.0 {
+            text.push_str(&format!(", rope θ {}", c.rope_theta));
+        }
+        if self.prefix != "model." {
+            text.push_str(&format!(", language model under `{}`", self.prefix));
+        }
         match c.rope_scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => text.push_str(&format!(", rope linear ×{factor}")),
@@ -733,7 +832,7 @@ impl ProbeModel for Llama {
         let names: BTreeSet<String> = self.layers().into_iter().map(|l| l.name).collect();
         let mut out = BTreeMap::new();
         for n in 0..self.layers.len() {
-            let p = format!("model.layers.{n}.");
+            let p = format!("{}layers.{n}.", self.prefix);
             let q = format!("{p}self_attn.q_proj");
             for alias in ["k_proj", "v_proj"] {
                 let alias = format!("{p}self_attn.{alias}");
@@ -755,7 +854,7 @@ impl ProbeModel for Llama {
     }
 
     fn block_of(&self, layer: &str) -> Option<usize> {
-        let rest = layer.strip_prefix("model.layers.")?;
+        let rest = layer.strip_prefix(&self.prefix)?.strip_prefix("layers.")?;
         rest.split('.').next()?.parse().ok()
     }
 

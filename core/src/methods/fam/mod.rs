@@ -34,11 +34,33 @@ struct FamState {
     alignments: Vec<tensor::GroupAlignment>,
     lambdas: (f32, f32),
     grid: Option<tensor::LambdaGrid>,
+    /// The map used (the one `auto` picked) and how it accounts for the pair.
+    name_map: (String, bool, crate::namemap::Accounting),
+    /// [`vocabulary_mismatches`].
+    vocabulary: Vec<Value>,
+}
+
+/// The report's account of a name map: which map, whether `auto` picked
+/// it, and the tensors in each class (SPEC §5).
+pub fn accounting_report(source: &str, detected: bool, acc: &crate::namemap::Accounting) -> Value {
+    json!({
+        "map": source,
+        "detected": detected,
+        "mapped": acc.mapped.len(),
+        "one_to_many": acc.one_to_many.iter().map(|(b, a)| json!({"b": b, "a": a})).collect::<Vec<_>>(),
+        "kept_from_a": acc.kept_from_a,
+        "dropped_from_b": acc.dropped_from_b,
+        "unaccounted_a": acc.unaccounted_a,
+        "unaccounted_b": acc.unaccounted_b,
+    })
 }
 
 impl FamState {
     fn report(&self) -> Value {
+        let (source, detected, acc) = &self.name_map;
         json!({
+            "name_map": accounting_report(source, *detected, acc),
+            "vocabulary": self.vocabulary,
             "groups": self.alignments.iter().map(tensor::GroupAlignment::summary).collect::<Vec<_>>(),
             "mapping": self.alignments.iter().map(|a| json!({"group": a.name, "b_neuron_of_a": a.matching})).collect::<Vec<_>>(),
             "lambda_proj": self.lambdas.0,
@@ -167,10 +189,13 @@ impl Method for Fam {
         } else {
             ((settings.lambda_proj, settings.lambda_ortho), None)
         };
+        let (map, accounting) = resolve_name_map(settings, merge.inputs())?;
         let state = FamState {
             alignments,
             lambdas,
             grid,
+            name_map: (map.source.clone(), settings.name_map.is_auto(), accounting),
+            vocabulary: vocabulary_mismatches(merge.plan(), merge.inputs()),
         };
         Ok(Prepared {
             report: Some(("fam", state.report())),
@@ -396,13 +421,16 @@ fn fam_settings(input: &SettingsInput<'_>) -> Result<FamSettings> {
         Some(NameMapSpec::Builtin(name)) if name == "identity" => {
             crate::namemap::NameMap::identity()
         }
+        Some(NameMapSpec::Builtin(name)) if name == crate::namemap::AUTO => {
+            crate::namemap::NameMap::auto()
+        }
         Some(NameMapSpec::Builtin(name)) => {
             crate::namemap::NameMap::builtin(name).ok_or_else(|| {
                 config_error(
                     name_map_at,
                     "name_map",
                     format!(
-                        "unknown built-in name map `{name}`; built in: identity, {}",
+                        "unknown built-in name map `{name}`; built in: auto, identity, {}",
                         crate::namemap::BUILTIN.join(", ")
                     ),
                 )
@@ -519,16 +547,41 @@ fn resolve_groups(spec: &GroupsSpec, receiver: &Checkpoint) -> Vec<NeuronGroup> 
 /// Plans a FAM merge (SPEC §2, §5): maps B's names into A's, resolves the
 /// neuron groups, and decides per tensor of A whether it is fused by rows
 /// (aligned by its groups), averaged, or kept.
+/// The name map of a FAM merge: the configured one, or for `name_map:
+/// auto` the built-in map that accounts for every tensor of the pair
+/// ([`crate::namemap::NameMap::detect`]), with its accounting.
+pub fn resolve_name_map(
+    settings: &FamSettings,
+    inputs: &Inputs,
+) -> Result<(crate::namemap::NameMap, crate::namemap::Accounting)> {
+    let a = &inputs.receiver().checkpoint;
+    let b = &inputs.contributor(0).checkpoint;
+    let names =
+        |c: &Checkpoint| -> Vec<String> { c.tensors().iter().map(|t| t.name.clone()).collect() };
+    let (a_names, b_names) = (names(a), names(b));
+    let a_iter = a_names.iter().map(String::as_str);
+    let b_iter = b_names.iter().map(String::as_str);
+    if settings.name_map.is_auto() {
+        crate::namemap::NameMap::detect(a_iter, b_iter, a.root(), b.root())
+    } else {
+        let accounting = settings.name_map.account(a_iter, b_iter);
+        Ok((settings.name_map.clone(), accounting))
+    }
+}
+
 fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Result<Plan> {
     let mut problems = Problems::default();
     let receiver = &inputs.receiver().checkpoint;
     let contributor = inputs.contributor(0);
     let b = &contributor.checkpoint;
+    let (name_map, _) = resolve_name_map(settings, inputs)?;
     let mut b_for_a: BTreeMap<String, String> = BTreeMap::new();
     let mut dropped = Vec::new();
+    // Dropped on purpose (a rule, or an optional tensor A lacks): accounted
+    // for, so `--strict` lets it pass.
+    let mut dropped_by_map = std::collections::BTreeSet::new();
     for info in b.tensors() {
-        let targets: Vec<String> = settings
-            .name_map
+        let targets: Vec<String> = name_map
             .apply(&info.name)
             .into_iter()
             .filter(|t| receiver.info(t).is_some())
@@ -538,6 +591,9 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                 contributor: 0,
                 name: info.name.clone(),
             });
+            if name_map.drops(&info.name, |t| receiver.info(t).is_some()) {
+                dropped_by_map.insert(info.name.clone());
+            }
         }
         for target in targets {
             if let Some(previous) = b_for_a.insert(target.clone(), info.name.clone()) {
@@ -639,12 +695,16 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                 },
                 Some(other) => {
                     float_check(&mut problems, b, other);
+                    // Vocabulary rows may differ (Qwen's 151646 vs 152064):
+                    // the kernel merges the common rows and keeps A's extra
+                    // ones; B's extra rows are dropped. The report lists both.
+                    let vocab = is_vocabulary_tensor(&info.name);
                     let fits =
                         other.shape.len() == info.shape.len()
                             && other.shape.iter().zip(&info.shape).enumerate().all(
                                 |(axis, (x, y))| {
                                     x == y
-                                        || (axis == 0 && rows_of.is_some())
+                                        || (axis == 0 && (rows_of.is_some() || vocab))
                                         || (axis == 1 && cols_of.is_some())
                                 },
                             );
@@ -657,7 +717,8 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                     }
                 }
             };
-        if let (TensorRule::Copy { reason }, true) = (&rule, config.strict) {
+        let kept_by_map = source.is_none() && name_map.keeps(&info.name);
+        if let (TensorRule::Copy { reason }, true, false) = (&rule, config.strict, kept_by_map) {
             problems.push(
                 Error::new(
                     ErrorKind::Plan,
@@ -686,7 +747,7 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
         });
     }
     if config.strict {
-        for d in &dropped {
+        for d in dropped.iter().filter(|d| !dropped_by_map.contains(&d.name)) {
             problems.push(
                 Error::new(
                     ErrorKind::Plan,
@@ -704,6 +765,38 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
         layers: layer_count(receiver),
         groups: group_plans,
     })
+}
+
+/// Whether a receiver tensor's rows are the vocabulary (token embeddings,
+/// output projection), which may differ in count between the pair.
+pub fn is_vocabulary_tensor(name: &str) -> bool {
+    name.ends_with("embed_tokens.weight") || name.ends_with("lm_head.weight")
+}
+
+/// Vocabulary tensors whose row counts differ between the pair: per tensor,
+/// the rows merged (the common ones), A's extra rows kept and B's extra
+/// rows dropped (SPEC §5: nothing is truncated silently).
+pub fn vocabulary_mismatches(plan: &Plan, inputs: &Inputs) -> Vec<Value> {
+    let b = &inputs.contributor(0).checkpoint;
+    plan.tensors
+        .iter()
+        .filter(|t| is_vocabulary_tensor(&t.name) && matches!(t.rule, TensorRule::Fam { .. }))
+        .filter_map(|t| {
+            let rows_b = *b.info(t.source.as_deref()?)?.shape.first()?;
+            let rows_a = *t.shape.first()?;
+            (rows_a != rows_b).then(|| {
+                json!({
+                    "tensor": t.name,
+                    "source": t.source,
+                    "rows_a": rows_a,
+                    "rows_b": rows_b,
+                    "merged_rows": rows_a.min(rows_b),
+                    "kept_from_a": rows_a.saturating_sub(rows_b),
+                    "dropped_from_b": rows_b.saturating_sub(rows_a),
+                })
+            })
+        })
+        .collect()
 }
 
 fn fam_rule(

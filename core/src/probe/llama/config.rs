@@ -72,6 +72,14 @@ pub struct LlamaConfig {
     pub max_position_embeddings: usize,
     /// `tie_word_embeddings` (default false): logits use the embedding.
     pub tie_word_embeddings: bool,
+    /// Biases on the query, key and value projections (Qwen2 always;
+    /// LLaMA with `attention_bias`).
+    pub qkv_bias: bool,
+    /// A bias on the output projection (LLaMA with `attention_bias`; never
+    /// Qwen2).
+    pub o_bias: bool,
+    /// Biases on the MLP's three projections (LLaMA's `mlp_bias`).
+    pub mlp_bias: bool,
 }
 
 impl LlamaConfig {
@@ -98,6 +106,9 @@ impl LlamaConfig {
             rope_scaling: RopeScaling::None,
             max_position_embeddings: 2048,
             tie_word_embeddings: false,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
         }
     }
 
@@ -196,11 +207,14 @@ impl LlamaConfig {
     /// Read: `hidden_size`, `intermediate_size`, `num_hidden_layers`,
     /// `num_attention_heads` (required); `vocab_size` (default: the
     /// `embedding_rows` given, the embedding's row count), and the optional
-    /// keys of [`LlamaConfig`]'s fields. `rope_theta` and `rope_scaling`
+    /// keys of [`LlamaConfig`]'s fields; `attention_bias` and `mlp_bias`
+    /// (LLaMA), biases on q/k/v for a Qwen2 `model_type`. A vision-language
+    /// config (`model_type` `llava`, `llava_next`, `llava_onevision`) is read
+    /// from its nested `text_config`. `rope_theta` and `rope_scaling`
     /// may also come from `rope_parameters` (transformers 5). Refused
     /// ([`ErrorKind::InvalidInput`], naming the key): a missing or
-    /// non-integer size, `hidden_act` other than `silu`, `attention_bias` or
-    /// `mlp_bias` true, a `rope_scaling` type other than linear, dynamic and
+    /// non-integer size, `hidden_act` other than `silu`, Qwen2's
+    /// sliding-window attention, a `rope_scaling` type other than linear, dynamic and
     /// llama3 (yarn, longrope, …), and whatever [`validate`](Self::validate)
     /// refuses.
     pub fn from_json(
@@ -214,6 +228,7 @@ impl LlamaConfig {
         let Value::Object(obj) = value else {
             return Err(Error::new(ErrorKind::InvalidInput, "not a JSON object").with_file(file));
         };
+        let obj = language_model_config(&obj);
         LlamaConfig::from_object(&obj, embedding_rows).map_err(|e| e.with_file(file))
     }
 
@@ -273,12 +288,29 @@ impl LlamaConfig {
                 ));
             }
         }
-        for key in ["attention_bias", "mlp_bias"] {
-            if flag(key)? {
+        // Qwen2 hard-codes biases on q/k/v (and none on o); its config.json
+        // has no `attention_bias` key. LLaMA's `attention_bias` covers all four.
+        let qwen2 = obj
+            .get("model_type")
+            .and_then(Value::as_str)
+            .is_some_and(is_qwen2_type);
+        let attention_bias = flag("attention_bias")?;
+        let mlp_bias = flag("mlp_bias")?;
+        if qwen2 {
+            if flag("use_sliding_window")? {
                 return Err(err(
-                    key,
-                    format!("`{key}` is true: linear layers with biases are not supported yet"),
+                    "use_sliding_window",
+                    "`use_sliding_window` is true: sliding-window attention is not supported"
+                        .into(),
                 ));
+            }
+            if let Some(Value::Array(types)) = obj.get("layer_types") {
+                if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+                    return Err(err(
+                        "layer_types",
+                        format!("layer type {t}: only full_attention is supported"),
+                    ));
+                }
             }
         }
         let hidden_size = required("hidden_size")?;
@@ -302,6 +334,9 @@ impl LlamaConfig {
             rope_scaling: RopeScaling::None,
             max_position_embeddings: size("max_position_embeddings")?.unwrap_or(2048),
             tie_word_embeddings: flag("tie_word_embeddings")?,
+            qkv_bias: qwen2 || attention_bias,
+            o_bias: !qwen2 && attention_bias,
+            mlp_bias,
         };
         let scaling = match obj.get("rope_parameters") {
             Some(Value::Object(p)) => {
@@ -384,7 +419,8 @@ impl LlamaConfig {
     }
 
     /// A `config.json` for this config (`LlamaForCausalLM`, `model_type`
-    /// `llama`, F32 weights), which [`from_json`](Self::from_json) reads
+    /// `llama`, or `Qwen2ForCausalLM` for biases on q/k/v only; F32
+    /// weights), which [`from_json`](Self::from_json) reads
     /// back to an equal config.
     pub fn to_json(&self) -> String {
         let scaling = match self.rope_scaling {
@@ -404,9 +440,19 @@ impl LlamaConfig {
                 "original_max_position_embeddings": original_max_position_embeddings,
             }),
         };
+        // Biases on q/k/v only are Qwen2's layout, which its config implies
+        // by its type; LLaMA states them with `attention_bias`.
+        let qwen2 = self.qkv_bias && !self.o_bias;
+        let (architecture, model_type) = if qwen2 {
+            ("Qwen2ForCausalLM", "qwen2")
+        } else {
+            ("LlamaForCausalLM", "llama")
+        };
         let value = json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [architecture],
+            "model_type": model_type,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
             "hidden_act": "silu",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -428,14 +474,55 @@ impl LlamaConfig {
     }
 }
 
+/// `model_type`s of Qwen2 language models (biases on q/k/v): Qwen2 itself
+/// and the text part of Qwen2-VL.
+fn is_qwen2_type(t: &str) -> bool {
+    matches!(t, "qwen2" | "qwen2_vl_text")
+}
+
+/// `model_type`s of vision-language checkpoints whose language model is
+/// described by a nested `text_config` (llava-hf's LLaVA-1.5, LLaVA-NeXT,
+/// LLaVA-OneVision; Qwen2-VL). Qwen2-VL's multimodal rope (`mrope_section`)
+/// gives every token of a text-only sequence the same position on its
+/// three axes, where it is the plain rope: the probe runs token ids only.
+const NESTED: [&str; 4] = ["llava", "llava_next", "llava_onevision", "qwen2_vl"];
+
+/// The object describing the language model: the nested `text_config` of a
+/// vision-language checkpoint ([`NESTED`]), with the top level's
+/// `tie_word_embeddings` where the nested object lacks it (older llava-hf
+/// configs keep it at the top); the object itself otherwise — the original
+/// LLaVA release (`LlavaLlamaForCausalLM`) has `model_type` `llava` with
+/// the language model's keys at the top.
+fn language_model_config(obj: &Map<String, Value>) -> Map<String, Value> {
+    let model_type = obj.get("model_type").and_then(Value::as_str);
+    match obj.get("text_config") {
+        Some(Value::Object(text)) if model_type.is_some_and(|t| NESTED.contains(&t)) => {
+            let mut text = text.clone();
+            if !text.contains_key("tie_word_embeddings") {
+                if let Some(tie) = obj.get("tie_word_embeddings") {
+                    text.insert("tie_word_embeddings".into(), tie.clone());
+                }
+            }
+            text
+        }
+        _ => obj.clone(),
+    }
+}
+
 /// Whether a parsed `config.json` describes a model the LLaMA probe runs:
-/// `model_type` `llama` or `mplug_owl2`, or an `architectures` entry
-/// containing `Llama` or `MPLUGOwl2` (`LlamaForCausalLM`,
-/// `LlavaLlamaForCausalLM`, `MPLUGOwl2LlamaForCausalLM`).
+/// `model_type` `llama`, `mplug_owl2` or `qwen2`, or an `architectures`
+/// entry containing `Llama`, `MPLUGOwl2` or `Qwen2ForCausalLM`
+/// (`LlamaForCausalLM`, `LlavaLlamaForCausalLM`, `MPLUGOwl2LlamaForCausalLM`),
+/// or a vision-language checkpoint ([`NESTED`]) whose `text_config` is one.
 pub fn is_llama_config(value: &Value) -> bool {
     let model_type = value.get("model_type").and_then(Value::as_str);
-    if matches!(model_type, Some("llama" | "mplug_owl2")) {
+    if matches!(model_type, Some("llama" | "mplug_owl2")) || model_type.is_some_and(is_qwen2_type) {
         return true;
+    }
+    if let Some(text) = value.get("text_config") {
+        if model_type.is_some_and(|t| NESTED.contains(&t)) {
+            return is_llama_config(text);
+        }
     }
     value
         .get("architectures")
@@ -443,6 +530,6 @@ pub fn is_llama_config(value: &Value) -> bool {
         .is_some_and(|a| {
             a.iter()
                 .filter_map(Value::as_str)
-                .any(|s| s.contains("Llama") || s.contains("MPLUGOwl2"))
+                .any(|s| s.contains("Llama") || s.contains("MPLUGOwl2") || s == "Qwen2ForCausalLM")
         })
 }

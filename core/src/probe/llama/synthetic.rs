@@ -35,13 +35,29 @@ impl RandomModel {
         let c = &self.config;
         let (h, m) = (c.hidden_size, c.intermediate_size);
         let copies = |base: String, shape: Vec<usize>| -> Vec<(String, Vec<usize>)> {
-            if self.multiway > 1 {
+            let bias = (c.qkv_bias && shape.len() == 2).then(|| vec![shape[0]]);
+            let names: Vec<String> = if self.multiway > 1 {
                 (0..self.multiway)
-                    .map(|i| (format!("{base}.multiway.{i}.weight"), shape.clone()))
+                    .map(|i| format!("{base}.multiway.{i}"))
                     .collect()
             } else {
-                vec![(format!("{base}.weight"), shape)]
+                vec![base]
+            };
+            let mut out = Vec::new();
+            for name in names {
+                out.push((format!("{name}.weight"), shape.clone()));
+                if let Some(b) = &bias {
+                    out.push((format!("{name}.bias"), b.clone()));
+                }
             }
+            out
+        };
+        let linear = |name: String, shape: Vec<usize>, bias: bool| {
+            let mut out = vec![(format!("{name}.weight"), shape.clone())];
+            if bias {
+                out.push((format!("{name}.bias"), vec![shape[0]]));
+            }
+            out
         };
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -50,7 +66,11 @@ impl RandomModel {
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             out.extend(copies(format!("{p}.input_layernorm"), vec![h]));
-            out.push((format!("{p}.self_attn.q_proj.weight"), vec![c.q_width(), h]));
+            out.extend(linear(
+                format!("{p}.self_attn.q_proj"),
+                vec![c.q_width(), h],
+                c.qkv_bias,
+            ));
             out.extend(copies(
                 format!("{p}.self_attn.k_proj"),
                 vec![c.kv_width(), h],
@@ -59,11 +79,15 @@ impl RandomModel {
                 format!("{p}.self_attn.v_proj"),
                 vec![c.kv_width(), h],
             ));
-            out.push((format!("{p}.self_attn.o_proj.weight"), vec![h, c.q_width()]));
+            out.extend(linear(
+                format!("{p}.self_attn.o_proj"),
+                vec![h, c.q_width()],
+                c.o_bias,
+            ));
             out.extend(copies(format!("{p}.post_attention_layernorm"), vec![h]));
-            out.push((format!("{p}.mlp.gate_proj.weight"), vec![m, h]));
-            out.push((format!("{p}.mlp.up_proj.weight"), vec![m, h]));
-            out.push((format!("{p}.mlp.down_proj.weight"), vec![h, m]));
+            out.extend(linear(format!("{p}.mlp.gate_proj"), vec![m, h], c.mlp_bias));
+            out.extend(linear(format!("{p}.mlp.up_proj"), vec![m, h], c.mlp_bias));
+            out.extend(linear(format!("{p}.mlp.down_proj"), vec![h, m], c.mlp_bias));
         }
         out.push(("model.norm.weight".to_string(), vec![h]));
         if !c.tie_word_embeddings {
@@ -72,13 +96,14 @@ impl RandomModel {
         out
     }
 
-    /// The values of tensor `name` of `shape`: norms `1 + 0.1·N(0, 1)`, the
+    /// The values of tensor `name` of `shape`: biases `0.1·N(0, 1)`, norms `1 + 0.1·N(0, 1)`, the
     /// embedding `N(0, 1)`, other matrices `N(0, 1/in)` (activations stay
     /// of order one through the layers).
     pub fn values(&self, name: &str, shape: &[usize]) -> Vec<f32> {
         let n: usize = shape.iter().product();
         let mut rng = Rng::new(self.seed, name);
         match shape {
+            [_] if name.ends_with(".bias") => rng.normals(n, 0.1),
             [_] => rng.normals(n, 0.1).into_iter().map(|v| 1.0 + v).collect(),
             _ if name.contains("embed_tokens") => rng.normals(n, 1.0),
             _ => rng.normals(n, 1.0 / (shape[1] as f32).sqrt()),
