@@ -544,7 +544,11 @@ fn homologous_case(
         let mut best: Option<(f64, f64, Vec<Dense>)> = None;
         for &alpha in &ALPHA_GRID {
             let yaml = baseline_yaml(method, base, &paths, &[&format!("alpha: {alpha}")]);
-            let m = merger.run(&format!("{case}-{method}-grid-{alpha}"), &yaml, ctx.template)?;
+            let m = merger.run(
+                &format!("{case}-{method}-grid-{alpha}"),
+                &yaml,
+                ctx.template,
+            )?;
             let v = accs(&m.body, models, tasks, which, true);
             let score = v.iter().zip(&val_ft).map(|(a, f)| a / f).sum::<f64>() / k as f64;
             if best.as_ref().is_none_or(|b| score > b.0) {
@@ -679,14 +683,26 @@ pub const TA_TUNED: &str = "task_arithmetic, λ tuned on validation (labels)";
 /// The data-free subspace methods (SPEC §8): `(method, row at α = 1, row
 /// with α chosen on validation)`.
 pub const SUBSPACE: &[(&str, &str, &str)] = &[
-    ("tsv", "tsv (TSV-M, α = 1)", "tsv, α tuned on validation (labels)"),
-    ("iso_c", "iso_c (α = 1)", "iso_c, α tuned on validation (labels)"),
+    (
+        "tsv",
+        "tsv (TSV-M, α = 1)",
+        "tsv, α tuned on validation (labels)",
+    ),
+    (
+        "iso_c",
+        "iso_c (α = 1)",
+        "iso_c, α tuned on validation (labels)",
+    ),
     (
         "iso_cts",
         "iso_cts (common space 0.8, α = 1)",
         "iso_cts, α tuned on validation (labels)",
     ),
-    ("wudi", "wudi (closed form, α = 1)", "wudi, α tuned on validation (labels)"),
+    (
+        "wudi",
+        "wudi (closed form, α = 1)",
+        "wudi, α tuned on validation (labels)",
+    ),
 ];
 
 /// The α grid of the subspace methods' validation choice.
