@@ -131,8 +131,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::dtype::bf16_to_f32;
 use crate::dtype::Dtype;
+use crate::dtype::{bf16_to_f32, f16_to_f32};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{write_atomically, Checkpoint, OutputTensor, SafetensorsWriter};
 use crate::stats::{ActivationStats, LayerStats, Rows};
@@ -208,13 +208,17 @@ impl RecorderOptions {
     }
 }
 
-/// Activations as the hook has them: f32 values, or bf16 bit patterns.
+/// Activations as the hook has them: f32 values, or bf16 / f16 bit
+/// patterns (both widen to f32 exactly, so a batch gives the same
+/// statistics as its f32 widening).
 #[derive(Debug, Clone, Copy)]
 pub enum Activations<'a> {
     /// f32 values.
     F32(&'a [f32]),
     /// bf16 values as their `u16` bit patterns (exactly representable in f32).
     Bf16(&'a [u16]),
+    /// IEEE f16 values as their `u16` bit patterns (exactly representable in f32).
+    F16(&'a [u16]),
 }
 
 impl Activations<'_> {
@@ -222,7 +226,7 @@ impl Activations<'_> {
     pub fn len(&self) -> usize {
         match self {
             Activations::F32(v) => v.len(),
-            Activations::Bf16(v) => v.len(),
+            Activations::Bf16(v) | Activations::F16(v) => v.len(),
         }
     }
 
@@ -372,6 +376,7 @@ fn sums_of(
     let sums = match values {
         Activations::F32(v) => column_sums(v, width, |x| x),
         Activations::Bf16(v) => column_sums(v, width, bf16_to_f32),
+        Activations::F16(v) => column_sums(v, width, f16_to_f32),
     };
     sums.map_err(|(r, c, v)| {
         let what = if v.is_nan() {
@@ -390,6 +395,7 @@ fn decode_f64(values: Activations<'_>) -> Vec<f64> {
     match values {
         Activations::F32(v) => v.iter().map(|&x| x as f64).collect(),
         Activations::Bf16(v) => v.iter().map(|&x| bf16_to_f32(x) as f64).collect(),
+        Activations::F16(v) => v.iter().map(|&x| f16_to_f32(x) as f64).collect(),
     }
 }
 
@@ -555,6 +561,27 @@ impl Recorder {
             rows,
             x: Activations::Bf16(x),
             y: Activations::Bf16(y),
+            example,
+            modality,
+        })
+    }
+
+    /// Pushes `rows` IEEE f16 tokens (bit patterns) of example `example`
+    /// through `layer`: [`push`](Self::push) with [`Activations::F16`].
+    pub fn push_f16(
+        &self,
+        layer: &str,
+        rows: usize,
+        x: &[u16],
+        y: &[u16],
+        example: u64,
+        modality: u8,
+    ) -> Result<()> {
+        self.push(&Batch {
+            layer,
+            rows,
+            x: Activations::F16(x),
+            y: Activations::F16(y),
             example,
             modality,
         })

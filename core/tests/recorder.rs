@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use flatmerge::demo::Rng;
-use flatmerge::dtype::{bf16_to_f32, f32_to_bf16};
+use flatmerge::dtype::{bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16};
 use flatmerge::recorder::{Activations, Batch, MissingRows, Recorder, RecorderOptions};
 use flatmerge::stats::ActivationStats;
 use flatmerge::{Error, ErrorKind};
@@ -330,6 +330,46 @@ fn bf16_pushes_equal_f32_pushes_of_the_same_values() {
     for (a, b) in got.iter().zip(&want) {
         assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0));
     }
+}
+
+#[test]
+fn f16_pushes_equal_f32_pushes_of_the_same_values_grams_included() {
+    let dir = tempfile::tempdir().unwrap();
+    // Dyadic values in [-4, 4]: within f16's range, so none overflows.
+    let data = pushes(5, true, 7);
+    let with_gram = || {
+        Recorder::new(RecorderOptions {
+            gram: true,
+            ..recorder(5).options().clone()
+        })
+    };
+    let (as_f32, as_f16) = (with_gram(), with_gram());
+    for p in &data {
+        let xh: Vec<u16> = p.x.iter().map(|&v| f32_to_f16(v)).collect();
+        let yh: Vec<u16> = p.y.iter().map(|&v| f32_to_f16(v)).collect();
+        let xf: Vec<f32> = xh.iter().map(|&b| f16_to_f32(b)).collect();
+        let yf: Vec<f32> = yh.iter().map(|&b| f16_to_f32(b)).collect();
+        as_f16
+            .push_f16(p.layer, p.rows, &xh, &yh, p.example, p.modality)
+            .unwrap();
+        as_f32
+            .push_f32(p.layer, p.rows, &xf, &yf, p.example, p.modality)
+            .unwrap();
+    }
+    assert_eq!(
+        file_bytes(&as_f32, dir.path(), "f32.stats.safetensors"),
+        file_bytes(&as_f16, dir.path(), "f16.stats.safetensors")
+    );
+    // An f16 infinity is refused like an f32 one, naming row and column.
+    let inf = [0x7c00u16, 0, 0, 0, 0, 0];
+    let err = as_f16
+        .push_f16("lm_head", 1, &inf, &[0; 3], 0, data[0].modality)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(
+        err.to_string().contains("row 0, column 0 is infinite"),
+        "{err}"
+    );
 }
 
 #[test]
