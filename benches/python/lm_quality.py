@@ -232,6 +232,9 @@ def merge_configs(work, names, tuned_lambdas):
             + yaml_models([{"model": m[n], "stats": own[n]} for n in fts]),
         )
     )
+    # The data-free subspace methods (SPEC §8) at their SPEC scale α = 1.
+    for method in ("tsv", "iso_c", "iso_cts", "wudi"):
+        out.append((f"{method} (α = 1)", "subspace", f"merge_method: {method}\n" + base + plain))
     safe = "merge_method: safe_m\n" + base + f"base_model_stats: {meta['ancestor']}\n"
     with_meta = yaml_models([{"model": m[n], "stats": meta[n]} for n in fts])
     with_grams = yaml_models([{"model": m[n], "stats": meta[n], "grams": own[n]} for n in fts])
