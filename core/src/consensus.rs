@@ -5,8 +5,8 @@
 //! (Reinforced Agent Merging: an entry changed by one model keeps that
 //! change, one changed by several takes their mean) and `arcee_fusion`
 //! (keep the other model's change where it is important by KL divergence).
-//! Plain functions on whole tensors, sequential f64 reductions in element
-//! order and exact selections, so the result depends on the inputs alone.
+//! Plain functions on whole tensors, f64 reductions in a fixed order and
+//! exact selections, so the result depends on the inputs alone.
 
 use crate::select::kth_largest;
 use alloc::vec::Vec;
@@ -39,7 +39,10 @@ pub fn sce(base: &[f32], taus: &mut [&mut [f32]], select_topk: f64, out: &mut [f
                 let mean = taus.iter().map(|t| t[j] as f64).sum::<f64>() / count;
                 (taus
                     .iter()
-                    .map(|t| (t[j] as f64 - mean).powi(2))
+                    .map(|t| {
+                        let d = t[j] as f64 - mean;
+                        d * d
+                    })
                     .sum::<f64>()
                     / count) as f32
             })
@@ -62,7 +65,7 @@ pub fn sce(base: &[f32], taus: &mut [&mut [f32]], select_topk: f64, out: &mut [f
     }
     let energy: Vec<f64> = taus
         .iter()
-        .map(|t| t.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / n.max(1) as f64)
+        .map(|t| crate::reduce::sum_squares(t) / n.max(1) as f64)
         .collect();
     let total: f64 = energy.iter().sum();
     let weights: Vec<f32> = if total.abs() < 1e-6 {

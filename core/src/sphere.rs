@@ -4,8 +4,8 @@
 //! tensors, whole or per row or column), `multislerp` (the spherical
 //! barycentre of several) and `karcher` (the Riemannian mean by fixed-point
 //! iteration). Plain functions on whole tensors: vectors stay f32, every
-//! norm, dot product and angle is f64, summed sequentially in element
-//! order, so the result depends on the inputs alone.
+//! norm, dot product and angle is f64, summed in a fixed order over the
+//! whole tensor, so the result depends on the inputs alone.
 
 use alloc::vec::Vec;
 use libm::{acos, cos, sin, sqrt};
@@ -41,7 +41,7 @@ impl Lanes {
         let numel: usize = shape.iter().product();
         let len = shape.last().copied().unwrap_or(1);
         Lanes {
-            count: if len == 0 { 0 } else { numel / len },
+            count: numel.checked_div(len).unwrap_or(0),
             len,
             step: len,
             stride: 1,
@@ -53,7 +53,7 @@ impl Lanes {
     pub fn first_axis(shape: &[usize]) -> Lanes {
         let numel: usize = shape.iter().product();
         let len = shape.first().copied().unwrap_or(1);
-        let count = if len == 0 { 0 } else { numel / len };
+        let count = numel.checked_div(len).unwrap_or(0);
         Lanes {
             count,
             len,
@@ -161,7 +161,16 @@ pub fn multislerp(
         .map(|&x| if normalize { x / sum } else { x })
         .collect();
     let norms: Vec<f64> = (0..models.len())
-        .map(|i| sqrt((0..n).map(|j| (tau(i, j) as f64).powi(2)).sum::<f64>()))
+        .map(|i| {
+            sqrt(
+                (0..n)
+                    .map(|j| {
+                        let x = tau(i, j) as f64;
+                        x * x
+                    })
+                    .sum::<f64>(),
+            )
+        })
         .collect();
     let scale: Vec<f64> = w.iter().zip(&norms).map(|(w, n)| w / (n + eps)).collect();
     let mut mean_norm = 0f64;
@@ -209,7 +218,8 @@ pub fn karcher(models: &[&[f32]], max_iter: usize, tol: f64, out: &mut [f32]) {
         out.copy_from_slice(models[0]);
         return;
     }
-    let norm = |x: &[f32]| sqrt(x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>());
+    // f64 sums of squares in a fixed order (the result depends on the tensor alone).
+    let norm = |x: &[f32]| sqrt(crate::reduce::sum_squares(x));
     let norms: Vec<f64> = models.iter().map(|m| norm(m)).collect();
     let valid: Vec<usize> = (0..models.len()).filter(|&i| norms[i] > tol).collect();
     if valid.is_empty() {
