@@ -1196,8 +1196,8 @@ fn config_errors_name_what_is_wrong() {
         ),
         // Refused and unknown methods.
         (
-            "merge_method: sce\nbase_model: ./C\nmodels:\n  - model: ./A\n",
-            &["sce", "does not run"],
+            "merge_method: core_space\nbase_model: ./C\nmodels:\n  - model: ./A\n",
+            &["core_space", "does not run"],
         ),
         (
             "merge_method: frobnicate\nmodels:\n  - model: ./A\n",
@@ -1228,12 +1228,14 @@ fn config_errors_name_what_is_wrong() {
             );
         }
     }
-    for method in ["karcher", "nuslerp", "multislerp", "arcee_fusion"] {
-        let e = b.error(&format!(
-            "merge_method: {method}\nbase_model: ./C\nmodels:\n  - model: ./A\n"
-        ));
-        assert_contains(&e, &[method, "does not run"]);
-    }
+    let e = b.error("merge_method: task_adapter\nbase_model: ./C\nmodels:\n  - model: ./A\n");
+    assert_contains(&e, &["task_adapter", "does not run"]);
+    let e = b.error(
+        "merge_method: nuslerp\nbase_model: ./C\nmodels:\n  - model: ./A\n    parameters:\n      weight: 1.0\n",
+    );
+    assert_contains(&e, &["exactly two models"]);
+    let e = b.error("merge_method: arcee_fusion\nmodels:\n  - model: ./A\n  - model: ./B\n");
+    assert_contains(&e, &["arcee_fusion needs `base_model`"]);
     let e = b.error("merge_method: model_stock\nbase_model: ./C\nmodels:\n  - model: ./A\n");
     assert_contains(&e, &["at least two"]);
     let e = b.error("merge_method: passthrough\nmodels:\n  - model: ./A\n  - model: ./B\n");

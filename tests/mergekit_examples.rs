@@ -136,11 +136,13 @@ fn every_example_config_is_exercised() {
     assert_eq!(
         files,
         [
+            "arcee_fusion.yaml",
             "breadcrumbs_ties.yaml",
             "dare_ties.yaml",
             "della.yaml",
             "linear.yaml",
             "model_stock.yaml",
+            "nuslerp.yaml",
             "slerp.yaml",
             "task_arithmetic.yaml",
             "ties.yaml",
@@ -352,4 +354,60 @@ fn model_stock_example_follows_the_angle_formula() {
             );
         }
     }
+}
+
+/// `f32` values as the BF16 output stores them.
+fn as_bf16(values: &[f32]) -> Vec<f32> {
+    values
+        .iter()
+        .map(|&x| flatmerge::dtype::bf16_to_f32(flatmerge::dtype::f32_to_bf16(x)))
+        .collect()
+}
+
+#[test]
+fn arcee_fusion_example_keeps_the_important_changes() {
+    let (dir, merged, summary) = check_example("arcee_fusion.yaml");
+    let (a, b) = (values(dir.path(), "A"), values(dir.path(), "B"));
+    for name in ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"] {
+        let cols = *summary
+            .report
+            .tensors
+            .iter()
+            .find(|t| t.plan.name == name)
+            .expect("in the report")
+            .plan
+            .shape
+            .last()
+            .unwrap();
+        let mut want = vec![0f32; a[name].len()];
+        let (kept, _) = flatmerge::consensus::arcee_fusion(&a[name], &b[name], cols, &mut want);
+        assert_eq!(merged[name].values(), as_bf16(&want), "{name}");
+        assert!(kept > 0 && kept < want.len(), "{name}: {kept} kept");
+        assert_eq!(sparsity(&summary, name, 0).0, kept as u64);
+    }
+}
+
+#[test]
+fn nuslerp_example_slerps_each_row_of_the_task_vectors() {
+    let (dir, merged, _) = check_example("nuslerp.yaml");
+    let (c, a, b) = (
+        values(dir.path(), "C"),
+        values(dir.path(), "A"),
+        values(dir.path(), "B"),
+    );
+    let name = "model.layers.1.self_attn.q_proj.weight";
+    let rows = 32;
+    let tau = |m: &BTreeMap<String, Vec<f32>>| -> Vec<f32> {
+        m[name].iter().zip(&c[name]).map(|(x, y)| x - y).collect()
+    };
+    let mut want = vec![0f32; c[name].len()];
+    flatmerge::sphere::nuslerp(
+        0.6 / (0.4 + 0.6),
+        &tau(&a),
+        &tau(&b),
+        flatmerge::sphere::Lanes::last_axis(&[rows, c[name].len() / rows]),
+        &mut want,
+    );
+    want.iter_mut().zip(&c[name]).for_each(|(w, x)| *w += x);
+    assert_eq!(merged[name].values(), as_bf16(&want));
 }

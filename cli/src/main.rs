@@ -71,7 +71,9 @@ struct MergeArgs {
     /// NaN or infinite input weights: `error` (default) or `propagate`; overrides the config.
     #[arg(long, value_parser = ["error", "propagate"])]
     nan_policy: Option<String>,
-    /// FAM: tensors of A without a counterpart and dropped tensors of B are errors.
+    /// Tensors only some models hold are errors (FAM: tensors of A without a
+    /// counterpart and dropped tensors of B; mergekit-style methods: tensors
+    /// some models lack, and tensors the base lacks).
     #[arg(long)]
     strict: bool,
     /// Seed of DARE's and DELLA's random masks (default 0); masks depend only on the seed, the model and the tensor.

@@ -5,7 +5,8 @@
 //!   `std` feature): every formula of `SPEC.md` as a plain function on
 //!   slices — [`safe_m`], [`select`], [`reduce`], [`dtype`], and
 //!   least-squares merging ([`least_squares`]) and data-free subspace
-//!   merging ([`subspace`]);
+//!   merging ([`subspace`]), and mergekit's spherical ([`sphere`]) and
+//!   element-selecting ([`consensus`]) merges;
 //! - the **std layer** (feature `std`, on by default): memory-mapped
 //!   safetensors checkpoints ([`io`]), activation statistics files
 //!   ([`stats`]), merge configs ([`config`]), the plan ([`plan`]), the
@@ -20,6 +21,7 @@ extern crate alloc;
 
 pub mod assignment;
 pub mod baselines;
+pub mod consensus;
 pub mod dtype;
 pub mod fam;
 pub mod least_squares;
@@ -27,6 +29,7 @@ pub mod reduce;
 pub mod safe_m;
 pub mod select;
 pub mod simd;
+pub mod sphere;
 pub mod subspace;
 
 #[cfg(feature = "std")]

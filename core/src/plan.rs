@@ -38,6 +38,9 @@ pub enum CopyReason {
     OnlyInReceiver,
     /// Contributors have it, but with other shapes.
     ShapeMismatch,
+    /// Fewer contributors hold it than the method merges (mergekit's
+    /// optional weights): the output takes the reference's values.
+    TooFewHolders,
 }
 
 /// The rule one output tensor follows.
@@ -103,7 +106,7 @@ impl TensorRule {
             TensorRule::Fam { average: true, .. } | TensorRule::Average => "average",
             TensorRule::Fallback { .. } => "fallback",
             TensorRule::Copy {
-                reason: CopyReason::OnlyInReceiver,
+                reason: CopyReason::OnlyInReceiver | CopyReason::TooFewHolders,
             } => "copied",
             TensorRule::Copy {
                 reason: CopyReason::ShapeMismatch,

@@ -20,7 +20,8 @@ pub struct Sparsity {
     pub contributor: usize,
     /// Non-zero entries kept (0: the tensor keeps nothing of this contributor).
     pub kept: u64,
-    /// The L1 rescale factor applied (DARE, DELLA).
+    /// The L1 rescale factor applied (DARE, DELLA); `ramplus_tl`: the
+    /// factor `λ_k` of the model's unique entries.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rescale: Option<f32>,
 }

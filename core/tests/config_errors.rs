@@ -205,7 +205,7 @@ fn wrong_types_and_bad_words_name_key_and_line() {
         ),
         (
             "merge_method: safe_m",
-            "merge_method: karcher",
+            "merge_method: core_space",
             "merge_method",
             "does not run",
         ),

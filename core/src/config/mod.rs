@@ -201,7 +201,9 @@ pub struct MergeConfig {
     pub settings: MethodSettings,
     /// Seed of DARE's and DELLA's random masks (SPEC §3; default 0).
     pub seed: u64,
-    /// FAM: tensors without a counterpart and dropped tensors are errors (`--strict`).
+    /// Tensors only some models hold are errors (`--strict`): FAM's tensors
+    /// without a counterpart and dropped tensors; for mergekit-style
+    /// methods, tensors some contributors lack and dropped tensors.
     pub strict: bool,
     /// What to do with NaN or infinite input weights.
     pub nan_policy: NanPolicy,

@@ -295,6 +295,7 @@ impl PreparedMerge {
                     .checkpoint
             }
             Model::Receiver => &self.inputs.receiver().checkpoint,
+            Model::Reference => &self.inputs.reference().checkpoint,
             Model::Contributor(k) => &self.inputs.contributor(k).checkpoint,
         };
         checkpoint.view(name).ok_or_else(|| {
@@ -393,7 +394,10 @@ impl PreparedMerge {
         }
         match &tensor.rule {
             TensorRule::Copy { .. } => Ok((
-                convert(&self.view(Model::Receiver, &tensor.name)?, tensor.out_dtype),
+                convert(
+                    &self.view(Model::Reference, &tensor.name)?,
+                    tensor.out_dtype,
+                ),
                 TensorOutcome::default(),
             )),
             _ => self.config.method.merge_tensor(
@@ -422,6 +426,9 @@ pub(crate) enum Model {
     Base,
     /// The first model (SAFE-M's and FAM's receiver).
     Receiver,
+    /// The model the output's names come from ([`Inputs::reference`]):
+    /// the receiver, or the base of a method over a base.
+    Reference,
     /// Contributor `k` (0-based among the contributors).
     Contributor(usize),
 }

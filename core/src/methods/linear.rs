@@ -2,11 +2,11 @@
 //! `normalize: false`. Every listed model is an input, and a base model
 //! that is not listed under `models` too (mergekit appends it).
 
-use super::mergekit::{self, flag, weight, Counts, MergekitTensor};
+use super::mergekit::{self, base_is_extra_input, flag, weight, Counts, MergekitTensor};
 use super::{BaseModel, Method, Roles, SettingsInput, TensorInput};
 use crate::baselines::linear_combine;
 use crate::config::params::ParamDef;
-use crate::config::{same_model, MergeConfig, MethodSettings};
+use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::{par_encode, read};
 use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
@@ -17,14 +17,6 @@ use std::any::Any;
 
 /// The method.
 pub struct Linear;
-
-/// Whether the base is an input although it is not listed under `models`.
-fn base_is_extra_input(config: &MergeConfig) -> bool {
-    config
-        .base
-        .as_ref()
-        .is_some_and(|b| !config.models.iter().any(|m| same_model(&m.path, &b.path)))
-}
 
 impl Method for Linear {
     fn name(&self) -> &'static str {
@@ -54,7 +46,7 @@ impl Method for Linear {
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
         let params = mergekit::params(config)?;
         let extra = base_is_extra_input(config);
-        mergekit::plan(config, inputs, &|info, t| {
+        mergekit::plan_optional(config, inputs, Counts::AtLeastOne, &|info, t| {
             (extra && params.number("weight", None, &info.name, t).is_err()).then(|| {
                 Error::new(
                     ErrorKind::Config,

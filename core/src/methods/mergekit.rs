@@ -12,10 +12,11 @@ use crate::dtype::Dtype;
 use crate::engine::chunks::{par_encode, read, read_all};
 use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
-use crate::io::{Checkpoint, TensorInfo, TensorView};
+use crate::io::{TensorInfo, TensorView};
 use crate::methods::{BaseModel, Method, Roles, SettingsInput, Statistics, TensorInput};
 use crate::plan::{
-    dropped_tensors, float_check, layer_count, Inputs, Plan, Problems, TensorPlan, TensorRule,
+    dropped_tensors, float_check, layer_count, CopyReason, Excluded, Inputs, Plan, Problems,
+    TensorPlan, TensorRule,
 };
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -31,6 +32,8 @@ pub enum Counts {
     TwoBesidesBase,
     /// Exactly one model in all (passthrough).
     OneModel,
+    /// Exactly two besides the base (nuslerp).
+    TwoExactly,
 }
 
 /// Validates a mergekit-style method's parameters (its [`Method::params`])
@@ -113,6 +116,9 @@ pub fn settings(
             return count_error("needs at least two models besides the base");
         }
         Counts::OneModel if models.len() != 1 => return count_error("takes exactly one model"),
+        Counts::TwoExactly if contributors.len() != 2 => {
+            return count_error("merges exactly two models besides the base");
+        }
         _ if contributors.is_empty() => {
             return count_error("needs at least one model besides the base")
         }
@@ -130,6 +136,15 @@ pub fn settings(
     Ok(MethodSettings::Baseline(params))
 }
 
+/// Whether the base is an input although it is not listed under `models`
+/// (methods over every model, `Roles::AllModels`: mergekit appends it).
+pub fn base_is_extra_input(config: &MergeConfig) -> bool {
+    config
+        .base
+        .as_ref()
+        .is_some_and(|b| !config.models.iter().any(|m| same_model(&m.path, &b.path)))
+}
+
 /// The validated parameters of a mergekit-style merge.
 pub fn params(config: &MergeConfig) -> Result<&Params> {
     config.baseline().ok_or_else(|| {
@@ -143,8 +158,10 @@ pub fn params(config: &MergeConfig) -> Result<&Params> {
 /// Plans a baseline merge: every tensor of the reference model (the base,
 /// or the first model without one) must exist with the same shape in every
 /// input (mergekit 0.1.5 refuses mismatches too); tensors only some other
-/// input has are dropped and reported. Required per-tensor parameters are
-/// resolved here so that a filter list that misses a tensor fails early.
+/// input has are dropped and reported. For methods whose whole-model pass
+/// or statistics need every tensor of every input; the others use
+/// [`plan_optional`]. Required per-tensor parameters are resolved here so
+/// that a filter list that misses a tensor fails early.
 ///
 /// `check(tensor, t)` adds a method's own per-tensor problem (`t`: the
 /// tensor's layer position for gradients).
@@ -153,28 +170,80 @@ pub fn plan(
     inputs: &Inputs,
     check: &dyn Fn(&TensorInfo, f64) -> Option<Error>,
 ) -> Result<Plan> {
+    plan_with(config, inputs, None, check)
+}
+
+/// [`plan`] for a method that merges a tensor over the contributors that
+/// hold it, as mergekit does for optional weights: a tensor of the
+/// reference that some contributors lack is merged over the others when
+/// they are as many as `counts` asks, and otherwise copied from the
+/// reference (the base, or the first model without one); each case is in
+/// the plan (`excluded`, the `copied` rule) and so in the report. With
+/// `--strict` a missing tensor is an error, and so is a dropped one.
+pub fn plan_optional(
+    config: &MergeConfig,
+    inputs: &Inputs,
+    counts: Counts,
+    check: &dyn Fn(&TensorInfo, f64) -> Option<Error>,
+) -> Result<Plan> {
+    plan_with(config, inputs, Some(counts), check)
+}
+
+/// Whether `present` contributors are enough for a tensor under `counts`.
+fn enough(counts: Counts, present: usize) -> bool {
+    match counts {
+        Counts::AtLeastOne | Counts::OneModel => present >= 1,
+        Counts::OneBesidesBase => present == 1,
+        Counts::TwoBesidesBase => present >= 2,
+        Counts::TwoExactly => present == 2,
+    }
+}
+
+fn plan_with(
+    config: &MergeConfig,
+    inputs: &Inputs,
+    optional: Option<Counts>,
+    check: &dyn Fn(&TensorInfo, f64) -> Option<Error>,
+) -> Result<Plan> {
     let params = params(config)?;
     let mut problems = Problems::default();
     let reference = &inputs.reference().checkpoint;
-    let mut others: Vec<(String, &Checkpoint)> = Vec::new();
     let reference_is_model = !inputs.names_from_base || inputs.base.is_none();
-    for (k, &m) in inputs.contributors.iter().enumerate() {
-        if reference_is_model && m == 0 {
-            continue;
-        }
-        others.push((
-            format!("contributor {k}"),
-            &inputs.contributor(k).checkpoint,
-        ));
-    }
     let layers = layer_count(reference);
     let mut tensors = Vec::new();
     for info in reference.tensors() {
         if !float_check(&mut problems, reference, info) {
             continue;
         }
-        for (who, other) in &others {
+        let mut present = Vec::new();
+        let mut excluded = Vec::new();
+        for k in 0..inputs.contributors.len() {
+            if reference_is_model && inputs.contributors[k] == 0 {
+                present.push(k);
+                continue;
+            }
+            let who = format!("contributor {k}");
+            let other = &inputs.contributor(k).checkpoint;
             match other.info(&info.name) {
+                None if optional.is_some() => {
+                    if config.strict {
+                        problems.push(
+                            Error::new(
+                                ErrorKind::Plan,
+                                format!(
+                                    "--strict: missing in {who}, which holds other tensors of {} (without --strict the tensor is merged over the models that hold it)",
+                                    reference.root().display()
+                                ),
+                            )
+                            .with_file(other.root())
+                            .with_tensor(&info.name),
+                        );
+                    }
+                    excluded.push(Excluded {
+                        contributor: k,
+                        why: "missing".into(),
+                    });
+                }
                 None => problems.push(
                     Error::new(
                         ErrorKind::Plan,
@@ -202,7 +271,9 @@ pub fn plan(
                     .with_tensor(&info.name),
                 ),
                 Some(o) => {
-                    float_check(&mut problems, other, o);
+                    if float_check(&mut problems, other, o) {
+                        present.push(k);
+                    }
                 }
             }
         }
@@ -214,7 +285,10 @@ pub fn plan(
         {
             let targets: Vec<Option<usize>> = match def.scope {
                 Scope::Shared => vec![None],
-                Scope::PerModel => inputs.contributors.iter().map(|&m| Some(m)).collect(),
+                Scope::PerModel => present
+                    .iter()
+                    .map(|&k| Some(inputs.contributors[k]))
+                    .collect(),
             };
             for target in targets {
                 if let Err(e) = params.number(def.name, target, &info.name, t) {
@@ -222,21 +296,52 @@ pub fn plan(
                 }
             }
         }
-        if let Some(problem) = check(info, t) {
-            problems.push(problem);
-        }
+        let rule = match optional {
+            Some(counts) if !enough(counts, present.len()) => TensorRule::Copy {
+                reason: if present.is_empty() {
+                    CopyReason::OnlyInReceiver
+                } else {
+                    CopyReason::TooFewHolders
+                },
+            },
+            _ => {
+                if let Some(problem) = check(info, t) {
+                    problems.push(problem);
+                }
+                TensorRule::Baseline
+            }
+        };
         tensors.push(TensorPlan {
             name: info.name.clone(),
             shape: info.shape.clone(),
             in_dtype: info.dtype,
             out_dtype: config.out_dtype.unwrap_or(info.dtype),
-            rule: TensorRule::Baseline,
-            contributors: (0..inputs.contributors.len()).collect(),
-            excluded: Vec::new(),
+            contributors: if matches!(rule, TensorRule::Copy { .. }) {
+                Vec::new()
+            } else {
+                present
+            },
+            rule,
+            excluded,
             source: None,
         });
     }
     let dropped = dropped_tensors(inputs, reference);
+    if optional.is_some() && config.strict {
+        for d in &dropped {
+            problems.push(
+                Error::new(
+                    ErrorKind::Plan,
+                    format!(
+                        "--strict: only some models hold this tensor and {} (the output's names) does not, so it would be dropped",
+                        reference.root().display()
+                    ),
+                )
+                .with_file(inputs.contributor(d.contributor).checkpoint.root())
+                .with_tensor(&d.name),
+            );
+        }
+    }
     problems.into_result()?;
     Ok(Plan {
         tensors,
@@ -395,6 +500,11 @@ impl<'a> MergekitTensor<'a> {
         )
     }
 
+    /// Every contributor's tensor, decoded (in plan order).
+    pub fn decoded(&self) -> Vec<Vec<f32>> {
+        self.contributors.iter().map(read_all).collect()
+    }
+
     /// `τ_k = W_k − W_base` for every contributor, decoded in parallel;
     /// each contributor's pages leave memory once its task vector is held.
     pub fn task_vectors(&self) -> Result<Vec<Vec<f32>>> {
@@ -417,6 +527,19 @@ impl<'a> MergekitTensor<'a> {
             })
             .collect())
     }
+}
+
+/// The output bytes of a tensor computed whole by a kernel on decoded
+/// slices, encoded in the output dtype in parallel chunks.
+pub fn encode(values: &[f32], out: Dtype) -> Vec<u8> {
+    par_encode(
+        values.len(),
+        out,
+        CHUNK_ELEMENTS,
+        |start, chunk, _: &mut ()| {
+            chunk.copy_from_slice(&values[start..start + chunk.len()]);
+        },
+    )
 }
 
 /// `tau −= base`, element-wise (a task vector from a decoded weight).

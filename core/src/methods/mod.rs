@@ -17,15 +17,21 @@
 //! can also merge with a method of their own, without touching flatmerge:
 //! [`Registry::with`] and [`crate::config::MergeConfig::from_yaml_in`].
 
+pub mod arcee_fusion;
 pub mod fam;
+pub mod karcher;
 pub mod linear;
 pub mod mergekit;
 pub mod model_stock;
+pub mod multislerp;
 pub mod nearswap;
+pub mod nuslerp;
 pub mod passthrough;
+pub mod ram;
 pub mod regmean;
 pub mod regmean_plusplus;
 pub mod safe_m;
+pub mod sce;
 pub mod slerp;
 pub mod sparsify;
 pub mod subspace;
@@ -276,8 +282,15 @@ pub const BUILTIN: &[&dyn Method] = &[
     &sparsify::BREADCRUMBS_TIES,
     &sparsify::DELLA,
     &sparsify::DELLA_LINEAR,
+    &sce::Sce,
+    &ram::RAM,
+    &ram::RAMPLUS_TL,
     &ties_reference::TiesReferenceMethod,
     &slerp::Slerp,
+    &nuslerp::NuSlerp,
+    &multislerp::MultiSlerp,
+    &karcher::Karcher,
+    &arcee_fusion::ArceeFusion,
     &nearswap::Nearswap,
     &model_stock::ModelStock,
     &passthrough::Passthrough,
@@ -290,17 +303,7 @@ pub const BUILTIN: &[&dyn Method] = &[
 ];
 
 /// mergekit methods flatmerge does not run yet, refused by name.
-pub const REFUSED: [&str; 9] = [
-    "sce",
-    "karcher",
-    "arcee_fusion",
-    "nuslerp",
-    "multislerp",
-    "ram",
-    "ramplus_tl",
-    "core_space",
-    "task_adapter",
-];
+pub const REFUSED: [&str; 2] = ["core_space", "task_adapter"];
 
 /// The methods a config may name: the built-ins, plus any a library user adds.
 #[derive(Clone)]

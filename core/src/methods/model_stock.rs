@@ -43,7 +43,7 @@ impl Method for ModelStock {
     }
 
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
-        mergekit::plan(config, inputs, &|_, _| None)
+        mergekit::plan_optional(config, inputs, Counts::TwoBesidesBase, &|_, _| None)
     }
 
     fn merge_tensor(

@@ -47,7 +47,7 @@ impl Method for Nearswap {
     }
 
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
-        mergekit::plan(config, inputs, &|_, _| None)
+        mergekit::plan_optional(config, inputs, Counts::OneBesidesBase, &|_, _| None)
     }
 
     fn merge_tensor(

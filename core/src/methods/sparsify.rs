@@ -170,7 +170,7 @@ impl Method for Sparsifier {
     }
 
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan> {
-        mergekit::plan(config, inputs, &|_, _| None)
+        mergekit::plan_optional(config, inputs, Counts::AtLeastOne, &|_, _| None)
     }
 
     fn merge_tensor(
@@ -253,13 +253,13 @@ impl Sparsified<'_> {
                         )
                         .with_tensor(&self.plan.name));
                     }
-                    let key = dare_stream(self.seed, k, &self.plan.name);
+                    let key = dare_stream(self.seed, self.plan.contributors[k], &self.plan.name);
                     Some(della(tau, &self.plan.shape, key, density, epsilon, rescale))
                 }
                 _ => None,
             };
             sparsity.push(Sparsity {
-                contributor: k,
+                contributor: self.plan.contributors[k],
                 kept: tau.par_iter().filter(|x| **x != 0.0).count() as u64,
                 rescale: rescaled,
             });
@@ -314,7 +314,9 @@ impl Sparsified<'_> {
                 drops.push(None);
                 continue;
             }
-            let key = dare_stream(self.seed, k, &self.plan.name);
+            // The stream of the contributor's index, not of its place among
+            // the holders of this tensor: masks do not move when one lacks it.
+            let key = dare_stream(self.seed, self.plan.contributors[k], &self.plan.name);
             let factor = if rescale {
                 let norms: Vec<(f64, f64)> = (0..n.div_ceil(CHUNK_ELEMENTS))
                     .into_par_iter()
@@ -379,8 +381,8 @@ impl Sparsified<'_> {
             .iter()
             .zip(&drops)
             .enumerate()
-            .map(|(contributor, (kept, drop))| Sparsity {
-                contributor,
+            .map(|(k, (kept, drop))| Sparsity {
+                contributor: self.plan.contributors[k],
                 kept: kept.load(Ordering::Relaxed),
                 rescale: drop.as_ref().map(|d| d.factor),
             })
