@@ -11,37 +11,16 @@ use flatmerge::dtype::Dtype;
 use flatmerge::io::INDEX_FILE;
 use flatmerge_suite::{config, family, merge, read_tensors, tempdir, SMALL};
 use serde_json::Value;
-use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/readback.py");
 
-/// Whether the Python side can run; `false` (after saying why) means skip.
+#[path = "support/python_ready.rs"]
+mod python_ready;
+
 fn python_ready() -> bool {
-    let required = std::env::var_os("FLATMERGE_REQUIRE_PYTHON").is_some();
-    let problem = match Command::new("python3")
-        .args(["-c", "import numpy, safetensors"])
-        .output()
-    {
-        Ok(out) if out.status.success() => return true,
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "python3 lacks numpy or safetensors ({})",
-                stderr.trim().lines().last().unwrap_or("no message")
-            )
-        }
-        Err(e) => format!("cannot run python3: {e}"),
-    };
-    assert!(!required, "FLATMERGE_REQUIRE_PYTHON is set but {problem}");
-    // Written to the process's stderr, not through `eprintln!`, which the
-    // test harness captures: a skip must be visible in a passing run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED python readback: {problem}; install them with `python3 -m pip install numpy safetensors`"
-    );
-    false
+    python_ready::python_ready("numpy, safetensors", "python read-back")
 }
 
 /// Runs the script on `dir`: `Ok(digest)` or `Err(stderr)`.

@@ -33,30 +33,14 @@ const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/python/hf_mo
 
 const RTOL: f64 = 1e-5;
 
-/// Whether the Python side can run; `false` (after saying why) means skip.
+#[path = "../../tests/support/python_ready.rs"]
+mod python_ready;
+
 fn python_ready() -> bool {
-    let required = std::env::var_os("FLATMERGE_REQUIRE_PYTHON").is_some();
-    let problem = match Command::new("python3")
-        .args(["-c", "import torch, transformers, safetensors"])
-        .output()
-    {
-        Ok(out) if out.status.success() => return true,
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "python3 lacks torch, transformers or safetensors ({})",
-                stderr.trim().lines().last().unwrap_or("no message")
-            )
-        }
-        Err(e) => format!("cannot run python3: {e}"),
-    };
-    assert!(!required, "FLATMERGE_REQUIRE_PYTHON is set but {problem}");
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED transformers layout comparison: {problem}; install them with \
-         `python3 -m pip install torch transformers safetensors`"
-    );
-    false
+    python_ready::python_ready(
+        "torch, transformers, safetensors",
+        "transformers layout comparison",
+    )
 }
 
 fn python(args: &[&str]) -> Vec<u8> {

@@ -41,31 +41,11 @@ const SCRIPT: &str = concat!(
 /// Relative tolerance against the float64 reference (see the module docs).
 const RTOL: f64 = 1e-4;
 
-/// Whether the Python side can run; `false` (after saying why) means skip.
+#[path = "../../tests/support/python_ready.rs"]
+mod python_ready;
+
 fn python_ready() -> bool {
-    let required = std::env::var_os("FLATMERGE_REQUIRE_PYTHON").is_some();
-    let problem = match Command::new("python3")
-        .args(["-c", "import numpy"])
-        .output()
-    {
-        Ok(out) if out.status.success() => return true,
-        Ok(out) => {
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            format!(
-                "python3 lacks numpy ({})",
-                stderr.trim().lines().last().unwrap_or("no message")
-            )
-        }
-        Err(e) => format!("cannot run python3: {e}"),
-    };
-    assert!(!required, "FLATMERGE_REQUIRE_PYTHON is set but {problem}");
-    // Written to the process's stderr, not through `eprintln!`, which the
-    // test harness captures: a skip must be visible in a passing run.
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED llama reference comparison: {problem}; install it with `python3 -m pip install numpy`"
-    );
-    false
+    python_ready::python_ready("numpy", "llama reference comparison")
 }
 
 /// The tiny model: hidden 32, 4 heads over 2 key/value heads,
