@@ -126,7 +126,9 @@ pub struct RamPlus {
 /// local). An entry of `τ_k = W_k − W_base` counts when `|τ_k| > ε`;
 /// per element, with `c` the number of models whose entry counts:
 ///
-///     c = 0: W_base;  c = 1: W_base + λ_k τ_k (the one model k);  c > 1: W_base + Σ_{counting k} τ_k / c
+/// ```text
+/// c = 0: W_base;  c = 1: W_base + λ_k τ_k (the one model k);  c > 1: W_base + Σ_{counting k} τ_k / c
+/// ```
 ///
 /// `λ_k = 1` for `ram`; for `ramplus_tl`, `λ_k = 1 + r · clamp(ρ_k, 0, α)`
 /// with `ρ_k = shared_k / max(unique_k, ε)`, the counts of model `k`'s

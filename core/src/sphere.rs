@@ -126,7 +126,9 @@ impl core::fmt::Display for SphereError {
 /// base). With `w` the weights (divided by their sum when `normalize`),
 /// `n_i = ‖τ_i‖`, `u_i = τ_i / (n_i + ε)` and `m = Σ w_i u_i`:
 ///
-///     W* = W_base + (Σ w_i n_i) · m / ‖m‖
+/// ```text
+/// W* = W_base + (Σ w_i n_i) · m / ‖m‖
+/// ```
 ///
 /// mergekit projects the `u_i` to the tangent space at `m̂ = m / ‖m‖`,
 /// averages there and maps back; the weighted tangent vectors sum to
@@ -204,8 +206,10 @@ pub fn multislerp(
 /// `n_i > tol` (none: zeros), starting from the normalised mean of those
 /// `u_i`, each of at most `max_iter` steps moves the estimate `u` by
 ///
-///     T = Σ_i a_i · θ_i / sin θ_i · (u_i − cos θ_i · u)    (θ_i = ∠(u, u_i); terms with θ_i < tol skipped)
-///     u ← cos‖T‖ · u + sin‖T‖ · T / ‖T‖,  renormalised    (stop when ‖T‖ < tol)
+/// ```text
+/// T = Σ_i a_i · θ_i / sin θ_i · (u_i − cos θ_i · u)    (θ_i = ∠(u, u_i); terms with θ_i < tol skipped)
+/// u ← cos‖T‖ · u + sin‖T‖ · T / ‖T‖,  renormalised    (stop when ‖T‖ < tol)
+/// ```
 ///
 /// (`a_i` the equal weights over the valid inputs), and the result is
 /// `(Σ_i n_i / N) · u` over all `N` inputs, zero norms included. One input
