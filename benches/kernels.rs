@@ -4,8 +4,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use flatmerge::baselines::{dare_drop_in_place, linear_combine};
-use flatmerge::demo::Rng;
+use flatmerge::demo::{bf16_fine_tune, Rng};
 use flatmerge::dtype::{decode_f32, decode_f32_with, encode_f32, encode_f32_with, Dtype};
+use flatmerge::engine::parallel_select;
 use flatmerge::safe_m::{
     fuse_block, score_matrix, ContributorBlock, Election, MaskCounts, ScoreForm,
 };
@@ -164,5 +165,45 @@ fn per_instruction_set(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, kernels, per_instruction_set);
+/// The exact parallel selection (TIES' trim at density 0.2, by magnitude)
+/// on a q_proj-sized task vector: normal values, and a difference of bf16
+/// weights ([`bf16_fine_tune`]), whose many equal magnitudes overflow the
+/// sampled bracket. Beside a memory scan of the same f32 bytes.
+fn selection(c: &mut Criterion) {
+    let n = 2048 * 2048;
+    let mut rng = Rng::new(2, "bench select");
+    let normal = rng.normals(n, 0.02);
+    let (base, tuned) = bf16_fine_tune(&rng.normals(n, 0.02), &mut rng, 5e-5, 2e-3, 0.05);
+    let bf16_diff: Vec<f32> = tuned.iter().zip(&base).map(|(t, b)| t - b).collect();
+    let m = n / 5;
+    for (name, data) in [("normal", &normal), ("bf16_diff", &bf16_diff)] {
+        let t = parallel_select(data, m, KeyOf::Magnitude);
+        let ties = data
+            .iter()
+            .filter(|&&x| KeyOf::Magnitude.of(x) == t)
+            .count();
+        println!(
+            "select {name}: {:.2}% of the elements tie at the threshold",
+            100.0 * ties as f64 / n as f64
+        );
+    }
+    let mut group = c.benchmark_group("select");
+    group.sample_size(20);
+    group.throughput(Throughput::Bytes((n * 4) as u64));
+    group.bench_function("memory_scan_f32", |b| {
+        b.iter(|| {
+            black_box(&normal)
+                .iter()
+                .fold(0u32, |acc, x| acc ^ x.to_bits())
+        })
+    });
+    for (name, data) in [("normal", &normal), ("bf16_diff", &bf16_diff)] {
+        group.bench_function(BenchmarkId::new("parallel_select_k0.2", name), |b| {
+            b.iter(|| parallel_select(black_box(data), m, KeyOf::Magnitude))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, kernels, per_instruction_set, selection);
 criterion_main!(benches);

@@ -193,6 +193,34 @@ fn add_low_rank(w: &mut [f32], rows: usize, cols: usize, rank: usize, scale: f32
     }
 }
 
+/// A fine-tune of `base` as bf16 training leaves one: `base` and the result
+/// are rounded to bf16, after a dense update of scale `dense` (below most
+/// weights' bf16 spacing, so most entries stay put or move one or two
+/// steps) plus updates of scale `large` on a share `share` of the entries.
+/// The task vector, a difference of bf16 numbers, then has long runs of
+/// exactly equal magnitudes, as real fine-tunes' do. Returns both.
+pub fn bf16_fine_tune(
+    base: &[f32],
+    rng: &mut Rng,
+    dense: f32,
+    large: f32,
+    share: f64,
+) -> (Vec<f32>, Vec<f32>) {
+    let round = |x: f32| crate::dtype::bf16_to_f32(crate::dtype::f32_to_bf16(x));
+    let base: Vec<f32> = base.iter().map(|&x| round(x)).collect();
+    let tuned = base
+        .iter()
+        .map(|&x| {
+            let mut d = rng.normal() * dense;
+            if rng.uniform() < share {
+                d += rng.normal() * large;
+            }
+            round(x + d)
+        })
+        .collect();
+    (base, tuned)
+}
+
 /// `W x` for a row-major `[rows, cols]` weight.
 pub fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
     w.chunks_exact(x.len())

@@ -142,7 +142,7 @@ pub(crate) fn blend(
 /// Should the bracket miss (or hold too many equal keys), a radix select
 /// whose histograms are counted in parallel chunks decides. Either way the
 /// result depends on the data alone.
-pub(crate) fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
+pub fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
     if data.len() >= 4 * SAMPLE_SIZE {
         if let Some(found) = sampled_select(data, m, key) {
             return found;

@@ -13,6 +13,8 @@
 
 pub(crate) mod chunks;
 
+pub use chunks::parallel_select;
+
 /// FAM's alignment and fusion on checkpoints (it lives with the method).
 pub use crate::methods::fam::tensor as fam;
 
