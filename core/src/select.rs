@@ -238,6 +238,88 @@ fn scan_bracket_body(
     above
 }
 
+/// The keys of one chunk that lie inside a bracket: as gathered, or, when
+/// a chunk gathers more than a sixteenth of its keys (many equal keys: the
+/// differences of bf16 weights put whole percents of a tensor on one
+/// value), as runs of equal keys, so that a chunk's equal keys cost one
+/// entry. Which form a chunk takes changes the cost, never the result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsideKeys {
+    /// The keys, in no particular order.
+    Keys(alloc::vec::Vec<u32>),
+    /// `(key, how many)`, by increasing key.
+    Runs(alloc::vec::Vec<(u32, u32)>),
+}
+
+impl InsideKeys {
+    /// Scans `chunk` (at most `u32::MAX` elements): the count of keys above
+    /// `bracket.hi`, and the keys inside the bracket.
+    pub fn scan(chunk: &[f32], key: KeyOf, bracket: SampleBracket) -> (u64, InsideKeys) {
+        let mut keys = alloc::vec::Vec::new();
+        let above = scan_bracket(chunk, key, bracket, &mut keys);
+        (above, InsideKeys::compact(keys, chunk.len()))
+    }
+
+    /// Runs of `keys` when they are more than a sixteenth of a chunk of
+    /// `len` elements and at most half as many runs as keys remain.
+    fn compact(mut keys: alloc::vec::Vec<u32>, len: usize) -> InsideKeys {
+        if keys.len() <= len / 16 {
+            return InsideKeys::Keys(keys);
+        }
+        keys.sort_unstable();
+        let mut runs: alloc::vec::Vec<(u32, u32)> = alloc::vec::Vec::new();
+        for &key in &keys {
+            match runs.last_mut() {
+                Some((last, count)) if *last == key => *count += 1,
+                _ => {
+                    if runs.len() >= keys.len() / 2 {
+                        return InsideKeys::Keys(keys);
+                    }
+                    runs.push((key, 1));
+                }
+            }
+        }
+        InsideKeys::Runs(runs)
+    }
+
+    /// Entries held (keys or runs): the memory the chunk keeps.
+    pub fn entries(&self) -> usize {
+        match self {
+            InsideKeys::Keys(keys) => keys.len(),
+            InsideKeys::Runs(runs) => runs.len(),
+        }
+    }
+
+    /// How many keys lie inside the bracket.
+    pub fn count(&self) -> u64 {
+        match self {
+            InsideKeys::Keys(keys) => keys.len() as u64,
+            InsideKeys::Runs(runs) => runs.iter().map(|&(_, c)| u64::from(c)).sum(),
+        }
+    }
+
+    /// Calls `f(key, count)` for every key (count 1) or run.
+    fn for_each_run(&self, mut f: impl FnMut(u32, u64)) {
+        match self {
+            InsideKeys::Keys(keys) => keys.iter().for_each(|&k| f(k, 1)),
+            InsideKeys::Runs(runs) => runs.iter().for_each(|&(k, c)| f(k, u64::from(c))),
+        }
+    }
+
+    /// The inside keys above `threshold`, and equal to it.
+    pub fn above_and_equal(&self, threshold: u32) -> (u64, u64) {
+        let (mut above, mut equal) = (0, 0);
+        self.for_each_run(|key, count| {
+            if key > threshold {
+                above += count;
+            } else if key == threshold {
+                equal += count;
+            }
+        });
+        (above, equal)
+    }
+}
+
 /// Keys sampled by [`SampleBracket`]: enough that the bracket holds a few
 /// percent of the data, few enough to sort in microseconds.
 pub const SAMPLE_SIZE: usize = 1 << 14;
@@ -322,6 +404,68 @@ impl SampleBracket {
         key >= self.lo && key <= self.hi
     }
 
+    /// The `m`-th largest key, given the count of keys above `hi` and what
+    /// every part of the data (chunks, in any order) holds inside the
+    /// bracket; `None` if the bracket missed it. Gathered keys alone are
+    /// selected among directly; once runs of equal keys are present, a
+    /// histogram of at most 2¹⁶ buckets over the bracket finds the bucket
+    /// of the key, and the entries in that bucket alone are sorted.
+    pub fn resolve_chunks<'a, I>(&self, above: u64, chunks: I, m: usize) -> Option<u32>
+    where
+        I: Iterator<Item = &'a InsideKeys> + Clone,
+    {
+        if chunks.clone().all(|c| matches!(c, InsideKeys::Keys(_))) {
+            let mut candidates: alloc::vec::Vec<u32> = chunks
+                .flat_map(|c| match c {
+                    InsideKeys::Keys(keys) => keys.as_slice(),
+                    InsideKeys::Runs(_) => &[],
+                })
+                .copied()
+                .collect();
+            return self.resolve(above, &mut candidates, m);
+        }
+        let total: u64 = chunks.clone().map(InsideKeys::count).sum();
+        let m = m as u64;
+        if above >= m || above + total < m {
+            return None;
+        }
+        // Rank (1-based, from the top) of the key among the inside keys.
+        let mut rank = m - above;
+        // Buckets of 2^shift consecutive keys: the narrowest that cover the
+        // bracket with at most 2^16 buckets (shift 16 always does).
+        let shift = (0..16)
+            .find(|&s| (self.hi >> s) - (self.lo >> s) < 1 << 16)
+            .unwrap_or(16);
+        let first = self.lo >> shift;
+        let bucket = |key: u32| ((key >> shift) - first) as usize;
+        let mut hist = alloc::vec![0u64; bucket(self.hi) + 1];
+        for c in chunks.clone() {
+            c.for_each_run(|key, count| hist[bucket(key)] += count);
+        }
+        let mut b = hist.len() - 1;
+        while hist[b] < rank {
+            rank -= hist[b];
+            b -= 1;
+        }
+        let mut within = alloc::vec::Vec::new();
+        for c in chunks {
+            c.for_each_run(|key, count| {
+                if bucket(key) == b {
+                    within.push((key, count));
+                }
+            });
+        }
+        within.sort_unstable_by_key(|&(key, _)| core::cmp::Reverse(key));
+        within.into_iter().find_map(|(key, count)| {
+            if count >= rank {
+                Some(key)
+            } else {
+                rank -= count;
+                None
+            }
+        })
+    }
+
     /// The `m`-th largest key, given the count of keys above `hi` and every
     /// key inside the bracket (reordered); `None` if the bracket missed it.
     pub fn resolve(&self, above: u64, candidates: &mut [u32], m: usize) -> Option<u32> {
@@ -336,7 +480,7 @@ impl SampleBracket {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use alloc::vec::Vec;
 
@@ -427,6 +571,149 @@ mod tests {
         sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
         for m in [1, 2, 17, 999, 2500, 4999, 5000] {
             assert_eq!(kth_largest(&scores, m), sorted[m - 1], "m = {m}");
+        }
+    }
+
+    /// Adversarial inputs for the selections: many equal keys, bf16
+    /// differences, exact ties at the rank, NaN, negatives and zeros.
+    pub(crate) fn adversarial(n: usize) -> Vec<(&'static str, Vec<f32>)> {
+        let mut state = 0x853c_49e6_748f_ea9bu64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let bf16 = |x: f32| crate::dtype::bf16_to_f32(crate::dtype::f32_to_bf16(x));
+        let mut uniform = || (next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+        let noise: Vec<f32> = (0..n).map(|_| uniform()).collect();
+        let half_equal: Vec<f32> = noise
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 2 == 0 { 0.25 } else { x })
+            .collect();
+        // A bf16 weight nudged by less than its spacing, rounded again.
+        let bf16_diff: Vec<f32> = noise
+            .iter()
+            .zip(noise.iter().rev())
+            .map(|(&w, &d)| {
+                let w = bf16(w * 0.04);
+                bf16(w + d * 4e-4) - w
+            })
+            .collect();
+        // One value repeated on 3% of the entries, right at the top fifth's edge.
+        let mut sorted: Vec<f32> = noise.iter().map(|x| x.abs()).collect();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let edge = sorted[n / 5];
+        let at_rank: Vec<f32> = noise
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i % 33 == 0 { -edge } else { x })
+            .collect();
+        let hazards: Vec<f32> = noise
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| match i % 7 {
+                0 => f32::NAN,
+                1 => 0.0,
+                2 => -0.0,
+                3 => -x.abs(),
+                4 => f32::INFINITY,
+                _ => bf16(x),
+            })
+            .collect();
+        let few: Vec<f32> = noise.iter().map(|x| (x * 8.0).round()).collect();
+        vec![
+            ("all equal", vec![0.5; n]),
+            ("all zero", vec![0.0; n]),
+            ("half equal", half_equal),
+            ("bf16 differences", bf16_diff),
+            ("ties at the rank", at_rank),
+            ("NaN, negative, zero", hazards),
+            ("few values", few),
+            ("noise", noise),
+        ]
+    }
+
+    fn sorted_keys(data: &[f32], key: KeyOf) -> Vec<u32> {
+        let mut keys: Vec<u32> = data.iter().map(|&x| key.of(x)).collect();
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys
+    }
+
+    #[test]
+    fn inside_keys_resolve_to_the_sorted_rank_however_the_data_is_split() {
+        let n = 100_000;
+        let mut runs_seen = 0;
+        for (name, data) in adversarial(n) {
+            for key in [KeyOf::Score, KeyOf::Magnitude] {
+                let sorted = sorted_keys(&data, key);
+                for m in [1, 17, n / 5, n / 2, n - 3, n] {
+                    let bracket = SampleBracket::for_rank(n, m, |i| key.of(data[i]));
+                    let mut found = Vec::new();
+                    for chunk in [1usize << 16, 4096, 777, 100_000] {
+                        let parts: Vec<(u64, InsideKeys)> = data
+                            .chunks(chunk)
+                            .map(|c| InsideKeys::scan(c, key, bracket))
+                            .collect();
+                        runs_seen += parts
+                            .iter()
+                            .filter(|p| matches!(p.1, InsideKeys::Runs(_)))
+                            .count();
+                        let above = parts.iter().map(|p| p.0).sum();
+                        found.push(bracket.resolve_chunks(above, parts.iter().map(|p| &p.1), m));
+                    }
+                    assert!(
+                        found.iter().all(|f| *f == found[0]),
+                        "{name}, m = {m}: every split agrees"
+                    );
+                    if let Some(k) = found[0] {
+                        assert_eq!(k, sorted[m - 1], "{name}, {key:?}, m = {m}");
+                    }
+                }
+            }
+        }
+        assert!(runs_seen > 100, "equal keys are held as runs");
+    }
+
+    #[test]
+    fn equal_keys_compact_into_runs_and_distinct_keys_stay_keys() {
+        let all = InsideKeys::compact(vec![7; 1000], 1000);
+        assert_eq!(all, InsideKeys::Runs(vec![(7, 1000)]));
+        assert_eq!(all.count(), 1000);
+        assert_eq!(all.above_and_equal(6), (1000, 0));
+        assert_eq!(all.above_and_equal(7), (0, 1000));
+        let two = InsideKeys::compact([vec![3; 300], vec![9; 200], vec![3; 100]].concat(), 1000);
+        assert_eq!(two, InsideKeys::Runs(vec![(3, 400), (9, 200)]));
+        assert_eq!(two.above_and_equal(3), (200, 400));
+        // Few keys of a chunk, or keys that barely repeat, are kept as they are.
+        assert_eq!(
+            InsideKeys::compact(vec![5, 1, 5], 1000),
+            InsideKeys::Keys(vec![5, 1, 5])
+        );
+        let distinct: Vec<u32> = (0..500).rev().collect();
+        match InsideKeys::compact(distinct, 1000) {
+            InsideKeys::Keys(keys) => assert_eq!(keys.len(), 500),
+            runs => panic!("distinct keys became {runs:?}"),
+        }
+        // A mix of keys and runs selects like a sort of all of them.
+        let bracket = SampleBracket { lo: 2, hi: 1 << 30 };
+        let parts = [
+            InsideKeys::Runs(vec![(3, 400), (9, 200)]),
+            InsideKeys::Keys(vec![9, 1 << 30, 2, 3]),
+        ];
+        let mut all: Vec<u32> = [vec![3; 400], vec![9; 200], vec![9, 1 << 30, 2, 3]].concat();
+        all.sort_unstable_by(|a, b| b.cmp(a));
+        for m in 1..=all.len() + 5 {
+            let expected = all.get(m - 1).copied();
+            assert_eq!(
+                bracket.resolve_chunks(0, parts.iter(), m),
+                expected,
+                "m = {m}"
+            );
+            let above = 5;
+            let expected = (m > 5).then(|| all.get(m - 6).copied()).flatten();
+            assert_eq!(bracket.resolve_chunks(above, parts.iter(), m), expected);
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::dtype::{decode_f32, encode_f32, Dtype};
 use crate::io::TensorView;
 use crate::safe_m::fallback_blend;
 use crate::select::{
-    elect_count, scan_bracket, KeyOf, RadixSelect, SampleBracket, RADIX_BUCKETS, SAMPLE_SIZE,
+    elect_count, InsideKeys, KeyOf, RadixSelect, SampleBracket, RADIX_BUCKETS, SAMPLE_SIZE,
 };
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -138,9 +138,10 @@ pub(crate) fn blend(
 
 /// The `m`-th largest key (1-based) of `key(x)` over `data`, exactly: a
 /// sample brackets the key, one parallel pass counts the keys above the
-/// bracket and gathers those inside, and the key is selected among them.
-/// Should the bracket miss (or hold too many equal keys), a radix select
-/// whose histograms are counted in parallel chunks decides. Either way the
+/// bracket and gathers those inside (runs of equal keys where a chunk holds
+/// many: [`InsideKeys`]), and the key is selected among them. Should the
+/// bracket miss (or gather too many distinct keys), a radix select whose
+/// histograms are counted in parallel chunks decides. Either way the
 /// result depends on the data alone.
 pub fn parallel_select(data: &[f32], m: usize, key: KeyOf) -> u32 {
     if data.len() >= 4 * SAMPLE_SIZE {
@@ -168,25 +169,24 @@ fn sampled_select(data: &[f32], m: usize, key: KeyOf) -> Option<u32> {
     let n = data.len();
     let bracket = SampleBracket::for_rank(n, m, |i| key.of(data[i]));
     let cap = SampleBracket::candidate_cap(n);
-    let gathered = AtomicUsize::new(0);
-    let parts: Vec<(u64, usize, Vec<u32>)> = data
+    let held = AtomicUsize::new(0);
+    let parts: Vec<(u64, usize, InsideKeys)> = data
         .par_chunks(CHUNK_ELEMENTS)
         .map(|chunk| {
-            let mut inside = Vec::new();
-            let above = scan_bracket(chunk, key, bracket, &mut inside);
-            let count = inside.len();
-            if gathered.fetch_add(count, Ordering::Relaxed) + count > cap {
-                inside = Vec::new();
+            let (above, mut inside) = InsideKeys::scan(chunk, key, bracket);
+            let entries = inside.entries();
+            // Past the cap the result is `None` anyway: stop holding keys.
+            if held.fetch_add(entries, Ordering::Relaxed) + entries > cap {
+                inside = InsideKeys::Keys(Vec::new());
             }
-            (above, count, inside)
+            (above, entries, inside)
         })
         .collect();
-    let above = parts.iter().map(|p| p.0).sum();
     if parts.iter().map(|p| p.1).sum::<usize>() > cap {
         return None;
     }
-    let mut candidates: Vec<u32> = parts.into_iter().flat_map(|p| p.2).collect();
-    bracket.resolve(above, &mut candidates, m)
+    let above = parts.iter().map(|p| p.0).sum();
+    bracket.resolve_chunks(above, parts.iter().map(|p| &p.2), m)
 }
 
 /// Adds two radix histograms.
@@ -307,6 +307,75 @@ mod tests {
                     "m = {m}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn the_parallel_select_agrees_with_a_sort_on_adversarial_data_at_any_thread_count() {
+        let n = 200_003;
+        let pools: Vec<rayon::ThreadPool> = [1, 2, 3]
+            .iter()
+            .map(|&t| {
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(t)
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        for (name, data) in crate::select::tests::adversarial(n) {
+            for key in [KeyOf::Score, KeyOf::Magnitude] {
+                let mut sorted: Vec<u32> = data.iter().map(|&x| key.of(x)).collect();
+                sorted.sort_unstable_by(|a, b| b.cmp(a));
+                for m in [1, 2, n / 5, n / 2, n - 1, n] {
+                    for pool in &pools {
+                        assert_eq!(
+                            pool.install(|| parallel_select(&data, m, key)),
+                            sorted[m - 1],
+                            "{name}, {key:?}, m = {m}, {} threads",
+                            pool.current_num_threads()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn equal_keys_keep_the_one_pass_path() {
+        let n = 300_000;
+        let adversarial = crate::select::tests::adversarial(n);
+        for (name, data) in &adversarial {
+            if *name == "all equal" || *name == "bf16 differences" || *name == "half equal" {
+                assert!(
+                    sampled_select(data, n / 5, KeyOf::Magnitude).is_some(),
+                    "{name}: no radix fallback"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        #[test]
+        fn the_parallel_select_matches_the_radix_select(
+            values in proptest::collection::vec(-4i8..=4, 1..=16),
+            bf16_steps in proptest::collection::vec(-3i32..=3, 1..=16),
+            n in 65_536usize..140_000,
+            density in 0.0f64..1.0,
+            magnitude: bool,
+        ) {
+            // Few distinct values (ties everywhere), some bf16 differences.
+            let data: Vec<f32> = (0..n)
+                .map(|i| {
+                    let v = values[i * 7919 % values.len()] as f32 * 0.125;
+                    let step = bf16_steps[i * 104_729 % bf16_steps.len()] as f32;
+                    v + step * 2f32.powi(-13)
+                })
+                .collect();
+            let key = if magnitude { KeyOf::Magnitude } else { KeyOf::Score };
+            let m = elect_count(density, n);
+            let keys: Vec<f32> = data.iter().map(|&x| f32::from_bits(key.of(x))).collect();
+            proptest::prop_assert_eq!(parallel_select(&data, m, key), radix(&keys, m));
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan};
 use crate::report::{Sparsity, TensorOutcome};
-use crate::select::{scan_bracket, KeyOf, SampleBracket, SAMPLE_SIZE};
+use crate::select::{InsideKeys, KeyOf, SampleBracket, SAMPLE_SIZE};
 use rayon::prelude::*;
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -399,9 +399,9 @@ impl Sparsified<'_> {
     /// TIES' trim without holding task vectors: the exact top-`keeps[k]`
     /// of each contributor's `|τ_k|`, as [`keep_top`] finds it, from a
     /// sample and one pass that gathers the keys near each threshold per
-    /// chunk (which also gives each chunk's ties). `None` when a sample
-    /// misleads or too many keys are equal: the caller then holds the task
-    /// vectors.
+    /// chunk, as runs where many are equal (which also gives each chunk's
+    /// ties). `None` when a sample misleads or the bracket holds too many
+    /// distinct keys: the caller then holds the task vectors.
     fn streamed_top_k(&self, keeps: &[usize]) -> Option<Vec<StreamedTop>> {
         let n = self.plan.numel();
         if n < 4 * SAMPLE_SIZE {
@@ -426,7 +426,7 @@ impl Sparsified<'_> {
             })
             .collect();
         // Per chunk and contributor: keys above the bracket, keys inside it.
-        let parts: Vec<Vec<(u64, Vec<u32>)>> = (0..chunks)
+        let parts: Vec<Vec<(u64, InsideKeys)>> = (0..chunks)
             .into_par_iter()
             .map_init(
                 || (Vec::new(), Vec::new()),
@@ -440,9 +440,7 @@ impl Sparsified<'_> {
                         .map(|(view, &bracket)| {
                             read(view, start, len, tau);
                             subtract(tau, b);
-                            let mut inside = Vec::new();
-                            let above = scan_bracket(tau, KeyOf::Magnitude, bracket, &mut inside);
-                            (above, inside)
+                            InsideKeys::scan(tau, KeyOf::Magnitude, bracket)
                         })
                         .collect()
                 },
@@ -458,20 +456,21 @@ impl Sparsified<'_> {
                 continue;
             }
             let above_bracket: u64 = parts.iter().map(|p| p[k].0).sum();
-            let mut candidates: Vec<u32> =
-                parts.iter().flat_map(|p| p[k].1.iter().copied()).collect();
-            if candidates.len() > SampleBracket::candidate_cap(n) {
+            let entries: usize = parts.iter().map(|p| p[k].1.entries()).sum();
+            if entries > SampleBracket::candidate_cap(n) {
                 return None;
             }
-            let threshold = bracket.resolve(above_bracket, &mut candidates, keep)?;
+            let threshold =
+                bracket.resolve_chunks(above_bracket, parts.iter().map(|p| &p[k].1), keep)?;
             let mut above = 0u64;
             let mut ties_before = Vec::with_capacity(chunks);
             let mut ties = 0u64;
             for part in &parts {
                 let (above_chunk, inside) = &part[k];
+                let (above_here, ties_here) = inside.above_and_equal(threshold);
                 ties_before.push(ties);
-                above += above_chunk + inside.iter().filter(|&&key| key > threshold).count() as u64;
-                ties += inside.iter().filter(|&&key| key == threshold).count() as u64;
+                above += above_chunk + above_here;
+                ties += ties_here;
             }
             tops.push(StreamedTop {
                 top: TopK::from_threshold(threshold, above, keep),
