@@ -11,12 +11,21 @@
 //! as the merged model holds, in the output folder — is measured too: the
 //! merge reads, computes and writes, so read + write is its real floor.
 //!
+//! Three families per size (`--families`, default all):
+//! - `lowrank`: fine-tunes with low-rank task updates plus a normal drift;
+//! - `bf16`: fine-tunes as bf16 training leaves them
+//!   (`demo::bf16_fine_tune`): task vectors are differences of bf16
+//!   weights — a dense update mostly below the bf16 spacing, larger updates
+//!   on 2% of the entries, long runs of exactly equal magnitudes and whole
+//!   percents of each tensor tied at a TIES threshold, as real ones have;
+//! - `bf16-sharded`: the same in 500 MB shards, merged into 500 MB shards.
+//!
 //! Run: `cargo bench --bench throughput -- --size 1.1GB` (defaults:
 //! `--sizes 100MB,400MB`, every method, all cores, best of 3).
-//! Options: `--size S` / `--sizes S1,S2,…`, `--methods m1,m2`, `--threads N`,
-//! `--reps N`, `--dir D` (default `target/throughput`), `--out D` (where
-//! merges are written; default beside the inputs — `/dev/shm/…` takes the
-//! disk out of the measurement).
+//! Options: `--size S` / `--sizes S1,S2,…`, `--families f1,f2`,
+//! `--methods m1,m2`, `--threads N`, `--reps N`, `--dir D` (default
+//! `target/throughput`), `--out D` (where merges are written; default
+//! beside the inputs — `/dev/shm/…` takes the disk out of the measurement).
 //!
 //! `tsv`, `iso_c`, `iso_cts` and `wudi` (SPEC §8) merge `A` and `B` over
 //! `C` at their defaults: every 2-D weight's SVDs (or WUDI's solve) run
@@ -28,7 +37,7 @@
 //! and their Grams where the floors count three checkpoints.
 
 use flatmerge::config::{parse_byte_size, MergeConfig};
-use flatmerge::demo::{write_family, LlamaShape};
+use flatmerge::demo::{write_family_with, FamilyOptions, LlamaShape};
 use flatmerge::dtype::Dtype;
 use flatmerge::engine::{peak_resident_bytes, thread_pool, MergeOptions, PreparedMerge};
 use flatmerge::io::Checkpoint;
@@ -39,12 +48,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const METHODS: [&str; 11] = [
+const METHODS: [&str; 14] = [
     "linear",
     "task_arithmetic",
     "ties",
     "dare_linear",
     "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
     "safe_m",
     "regmean",
     "tsv",
@@ -53,8 +65,42 @@ const METHODS: [&str; 11] = [
     "wudi",
 ];
 
+/// A family of checkpoints: its name, how it is generated and stored.
+#[derive(Clone, Copy)]
+struct Family {
+    name: &'static str,
+    options: FamilyOptions,
+}
+
+const SHARD_BYTES: u64 = 500_000_000;
+
+const FAMILIES: [Family; 3] = [
+    Family {
+        name: "lowrank",
+        options: FamilyOptions {
+            bf16_updates: false,
+            shard_bytes: None,
+        },
+    },
+    Family {
+        name: "bf16",
+        options: FamilyOptions {
+            bf16_updates: true,
+            shard_bytes: None,
+        },
+    },
+    Family {
+        name: "bf16-sharded",
+        options: FamilyOptions {
+            bf16_updates: true,
+            shard_bytes: Some(SHARD_BYTES),
+        },
+    },
+];
+
 struct Options {
     sizes: Vec<u64>,
+    families: Vec<Family>,
     methods: Vec<String>,
     threads: Option<usize>,
     reps: usize,
@@ -78,13 +124,16 @@ fn main() {
         options.reps
     );
     for &size in &options.sizes {
-        run_size(&options, size);
+        for &family in &options.families {
+            run_size(&options, size, family);
+        }
     }
 }
 
 fn parse(args: &[String]) -> Options {
     let mut options = Options {
         sizes: vec![100_000_000, 400_000_000],
+        families: FAMILIES.to_vec(),
         methods: METHODS.iter().map(|m| m.to_string()).collect(),
         threads: None,
         reps: 3,
@@ -105,6 +154,17 @@ fn parse(args: &[String]) -> Options {
                     .map(|s| parse_byte_size(s).unwrap_or_else(|e| panic!("{s}: {e}")))
                     .collect()
             }
+            "--families" => {
+                options.families = value()
+                    .split(',')
+                    .map(|f| {
+                        *FAMILIES
+                            .iter()
+                            .find(|family| family.name == f)
+                            .unwrap_or_else(|| panic!("unknown family {f}"))
+                    })
+                    .collect()
+            }
             "--methods" => options.methods = value().split(',').map(str::to_string).collect(),
             "--threads" => options.threads = Some(value().parse().expect("--threads N")),
             "--reps" => options.reps = value().parse::<usize>().expect("--reps N").max(1),
@@ -118,23 +178,32 @@ fn parse(args: &[String]) -> Options {
     options
 }
 
-fn run_size(options: &Options, size: u64) {
+fn run_size(options: &Options, size: u64, family: Family) {
     let shape = LlamaShape::with_bytes(size, Dtype::BF16);
+    // The low-rank family keeps the folder name it always had.
+    let suffix = match family.name {
+        "lowrank" => String::new(),
+        name => format!("-{name}"),
+    };
     let dir = options
         .dir
-        .join(format!("h{}-l{}", shape.hidden, shape.layers));
+        .join(format!("h{}-l{}{suffix}", shape.hidden, shape.layers));
     let started = Instant::now();
-    let generated = ensure_family(&dir, &shape);
-    let inputs: Vec<PathBuf> = ["C", "A", "B"]
+    let generated = ensure_family(&dir, &shape, family.options);
+    let input_bytes: u64 = ["C", "A", "B"]
         .iter()
-        .map(|m| dir.join(m).join("model.safetensors"))
-        .collect();
-    let input_bytes: u64 = inputs
-        .iter()
+        .flat_map(|m| std::fs::read_dir(dir.join(m)).expect("generated"))
+        .map(|entry| entry.expect("listing").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
         .map(|p| std::fs::metadata(p).expect("generated").len())
         .sum();
     println!(
-        "\n## {} parameters per checkpoint (hidden {}, MLP {}, {} layers), 3 × {:.2} GB BF16 = {:.2} GB of input{}",
+        "\n## `{}` family{}: {} parameters per checkpoint (hidden {}, MLP {}, {} layers), 3 × {:.2} GB BF16 = {:.2} GB of input{}",
+        family.name,
+        family
+            .options
+            .shard_bytes
+            .map_or_else(String::new, |b| format!(" in {} MB shards", b / 1_000_000)),
         shape.parameters(),
         shape.hidden,
         shape.intermediate,
@@ -189,8 +258,9 @@ fn run_size(options: &Options, size: u64) {
         let wall = best(options.reps, || {
             let mut command = Command::new(std::env::current_exe().expect("own path"));
             command.arg("--child").arg(&config).arg(&out);
-            if let Some(t) = options.threads {
-                command.arg(t.to_string());
+            command.arg(options.threads.map_or("all".to_string(), |t| t.to_string()));
+            if let Some(bytes) = family.options.shard_bytes {
+                command.arg(bytes.to_string());
             }
             let output = command.output().expect("run the merge");
             assert!(
@@ -217,13 +287,13 @@ fn run_size(options: &Options, size: u64) {
 }
 
 /// Writes the family once; later runs reuse it (a marker file is written last).
-fn ensure_family(dir: &Path, shape: &LlamaShape) -> bool {
+fn ensure_family(dir: &Path, shape: &LlamaShape, family: FamilyOptions) -> bool {
     let marker = dir.join("complete");
     if marker.exists() {
         return false;
     }
     let _ = std::fs::remove_dir_all(dir);
-    write_family(dir, shape, Dtype::BF16, 1, 7).expect("generate the family");
+    write_family_with(dir, shape, Dtype::BF16, 1, 7, family).expect("generate the family");
     std::fs::write(&marker, b"").expect("marker");
     true
 }
@@ -331,12 +401,18 @@ fn best(reps: usize, mut f: impl FnMut()) -> Duration {
         .unwrap_or_default()
 }
 
-/// The merge as `flatmerge merge --force` runs it; prints the peak RSS (bytes).
+/// The merge as `flatmerge merge --force` runs it; prints the peak RSS
+/// (bytes). Arguments: config, output, threads (`all` or N), and the
+/// largest shard in bytes when the output is sharded.
 fn child(args: &[String]) {
     let config = MergeConfig::from_file(Path::new(&args[0])).expect("config");
     let options = MergeOptions {
         out_dir: PathBuf::from(&args[1]),
-        threads: args.get(2).map(|t| t.parse().expect("threads")),
+        threads: args
+            .get(2)
+            .filter(|t| *t != "all")
+            .map(|t| t.parse().expect("threads")),
+        max_shard_bytes: args.get(3).map(|b| b.parse().expect("shard bytes")),
         force: true,
         ..MergeOptions::default()
     };

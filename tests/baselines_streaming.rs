@@ -4,15 +4,29 @@
 //! index: the engine's output equals a reference built from the kernels of
 //! `flatmerge::baselines` on whole tensors, bit for bit.
 
-use flatmerge::baselines::{task_arithmetic_combine, trim_count, TopK};
+use flatmerge::baselines::{magnitude_key, task_arithmetic_combine, trim_count, TopK};
 use flatmerge::config::MergeConfig;
-use flatmerge::demo::{write_family, LlamaShape};
+use flatmerge::demo::{write_family_with, FamilyOptions, LlamaShape};
 use flatmerge::dtype::{encode_f32, Dtype};
 use flatmerge::engine::{merge, MergeOptions};
 use flatmerge::io::Checkpoint;
 
 #[test]
 fn streamed_ties_equals_the_whole_tensor_reference() {
+    streamed_ties_matches_the_reference(FamilyOptions::default());
+}
+
+/// Fine-tunes as bf16 training leaves them: whole percents of each task
+/// vector tie at the trim threshold, and the inputs come in shards.
+#[test]
+fn streamed_ties_equals_the_reference_on_bf16_fine_tunes() {
+    streamed_ties_matches_the_reference(FamilyOptions {
+        bf16_updates: true,
+        shard_bytes: Some(1 << 20),
+    });
+}
+
+fn streamed_ties_matches_the_reference(family: FamilyOptions) {
     let tmp = tempfile::tempdir().unwrap();
     // Tensors of 210 000 and 246 000 elements: above the size where the
     // engine streams the trim; BF16 inputs give many equal magnitudes.
@@ -22,7 +36,7 @@ fn streamed_ties_equals_the_whole_tensor_reference() {
         intermediate: 820,
         layers: 1,
     };
-    write_family(tmp.path(), &shape, Dtype::BF16, 1, 3).unwrap();
+    write_family_with(tmp.path(), &shape, Dtype::BF16, 1, 3, family).unwrap();
     let densities = [0.3, 0.15];
     let weights = [0.6f32, 0.4];
     let config_path = tmp.path().join("ties.yaml");
@@ -48,6 +62,7 @@ fn streamed_ties_equals_the_whole_tensor_reference() {
         Checkpoint::open(&out).unwrap(),
     );
     let mut streamed = 0;
+    let (mut ties, mut large) = (0, 0);
     for info in c.tensors() {
         let name = &info.name;
         let base = c.view(name).unwrap().to_f32_vec();
@@ -64,7 +79,15 @@ fn streamed_ties_equals_the_whole_tensor_reference() {
                     .zip(&base)
                     .map(|(w, c)| w - c)
                     .collect();
-                TopK::find(std::iter::once(&tau[..]), trim_count(density, n)).apply(&mut tau, 0);
+                let top = TopK::find(std::iter::once(&tau[..]), trim_count(density, n));
+                if n >= 1 << 16 {
+                    ties += tau
+                        .iter()
+                        .filter(|&&x| magnitude_key(x) == top.threshold)
+                        .count();
+                    large += n;
+                }
+                top.apply(&mut tau, 0);
                 tau
             })
             .collect();
@@ -89,4 +112,10 @@ fn streamed_ties_equals_the_whole_tensor_reference() {
         streamed += usize::from(n >= 1 << 16);
     }
     assert!(streamed >= 2, "the large tensors take the streamed path");
+    if family.bf16_updates {
+        assert!(
+            ties * 200 > large,
+            "over 0.5% of the entries tie at the threshold: {ties} of {large}"
+        );
+    }
 }

@@ -10,7 +10,7 @@
 
 use crate::dtype::{encode_f32, Dtype};
 use crate::error::{Error, Result};
-use crate::io::{OutputTensor, SafetensorsWriter};
+use crate::io::{OutputTensor, SafetensorsWriter, ShardedWriter};
 use crate::stats::{ActivationStats, LayerStats};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -228,6 +228,19 @@ pub fn matvec(w: &[f32], x: &[f32]) -> Vec<f32> {
         .collect()
 }
 
+/// How [`write_family_with`] makes the fine-tunes, and how it stores them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FamilyOptions {
+    /// Fine-tunes as bf16 training leaves them ([`bf16_fine_tune`]: a dense
+    /// update of a scale drawn per tensor between 5·10⁻⁵ and 4·10⁻⁴, most
+    /// of it below the weights' bf16 spacing, plus updates of 2·10⁻³ on 2%
+    /// of the entries) instead of low-rank task updates plus a drift.
+    pub bf16_updates: bool,
+    /// Shards of at most this many bytes of tensor data (`None`: one
+    /// `model.safetensors`).
+    pub shard_bytes: Option<u64>,
+}
+
 /// Writes `C`, `A` and `contributors` models `B_k` of `shape` under `dir`
 /// (as `dir/C`, `dir/A`, `dir/B`, `dir/B2`, …), with statistics and a config.
 pub fn write_family(
@@ -236,6 +249,25 @@ pub fn write_family(
     dtype: Dtype,
     contributors: usize,
     seed: u64,
+) -> Result<DemoFamily> {
+    write_family_with(
+        dir,
+        shape,
+        dtype,
+        contributors,
+        seed,
+        FamilyOptions::default(),
+    )
+}
+
+/// [`write_family`] with the fine-tunes and the storage of `options`.
+pub fn write_family_with(
+    dir: &Path,
+    shape: &LlamaShape,
+    dtype: Dtype,
+    contributors: usize,
+    seed: u64,
+    options: FamilyOptions,
 ) -> Result<DemoFamily> {
     let names: Vec<String> = std::iter::once("C".to_string())
         .chain(std::iter::once("A".to_string()))
@@ -261,13 +293,12 @@ pub fn write_family(
     let mut stats = Vec::new();
     for name in &names {
         let model_dir = dir.join(name);
-        std::fs::create_dir_all(&model_dir).map_err(|e| Error::io(&model_dir, e))?;
-        let config = model_dir.join("config.json");
-        std::fs::write(&config, shape.config_json(dtype)).map_err(|e| Error::io(&config, e))?;
-        writers.push(SafetensorsWriter::create(
-            &model_dir.join("model.safetensors"),
-            &outputs,
-            &metadata,
+        writers.push(ShardedWriter::create(
+            &model_dir,
+            outputs.clone(),
+            options.shard_bytes,
+            metadata.clone(),
+            true,
         )?);
         stats.push(ActivationStats::new(
             &format!("demo {name}"),
@@ -293,6 +324,10 @@ pub fn write_family(
                     return w;
                 }
                 let mut rng = Rng::new(seed ^ (m as u64 * 0x51ed), name);
+                if options.bf16_updates {
+                    let dense = 5e-5 * 8f64.powf(rng.uniform()) as f32;
+                    return bf16_fine_tune(&w, &mut rng, dense, 2e-3, 0.02).1;
+                }
                 let layer = layer_index(name).unwrap_or(0);
                 let band = (m - 1) % 2 == 0;
                 let strong = (layer < shape.layers.div_ceil(2)) == band;
@@ -333,7 +368,8 @@ pub fn write_family(
             }
         }
     }
-    for writer in writers {
+    for mut writer in writers {
+        writer.write_file("config.json", shape.config_json(dtype).as_bytes())?;
         writer.finish()?;
     }
     for (name, s) in names.iter().zip(&mut stats) {
