@@ -182,15 +182,28 @@ pub fn standardise_columns(rows: &[f32], width: usize, centre: bool) -> Vec<f32>
 /// [`standardise_columns`] outputs (`[n_a, N]` and `[n_b, N]`): one matrix
 /// product `Â Bᵀ`, `[n_a, n_b]` row-major (SPEC §2.3: Pearson when centred).
 pub fn correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n_a * n_b];
+    correlation_into(a, n_a, b, n_b, &mut out);
+    out
+}
+
+/// [`correlation`] into `out` (`[n_a, n_b]`, overwritten): callers that
+/// split A's rows into blocks write each block's rows in place.
+pub fn correlation_into(a: &[f32], n_a: usize, b: &[f32], n_b: usize, out: &mut [f32]) {
     let rows = a.len().checked_div(n_a).unwrap_or(0);
     assert_eq!(
         b.len(),
         n_b * rows,
         "correlation: A and B differ in probe rows"
     );
-    let mut out = vec![0f32; n_a * n_b];
+    assert_eq!(
+        out.len(),
+        n_a * n_b,
+        "correlation: output of the wrong size"
+    );
     if n_a == 0 || n_b == 0 || rows == 0 {
-        return out;
+        out.fill(0.0);
+        return;
     }
     // SAFETY: the pointers and strides describe the three buffers exactly:
     // a is [n_a × rows] row-major (row stride rows, column stride 1), b is
@@ -214,7 +227,6 @@ pub fn correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
             1,
         );
     }
-    out
 }
 
 /// `FOS_i = corr_{i,π(i)} · exp(−|ĥ_{A,i} − ĥ_{B,π(i)}| / σ)` (SPEC §2.3).

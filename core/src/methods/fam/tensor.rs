@@ -8,7 +8,7 @@ use crate::assignment::{solve_with, Method, Workspace};
 use crate::engine::chunks::{par_encode, read_all, rows_per_chunk};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fam::{
-    candidates, correlation, cross_modal_information, flat_oriented_score,
+    candidates, correlation, correlation_into, cross_modal_information, flat_oriented_score,
     flatness_activation_importance, flatness_factor, fuse_row, is_fused, normalise_mean, salience,
     sharpness, standardise_columns,
 };
@@ -17,7 +17,26 @@ use crate::least_squares::{RegMeanModel, RegMeanSystem};
 use crate::plan::{GroupPlan, Input, Inputs, Plan, TensorPlan, TensorRule};
 use crate::reduce;
 use crate::stats::{LayerStats, Rows};
+use rayon::prelude::*;
 use serde::Serialize;
+
+/// Rows of A per product in [`par_correlation`]: a fixed block, so that
+/// every thread count runs the same products and gives the same bytes.
+const CORRELATION_BLOCK: usize = 256;
+
+/// [`correlation`] on all cores: A's rows in fixed blocks of
+/// [`CORRELATION_BLOCK`], one product per block, each written in place.
+fn par_correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
+    let rows = a.len().checked_div(n_a).unwrap_or(0);
+    if rows == 0 || n_b == 0 {
+        return correlation(a, n_a, b, n_b);
+    }
+    let mut out = vec![0f32; n_a * n_b];
+    out.par_chunks_mut(CORRELATION_BLOCK * n_b)
+        .zip(a.par_chunks(CORRELATION_BLOCK * rows))
+        .for_each(|(out, a)| correlation_into(a, out.len() / n_b, b, n_b, out));
+    out
+}
 
 /// How one neuron group was aligned (SPEC §2.2–2.3).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -147,7 +166,7 @@ fn align_group(
     let (h_a, cand_a) = importance(xa, ya, a);
     let (h_b, cand_b) = importance(xb, yb, b);
     let centre = !settings.raw_cosine;
-    let corr = correlation(
+    let corr = par_correlation(
         &standardise_columns(&ya.data, ya.width, centre),
         ya.width,
         &standardise_columns(&yb.data, yb.width, centre),
@@ -667,4 +686,34 @@ fn matmul_t(x: &[f32], n: usize, k: usize, w: &[f32], m: usize) -> Vec<f32> {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parallel_correlation_is_the_serial_product_at_any_thread_count() {
+        let (n_a, n_b, rows) = (1000, 700, 48);
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let a: Vec<f32> = (0..n_a * rows).map(|_| next()).collect();
+        let b: Vec<f32> = (0..n_b * rows).map(|_| next()).collect();
+        let serial = correlation(&a, n_a, &b, n_b);
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let parallel = pool.install(|| par_correlation(&a, n_a, &b, n_b));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&parallel), bits(&serial), "{threads} threads");
+        }
+        assert_eq!(par_correlation(&[], 0, &[], 0), Vec::<f32>::new());
+    }
 }
