@@ -5,6 +5,8 @@
 //! - `planted`: a random permutation with similarity 1 plus N(0, 0.1²)
 //!   noise on every entry — what two copies of a layer look like.
 //!
+//! Also the correlation product before it, serial and parallel.
+//!
 //! Run: `cargo bench --bench assignment` (n = 256 and 1024);
 //! `FLATMERGE_BENCH_LARGE=1 cargo bench --bench assignment` adds n = 2048,
 //! 4096 and 11008 with 10 samples (about 5 minutes on 2 cores). The
@@ -98,10 +100,32 @@ fn bench_sizes(c: &mut Criterion, sizes: &[usize], large: bool) {
     group.finish();
 }
 
+/// The correlation product that feeds the assignment (SPEC §2.3), one
+/// group of `n` neurons in each model over 512 probe rows, on one thread
+/// (`fam::correlation`) and on all (`engine::fam::par_correlation`).
+fn correlation(c: &mut Criterion, n: usize) {
+    let rows = 512;
+    let mut rng = SplitMix(n as u64 + 2);
+    let mut draw = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
+    let (a, b) = (draw(n * rows), draw(n * rows));
+    let mut group = c.benchmark_group("correlation");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.bench_function(BenchmarkId::new("serial", n), |bench| {
+        bench.iter(|| flatmerge::fam::correlation(black_box(&a), n, &b, n))
+    });
+    group.bench_function(BenchmarkId::new("parallel", n), |bench| {
+        bench.iter(|| flatmerge::engine::fam::par_correlation(black_box(&a), n, &b, n))
+    });
+    group.finish();
+}
+
 fn assignment(c: &mut Criterion) {
     bench_sizes(c, &[256, 1024], false);
+    correlation(c, 1024);
     if std::env::var_os("FLATMERGE_BENCH_LARGE").is_some_and(|v| v == "1") {
         bench_sizes(c, &[2048, 4096, 11008], true);
+        correlation(c, 11008);
     }
 }
 

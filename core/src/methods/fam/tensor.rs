@@ -26,7 +26,7 @@ const CORRELATION_BLOCK: usize = 256;
 
 /// [`correlation`] on all cores: A's rows in fixed blocks of
 /// [`CORRELATION_BLOCK`], one product per block, each written in place.
-fn par_correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
+pub fn par_correlation(a: &[f32], n_a: usize, b: &[f32], n_b: usize) -> Vec<f32> {
     let rows = a.len().checked_div(n_a).unwrap_or(0);
     if rows == 0 || n_b == 0 {
         return correlation(a, n_a, b, n_b);
