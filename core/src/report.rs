@@ -94,6 +94,12 @@ pub struct InputReport {
     pub stats: Option<PathBuf>,
     /// Size and header hash of each shard.
     pub files: Vec<FileFingerprint>,
+    /// In a `slices:` merge: the slice it is a source of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<usize>,
+    /// In a `slices:` merge: the layers it gives, `[start, end)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_range: Option<[usize; 2]>,
 }
 
 /// One output tensor in the report.
@@ -197,24 +203,7 @@ impl MergeReport {
         plan: &Plan,
         shards: &[ShardPlan],
     ) -> MergeReport {
-        let input = |role, i: &crate::plan::Input| InputReport {
-            role,
-            path: i.checkpoint.root().to_path_buf(),
-            stats: i.stats.as_ref().map(|(_, p)| p.clone()),
-            files: i.checkpoint.fingerprints().to_vec(),
-        };
-        let mut input_reports: Vec<InputReport> =
-            inputs.base.iter().map(|b| input("base", b)).collect();
-        for (i, model) in inputs.models.iter().enumerate() {
-            let role = if config.method.roles() == Roles::ReceiverFirst && i == 0 {
-                "receiver"
-            } else if inputs.contributors.contains(&i) {
-                "contributor"
-            } else {
-                "base"
-            };
-            input_reports.push(input(role, model));
-        }
+        let input_reports = MergeReport::input_reports(config, inputs, None);
         let summary: serde_json::Map<String, Value> = plan
             .rule_counts()
             .into_iter()
@@ -249,6 +238,42 @@ impl MergeReport {
             copied_files: Vec::new(),
             results: BTreeMap::new(),
         }
+    }
+
+    /// The inputs of one part of a merge (`slice`: its index in a `slices:`
+    /// merge), each with its role.
+    pub fn input_reports(
+        config: &MergeConfig,
+        inputs: &Inputs,
+        slice: Option<usize>,
+    ) -> Vec<InputReport> {
+        let input =
+            |role, i: &crate::plan::Input, model: Option<&crate::config::ModelRef>| InputReport {
+                role,
+                path: i.checkpoint.root().to_path_buf(),
+                stats: i.stats.as_ref().map(|(_, p)| p.clone()),
+                files: i.checkpoint.fingerprints().to_vec(),
+                slice,
+                layer_range: model
+                    .and_then(|m| m.window.as_ref())
+                    .map(|w| [w.first, w.first + w.count]),
+            };
+        let mut reports: Vec<InputReport> = inputs
+            .base
+            .iter()
+            .map(|b| input("base", b, config.base.as_ref()))
+            .collect();
+        for (i, model) in inputs.models.iter().enumerate() {
+            let role = if config.method.roles() == Roles::ReceiverFirst && i == 0 {
+                "receiver"
+            } else if inputs.contributors.contains(&i) {
+                "contributor"
+            } else {
+                "base"
+            };
+            reports.push(input(role, model, config.models.get(i)));
+        }
+        reports
     }
 
     /// Records what the kernels measured on tensor `index` of the plan.

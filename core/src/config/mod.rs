@@ -72,6 +72,40 @@ pub struct RawModel {
     pub parameters: RawParams,
 }
 
+/// One entry of `slices:` as written: sources whose layer ranges are
+/// merged into the next output layers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlice {
+    /// The models and their layer ranges.
+    pub sources: Vec<RawSource>,
+    /// Parameters of this slice; over the global ones, under a source's.
+    #[serde(default)]
+    pub parameters: RawParams,
+    /// This slice's base model, instead of the config's.
+    #[serde(default)]
+    pub base_model: Option<String>,
+}
+
+/// One source of a slice as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Path of the checkpoint.
+    pub model: String,
+    /// The half-open decoder-layer range `[start, end)`.
+    pub layer_range: Spanned<Vec<Spanned<i64>>>,
+    /// Its activation statistics (whole-model; the range's layers are used).
+    #[serde(default)]
+    pub stats: Option<String>,
+    /// Its Grams file, as `models[].grams`.
+    #[serde(default)]
+    pub grams: Option<String>,
+    /// Parameters of this source; they win over the slice's and the global ones.
+    #[serde(default)]
+    pub parameters: RawParams,
+}
+
 /// A config as written, every key known.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,9 +130,10 @@ pub struct RawConfig {
     /// Output dtype; wins over `dtype`.
     #[serde(default)]
     pub out_dtype: Option<Spanned<String>>,
-    /// mergekit's frankenmerge layout (refused with a clear message).
+    /// mergekit's layer slices (frankenmerges, depth upscaling): the
+    /// output's decoder layers, slice after slice, instead of `models:`.
     #[serde(default)]
-    pub slices: Option<Spanned<ParamValue>>,
+    pub slices: Option<Spanned<Vec<RawSlice>>>,
     /// mergekit's multi-module layout (refused with a clear message).
     #[serde(default)]
     pub modules: Option<Spanned<ParamValue>>,
@@ -180,6 +215,8 @@ pub struct ModelRef {
     pub stats: Option<PathBuf>,
     /// Its second statistics file with Grams (`grams:`), when given.
     pub grams: Option<PathBuf>,
+    /// The layers a `slices:` source takes (`None`: the whole model).
+    pub window: Option<crate::layers::LayerWindow>,
 }
 
 pub use crate::methods::fam::FamSettings;
@@ -211,6 +248,15 @@ pub struct MergeConfig {
     pub source: Option<PathBuf>,
     /// The probe set a method runs itself (`regmean_plusplus`), resolved.
     pub probe_set: Option<PathBuf>,
+    /// A `slices:` config: one plain config per slice, in output order,
+    /// each over its sources' layer windows (empty for a `models:` config,
+    /// which is its own single part). The fields above are the first
+    /// slice's; `seed`, `strict`, `nan_policy` and `out_dtype` set on this
+    /// config apply to every slice.
+    pub slices: Vec<MergeConfig>,
+    /// In a slice's config: the output layers it writes, for gradients
+    /// (interpolated within the slice, as mergekit does) and messages.
+    pub layer_window: Option<crate::layers::LayerWindow>,
 }
 
 /// Settings of the chosen method.
@@ -535,11 +581,6 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         None => Ok(()),
     };
     refuse(
-        &raw.slices,
-        "slices",
-        "`slices` / `layer_range` (frankenmerges) are not supported by flatmerge; list whole models under `models:`",
-    )?;
-    refuse(
         &raw.modules,
         "modules",
         "`modules` (multi-module merges) are not supported by flatmerge; use `models:`",
@@ -588,6 +629,9 @@ fn validate(
         )
     })?;
     refuse_layouts(&raw)?;
+    if let Some(slices) = &raw.slices {
+        return validate_slices(&raw, slices, base_dir, source, registry, method);
+    }
     if !method.uses_name_map() {
         if let Some(map) = &raw.name_map {
             return Err(config_error(
@@ -624,6 +668,7 @@ fn validate(
             path: resolve(base_dir, &m.model),
             stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
             grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
+            window: None,
         })
         .collect();
     if let Some(i) = raw.models.iter().position(|m| m.grams.is_some()) {
@@ -645,6 +690,7 @@ fn validate(
             .as_deref()
             .map(|s| resolve(base_dir, s)),
         grams: None,
+        window: None,
     });
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
         return Err(config_error(
@@ -679,7 +725,140 @@ fn validate(
         },
         source: source.map(Path::to_path_buf),
         probe_set: raw.probe_set.as_ref().map(|p| resolve(base_dir, &p.value)),
+        slices: Vec::new(),
+        layer_window: None,
     })
+}
+
+/// A `slices:` config: each slice becomes a plain config over its sources
+/// (parameters: source over slice over global), whose models carry their
+/// layer windows; output layers are numbered on across slices.
+fn validate_slices(
+    raw: &RawConfig,
+    slices: &Spanned<Vec<RawSlice>>,
+    base_dir: &Path,
+    source: Option<&Path>,
+    registry: &Registry,
+    method: MergeMethod,
+) -> Result<MergeConfig> {
+    let at = Some(&slices.referenced);
+    if !raw.models.is_empty() {
+        return Err(config_error(
+            at,
+            "slices",
+            "a config has either `models:` or `slices:`, not both",
+        ));
+    }
+    if slices.value.is_empty() {
+        return Err(config_error(at, "slices", "lists no slice"));
+    }
+    if !method.runs_in_slices() {
+        return Err(config_error(
+            at,
+            "slices",
+            format!(
+                "{} runs the models on a probe set, which needs whole models; use `models:`",
+                method.as_str()
+            ),
+        ));
+    }
+    let last = slices.value.len() - 1;
+    let mut out_first = 0usize;
+    let mut parts = Vec::with_capacity(slices.value.len());
+    for (s, slice) in slices.value.iter().enumerate() {
+        if slice.sources.is_empty() {
+            return Err(config_error(
+                at,
+                &format!("slices[{s}].sources"),
+                "lists no source",
+            ));
+        }
+        let mut windows = Vec::with_capacity(slice.sources.len());
+        for (i, src) in slice.sources.iter().enumerate() {
+            let key = format!("slices[{s}].sources[{i}].layer_range");
+            let range = &src.layer_range;
+            let (first, end) = match range.value.as_slice() {
+                [a, b] => (a.value, b.value),
+                _ => {
+                    return Err(config_error(
+                        Some(&range.referenced),
+                        &key,
+                        "expected two layer indices `[start, end]` (half-open)",
+                    ))
+                }
+            };
+            if first < 0 || end <= first {
+                return Err(config_error(
+                    Some(&range.referenced),
+                    &key,
+                    format!("[{first}, {end}] is empty or negative; a range is half-open `[start, end)` with 0 ≤ start < end"),
+                ));
+            }
+            let count = (end - first) as usize;
+            if let Some(w) = windows.first() {
+                let w: &crate::layers::LayerWindow = w;
+                if w.count != count {
+                    return Err(config_error(
+                        Some(&range.referenced),
+                        &key,
+                        format!(
+                            "spans {count} layers, but slices[{s}].sources[0] spans {}; every source of a slice spans the same number of layers",
+                            w.count
+                        ),
+                    ));
+                }
+            }
+            windows.push(crate::layers::LayerWindow {
+                first: first as usize,
+                count,
+                out_first,
+                embeddings: s == 0,
+                head: s == last,
+                key,
+            });
+        }
+        let mut parameters = raw.parameters.clone();
+        parameters.extend(slice.parameters.clone());
+        let part_raw = RawConfig {
+            models: slice
+                .sources
+                .iter()
+                .map(|src| RawModel {
+                    model: src.model.clone(),
+                    stats: src.stats.clone(),
+                    grams: src.grams.clone(),
+                    parameters: src.parameters.clone(),
+                })
+                .collect(),
+            parameters,
+            base_model: slice.base_model.clone().or_else(|| raw.base_model.clone()),
+            slices: None,
+            ..raw.clone()
+        };
+        let mut part = validate(part_raw, base_dir, source, registry).map_err(|e| {
+            let message = format!("{} (in slices[{s}])", e.message());
+            e.with_message(message)
+        })?;
+        for (model, window) in part.models.iter_mut().zip(&windows) {
+            model.window = Some(window.clone());
+        }
+        if let Some(base) = &mut part.base {
+            // The base takes the window of the source that is the base
+            // model (mergekit's slices list it), else the first source's.
+            let own = part
+                .models
+                .iter()
+                .find(|m| same_model(&m.path, &base.path))
+                .unwrap_or(&part.models[0]);
+            base.window = own.window.clone();
+        }
+        part.layer_window = Some(windows[0].clone());
+        out_first += windows[0].count;
+        parts.push(part);
+    }
+    let mut whole = parts[0].clone();
+    whole.slices = parts;
+    Ok(whole)
 }
 
 /// Parses a byte size as mergekit's `--out-shard-size` does: a number with

@@ -380,6 +380,33 @@ impl Checkpoint {
         Ok(self)
     }
 
+    /// This checkpoint seen through `rename`: exactly the tensors it gives
+    /// a name for, under that name, in the checkpoint's order. The data
+    /// stays the same mapped bytes. For a `slices:` merge, where one
+    /// model's layers `[a, b)` become the output's layers `[o, o + b − a)`.
+    /// Errors if two tensors get the same name ([`ErrorKind::Format`]).
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Result<Checkpoint> {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.by_name.clear();
+        for mut t in tensors {
+            let Some(name) = rename(&t.name) else {
+                continue;
+            };
+            if self.by_name.contains_key(&name) {
+                return Err(Error::new(
+                    ErrorKind::Format,
+                    format!("two tensors would both be called `{name}`"),
+                )
+                .with_file(&self.root)
+                .with_tensor(&t.name));
+            }
+            t.name = name;
+            self.by_name.insert(t.name.clone(), self.tensors.len());
+            self.tensors.push(t);
+        }
+        Ok(self)
+    }
+
     /// The path given to [`Checkpoint::open`].
     pub fn root(&self) -> &Path {
         &self.root

@@ -10,7 +10,7 @@ use crate::config::params::{
 use crate::config::{config_error, same_model, MergeConfig, MethodSettings, RawParams};
 use crate::dtype::Dtype;
 use crate::engine::chunks::{par_encode, read, read_all};
-use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, Model, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{TensorInfo, TensorView};
 use crate::methods::{BaseModel, Method, Roles, SettingsInput, Statistics, TensorInput};
@@ -277,7 +277,7 @@ fn plan_with(
                 }
             }
         }
-        let t = layer_position(&info.name, layers);
+        let t = gradient_position(config, inputs, &info.name, layers);
         for def in params
             .defs
             .iter()
@@ -400,6 +400,15 @@ fn setting_json(setting: &Setting) -> Value {
     }
 }
 
+/// The position `t ∈ [0, 1]` of a tensor for gradients: over the model's
+/// layers, or within the slice for a slice of a `slices:` config.
+fn gradient_position(config: &MergeConfig, inputs: &Inputs, name: &str, layers: usize) -> f64 {
+    match &config.layer_window {
+        Some(window) => window.position(name, inputs.decoder_prefix.as_deref()),
+        None => layer_position(name, layers),
+    }
+}
+
 /// What a mergekit-style tensor is merged from: its parameters (resolved
 /// per tensor and model), the base's tensor and each contributor's.
 pub struct MergekitTensor<'a> {
@@ -417,12 +426,12 @@ pub struct MergekitTensor<'a> {
     pub contributors: Vec<TensorView<'a>>,
     /// Each contributor's index in the config's `models` (for per-model parameters).
     pub model_index: Vec<usize>,
-    merge: &'a PreparedMerge,
+    merge: &'a MergePart,
 }
 
 impl<'a> MergekitTensor<'a> {
     /// The context of one tensor of `merge`.
-    pub fn new(merge: &'a PreparedMerge, input: &TensorInput<'a>) -> Result<MergekitTensor<'a>> {
+    pub fn new(merge: &'a MergePart, input: &TensorInput<'a>) -> Result<MergekitTensor<'a>> {
         let tensor = input.plan;
         let base = match &merge.inputs().base {
             Some(_) => Some(merge.view(Model::Base, &tensor.name)?),
@@ -446,7 +455,12 @@ impl<'a> MergekitTensor<'a> {
 
     /// The tensor's layer position for gradients.
     pub fn t(&self) -> f64 {
-        layer_position(&self.plan.name, self.layers)
+        gradient_position(
+            self.merge.config(),
+            self.merge.inputs(),
+            &self.plan.name,
+            self.layers,
+        )
     }
 
     /// A number parameter of contributor `k` (`None`: a shared one).
@@ -472,7 +486,7 @@ impl<'a> MergekitTensor<'a> {
     }
 
     /// The merge the tensor belongs to.
-    pub fn merge(&self) -> &'a PreparedMerge {
+    pub fn merge(&self) -> &'a MergePart {
         self.merge
     }
 

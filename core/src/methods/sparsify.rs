@@ -21,7 +21,7 @@ use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::dtype::{decode_f32, Dtype};
 use crate::engine::chunks::{par_encode, parallel_select, read, rows_per_chunk};
-use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan};
@@ -175,7 +175,7 @@ impl Method for Sparsifier {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
