@@ -332,6 +332,62 @@ impl MergeReport {
         (elements, totals)
     }
 
+    /// A Hugging Face model card (`README.md`) for the merged model, in the
+    /// layout mergekit's `--write-model-card` writes: front matter with the
+    /// input models and tags, the method, the inputs by role, and the
+    /// config as it was written (`config_text`).
+    pub fn model_card(&self, config_text: Option<&str>) -> String {
+        let path = |i: &InputReport| i.path.display().to_string();
+        let mut seen = std::collections::BTreeSet::new();
+        let models: Vec<String> = self
+            .inputs
+            .iter()
+            .map(path)
+            .filter(|p| seen.insert(p.clone()))
+            .collect();
+        let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let mut card = String::from("---\nbase_model:\n");
+        for m in &models {
+            card.push_str(&format!("- {}\n", quote(m)));
+        }
+        card.push_str("library_name: transformers\ntags:\n- merge\n- flatmerge\n---\n");
+        card.push_str("# Merged model\n\n");
+        card.push_str(&format!(
+            "A merge of pre-trained language models made with flatmerge {} from a mergekit-style config.\n\n",
+            crate::VERSION
+        ));
+        card.push_str("## Merge details\n\n### Merge method\n\n");
+        let bases: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|i| i.role == "base")
+            .map(path)
+            .collect();
+        card.push_str(&format!(
+            "This model was merged with the `{}` method",
+            self.method
+        ));
+        if let Some(base) = bases.first() {
+            card.push_str(&format!(", with `{base}` as the base"));
+        }
+        card.push_str(".\n\n### Models merged\n\n");
+        for i in &self.inputs {
+            let range = match (i.slice, i.layer_range) {
+                (Some(s), Some([a, b])) => format!(" (slice {s}: layers {a}–{})", b - 1),
+                _ => String::new(),
+            };
+            card.push_str(&format!("* `{}` ({}){range}\n", path(i), i.role));
+        }
+        if let Some(text) = config_text {
+            card.push_str(
+                "\n### Configuration\n\nThe config that produced this model:\n\n```yaml\n",
+            );
+            card.push_str(text.trim_end());
+            card.push_str("\n```\n");
+        }
+        card
+    }
+
     /// The report as pretty JSON with a final newline.
     pub fn to_json_bytes(&self) -> Vec<u8> {
         let mut bytes = serde_json::to_vec_pretty(self)

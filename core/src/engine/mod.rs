@@ -63,6 +63,12 @@ pub struct MergeOptions<'a> {
     pub progress: Option<&'a (dyn Fn(&Progress<'_>) + Sync)>,
     /// Set to stop the merge between tensors (nothing is left behind).
     pub cancel: Option<&'a AtomicBool>,
+    /// Leave the reference model's tokenizer files out of the output
+    /// (mergekit's `--no-copy-tokenizer`); the model config is still copied.
+    pub skip_tokenizer: bool,
+    /// Write a `README.md` model card (mergekit's `--write-model-card`):
+    /// the method, the inputs and the config, with Hugging Face front matter.
+    pub model_card: bool,
 }
 
 impl MergeOptions<'_> {
@@ -299,8 +305,17 @@ impl PreparedMerge {
             first.inputs.reference().checkpoint.dir(),
             out_dtype,
             layers.as_ref(),
+            options.skip_tokenizer,
         )?;
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
+        if options.model_card {
+            let config_text = match &self.config.source {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
+                None => None,
+            };
+            let card = report.model_card(config_text.as_deref());
+            writer.write_file("README.md", card.as_bytes())?;
+        }
         options.check_cancel()?;
         for part in &self.parts {
             for input in part.inputs.base.iter().chain(&part.inputs.models) {
@@ -633,6 +648,24 @@ pub fn is_side_file(name: &str) -> bool {
         || name == "flatmerge_mlp.json"
 }
 
+/// Side files that make up the tokenizer (what `--no-copy-tokenizer`
+/// leaves out): vocabularies, merges, special tokens, chat templates.
+pub fn is_tokenizer_file(name: &str) -> bool {
+    is_side_file(name)
+        && (name.starts_with("tokenizer")
+            || name.starts_with("vocab.")
+            || name.starts_with("chat_template")
+            || name.ends_with(".tiktoken")
+            || matches!(
+                name,
+                "special_tokens_map.json"
+                    | "added_tokens.json"
+                    | "merges.txt"
+                    | "spiece.model"
+                    | "sentencepiece.bpe.model"
+            ))
+}
+
 /// Copies the receiver's side files; `config.json` gets the output dtype
 /// when one was chosen, so loaders with `torch_dtype="auto"` pick it up,
 /// and for a `slices:` merge the new layer count (see [`with_layers`]).
@@ -641,6 +674,7 @@ fn copy_side_files(
     dir: &Path,
     out_dtype: Option<Dtype>,
     layers: Option<&Vec<(PathBuf, crate::layers::LayerWindow)>>,
+    skip_tokenizer: bool,
 ) -> Result<Vec<String>> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -652,6 +686,7 @@ fn copy_side_files(
         .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|name| is_side_file(name))
+        .filter(|name| !(skip_tokenizer && is_tokenizer_file(name)))
         .collect();
     names.sort();
     for name in &names {
