@@ -407,6 +407,10 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
     let mut problems = Problems::default();
     let mut open = |model: &crate::config::ModelRef| -> Option<Input> {
         let checkpoint = Checkpoint::open(&model.path)
+            .and_then(|c| match &model.lora {
+                Some(adapter) => c.with_adapter(adapter),
+                None => Ok(c),
+            })
             .map_err(|e| problems.push(e))
             .ok();
         let mut load = |path: &Option<PathBuf>| match path {

@@ -94,6 +94,9 @@ pub struct InputReport {
     pub stats: Option<PathBuf>,
     /// Size and header hash of each shard.
     pub files: Vec<FileFingerprint>,
+    /// The LoRA adapter applied to it (`model+adapter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<PathBuf>,
     /// In a `slices:` merge: the slice it is a source of.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub slice: Option<usize>,
@@ -253,6 +256,7 @@ impl MergeReport {
                 path: i.checkpoint.root().to_path_buf(),
                 stats: i.stats.as_ref().map(|(_, p)| p.clone()),
                 files: i.checkpoint.fingerprints().to_vec(),
+                lora: i.checkpoint.adapter().map(|a| a.dir().to_path_buf()),
                 slice,
                 layer_range: model
                     .and_then(|m| m.window.as_ref())

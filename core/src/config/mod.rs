@@ -217,6 +217,18 @@ pub struct ModelRef {
     pub grams: Option<PathBuf>,
     /// The layers a `slices:` source takes (`None`: the whole model).
     pub window: Option<crate::layers::LayerWindow>,
+    /// A PEFT LoRA adapter applied while reading (`model: path+adapter`).
+    pub lora: Option<PathBuf>,
+}
+
+impl ModelRef {
+    /// Whether two references read the same tensors: the same checkpoint,
+    /// layer window and adapter.
+    pub fn is_same(&self, other: &ModelRef) -> bool {
+        same_model(&self.path, &other.path)
+            && self.window == other.window
+            && self.lora == other.lora
+    }
 }
 
 pub use crate::methods::fam::FamSettings;
@@ -414,6 +426,19 @@ pub(crate) fn config_error(
         _ => problem.to_string(),
     };
     Error::new(ErrorKind::Config, message).with_tensor(key)
+}
+
+/// A model reference as mergekit writes it: a path, or `path+adapter` (a
+/// model with a PEFT LoRA adapter applied), split at the last `+` unless
+/// the whole text names an existing file or directory.
+pub(crate) fn model_reference(base_dir: &Path, text: &str) -> (PathBuf, Option<PathBuf>) {
+    let whole = resolve(base_dir, text);
+    match text.rsplit_once('+') {
+        Some((model, adapter)) if !whole.exists() && !model.is_empty() && !adapter.is_empty() => {
+            (resolve(base_dir, model), Some(resolve(base_dir, adapter)))
+        }
+        _ => (whole, None),
+    }
 }
 
 /// `path` relative to `base_dir`, with `.` components dropped so that
@@ -664,11 +689,15 @@ fn validate(
     let models: Vec<ModelRef> = raw
         .models
         .iter()
-        .map(|m| ModelRef {
-            path: resolve(base_dir, &m.model),
-            stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
-            grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
-            window: None,
+        .map(|m| {
+            let (path, lora) = model_reference(base_dir, &m.model);
+            ModelRef {
+                path,
+                stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
+                grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
+                window: None,
+                lora,
+            }
         })
         .collect();
     if let Some(i) = raw.models.iter().position(|m| m.grams.is_some()) {
@@ -683,15 +712,30 @@ fn validate(
             ));
         }
     }
-    let base = raw.base_model.as_deref().map(|b| ModelRef {
-        path: resolve(base_dir, b),
-        stats: raw
-            .base_model_stats
-            .as_deref()
-            .map(|s| resolve(base_dir, s)),
-        grams: None,
-        window: None,
+    let base = raw.base_model.as_deref().map(|b| {
+        let (path, lora) = model_reference(base_dir, b);
+        ModelRef {
+            path,
+            stats: raw
+                .base_model_stats
+                .as_deref()
+                .map(|s| resolve(base_dir, s)),
+            grams: None,
+            window: None,
+            lora,
+        }
     });
+    let with_lora = base.iter().chain(&models).any(|m| m.lora.is_some());
+    if with_lora && method.uses_probe_set() {
+        return Err(config_error(
+            None,
+            "models",
+            format!(
+                "{} runs the models on a probe set itself, which a LoRA reference (`model+adapter`) cannot take part in; merge the adapter first",
+                method.as_str()
+            ),
+        ));
+    }
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
         return Err(config_error(
             None,
@@ -848,7 +892,7 @@ fn validate_slices(
             let own = part
                 .models
                 .iter()
-                .find(|m| same_model(&m.path, &base.path))
+                .find(|m| same_model(&m.path, &base.path) && m.lora == base.lora)
                 .unwrap_or(&part.models[0]);
             base.window = own.window.clone();
         }

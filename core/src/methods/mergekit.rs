@@ -7,7 +7,7 @@
 use crate::config::params::{
     layer_position, Default as ParamDefault, Params, Scalar, Scope, Setting,
 };
-use crate::config::{config_error, same_model, MergeConfig, MethodSettings, RawParams};
+use crate::config::{config_error, MergeConfig, MethodSettings, RawParams};
 use crate::dtype::Dtype;
 use crate::engine::chunks::{par_encode, read, read_all};
 use crate::engine::{MergePart, Model, CHUNK_ELEMENTS};
@@ -105,7 +105,7 @@ pub fn settings(
     }
     let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();
     let params = Params::validate(name, &method.params(), &raw.parameters, &per_model)?;
-    let is_base = |i: usize| base.is_some_and(|b| same_model(&b.path, &models[i].path));
+    let is_base = |i: usize| base.is_some_and(|b| b.is_same(&models[i]));
     let contributors: Vec<usize> = (0..models.len()).filter(|&i| !is_base(i)).collect();
     let count_error = |what: &str| Err(config_error(None, "models", format!("{name} {what}")));
     match counts {
@@ -142,7 +142,7 @@ pub fn base_is_extra_input(config: &MergeConfig) -> bool {
     config
         .base
         .as_ref()
-        .is_some_and(|b| !config.models.iter().any(|m| same_model(&m.path, &b.path)))
+        .is_some_and(|b| !config.models.iter().any(|m| m.is_same(b)))
 }
 
 /// The validated parameters of a mergekit-style merge.

@@ -237,10 +237,10 @@ impl MergeMethod {
             Roles::AllModels => all.collect(),
             Roles::OverBase => all
                 .filter(|&i| {
-                    config.base.as_ref().is_none_or(|b| {
-                        !crate::config::same_model(&b.path, &config.models[i].path)
-                            || b.window != config.models[i].window
-                    })
+                    config
+                        .base
+                        .as_ref()
+                        .is_none_or(|b| !b.is_same(&config.models[i]))
                 })
                 .collect(),
         }
