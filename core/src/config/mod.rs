@@ -143,7 +143,7 @@ pub struct RawConfig {
     /// mergekit's vocabulary merging (refused with a clear message).
     #[serde(default)]
     pub tokenizer: Option<Spanned<ParamValue>>,
-    /// mergekit's chat template override (refused with a clear message).
+    /// The merged tokenizer's chat template: `auto`, a built-in name or Jinja text.
     #[serde(default)]
     pub chat_template: Option<Spanned<ParamValue>>,
     /// What to do with NaN or infinite weights: `error` (default) or `propagate`.
@@ -266,6 +266,8 @@ pub struct MergeConfig {
     /// slice's; `seed`, `strict`, `nan_policy` and `out_dtype` set on this
     /// config apply to every slice.
     pub slices: Vec<MergeConfig>,
+    /// The chat template the output's tokenizer gets (`chat_template:`).
+    pub chat_template: Option<crate::chat_template::ChatTemplate>,
     /// In a slice's config: the output layers it writes, for gradients
     /// (interpolated within the slice, as mergekit does) and messages.
     pub layer_window: Option<crate::layers::LayerWindow>,
@@ -615,11 +617,6 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         "tokenizer",
         "vocabulary merging (`tokenizer:`) is not supported; the output keeps the tokenizer of the model its tensor names come from",
     )?;
-    refuse(
-        &raw.chat_template,
-        "chat_template",
-        "`chat_template` is not supported; the output keeps the chat template files of the model its tensor names come from",
-    )?;
     match &raw.tokenizer_source {
         Some(v) if !matches!(&v.value, ParamValue::Text(t) if t == "base") => Err(config_error(
             Some(&v.referenced),
@@ -770,6 +767,20 @@ fn validate(
         source: source.map(Path::to_path_buf),
         probe_set: raw.probe_set.as_ref().map(|p| resolve(base_dir, &p.value)),
         slices: Vec::new(),
+        chat_template: match &raw.chat_template {
+            None => None,
+            Some(v) => Some(match &v.value {
+                ParamValue::Text(t) => crate::chat_template::ChatTemplate::parse(t)
+                    .map_err(|why| config_error(Some(&v.referenced), "chat_template", why))?,
+                other => {
+                    return Err(config_error(
+                        Some(&v.referenced),
+                        "chat_template",
+                        format!("expected `auto`, a template name or Jinja text, found {other}"),
+                    ))
+                }
+            }),
+        },
         layer_window: None,
     })
 }

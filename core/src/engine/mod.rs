@@ -300,13 +300,26 @@ impl PreparedMerge {
         computed?;
         let out_dtype = self.config.out_dtype;
         let layers = (!self.config.slices.is_empty()).then(|| self.sliced_layers());
-        report.copied_files = copy_side_files(
-            &mut writer,
-            first.inputs.reference().checkpoint.dir(),
+        let template = self.chat_template();
+        let files = SideFiles {
+            dir: first.inputs.reference().checkpoint.dir(),
             out_dtype,
-            layers.as_ref(),
-            options.skip_tokenizer,
-        )?;
+            layers: layers.as_ref(),
+            skip_tokenizer: options.skip_tokenizer,
+            chat_template: template.as_deref(),
+        };
+        let (copied, template_files) = files.copy(&mut writer)?;
+        report.copied_files = copied;
+        if let Some(chosen) = &self.config.chat_template {
+            report.results.insert(
+                "chat_template".into(),
+                serde_json::json!({
+                    "chosen": chosen.label(),
+                    "found": template.is_some(),
+                    "written_to": template_files,
+                }),
+            );
+        }
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
         if options.model_card {
             let config_text = match &self.config.source {
@@ -353,6 +366,20 @@ impl PreparedMerge {
             options.check_cancel()?;
         }
         Ok(writer)
+    }
+
+    /// The text of the config's `chat_template`, `auto` read from every
+    /// input model's directory in config order.
+    fn chat_template(&self) -> Option<String> {
+        let chosen = self.config.chat_template.as_ref()?;
+        let dirs: Vec<&Path> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.inputs.base.iter().chain(&p.inputs.models))
+            .map(|i| i.checkpoint.dir())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        chosen.resolve(dirs.into_iter().filter(|d| seen.insert(d.to_path_buf())))
     }
 
     /// Where each output layer of a `slices:` merge comes from: per slice,
@@ -666,45 +693,95 @@ pub fn is_tokenizer_file(name: &str) -> bool {
             ))
 }
 
-/// Copies the receiver's side files; `config.json` gets the output dtype
-/// when one was chosen, so loaders with `torch_dtype="auto"` pick it up,
-/// and for a `slices:` merge the new layer count (see [`with_layers`]).
-fn copy_side_files(
-    writer: &mut ShardedWriter,
-    dir: &Path,
+/// The side files of the output: what to copy from where, and how to edit them.
+struct SideFiles<'a> {
+    /// The reference model's directory.
+    dir: &'a Path,
+    /// `config.json` gets `torch_dtype` when a dtype was chosen, so loaders
+    /// with `torch_dtype="auto"` pick it up.
     out_dtype: Option<Dtype>,
-    layers: Option<&Vec<(PathBuf, crate::layers::LayerWindow)>>,
+    /// For a `slices:` merge, the new layer count (see [`with_layers`]).
+    layers: Option<&'a Vec<(PathBuf, crate::layers::LayerWindow)>>,
+    /// `--no-copy-tokenizer`.
     skip_tokenizer: bool,
-) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        // Follows links: Hugging Face cache snapshots are links into a blob store.
-        .filter(|e| e.path().is_file())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| is_side_file(name))
-        .filter(|name| !(skip_tokenizer && is_tokenizer_file(name)))
-        .collect();
-    names.sort();
-    for name in &names {
-        let path = dir.join(name);
-        if name == "config.json" && (out_dtype.is_some() || layers.is_some()) {
-            let mut text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-            if let Some(windows) = layers {
-                text = with_layers(&text, windows).map_err(|e| e.with_file(&path))?;
+    /// The chat template to set in `tokenizer_config.json` and
+    /// `chat_template.jinja` (the latter written when neither exists).
+    chat_template: Option<&'a str>,
+}
+
+impl SideFiles<'_> {
+    /// Copies the side files; returns their names and the files the chat
+    /// template was written to.
+    fn copy(&self, writer: &mut ShardedWriter) -> Result<(Vec<String>, Vec<String>)> {
+        let dir = self.dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            // Follows links: Hugging Face cache snapshots are links into a blob store.
+            .filter(|e| e.path().is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| is_side_file(name))
+            .filter(|name| !(self.skip_tokenizer && is_tokenizer_file(name)))
+            .collect();
+        names.sort();
+        let mut template_files = Vec::new();
+        let template = self.chat_template.filter(|_| !self.skip_tokenizer);
+        for name in &names {
+            let path = dir.join(name);
+            let read = || std::fs::read(&path).map_err(|e| Error::io(&path, e));
+            match name.as_str() {
+                "config.json" if self.out_dtype.is_some() || self.layers.is_some() => {
+                    let mut text = read()?;
+                    if let Some(windows) = self.layers {
+                        text = with_layers(&text, windows).map_err(|e| e.with_file(&path))?;
+                    }
+                    if let Some(dtype) = self.out_dtype {
+                        text = with_torch_dtype(&text, dtype).unwrap_or(text);
+                    }
+                    writer.write_file(name, &text)?;
+                }
+                "tokenizer_config.json" if template.is_some() => {
+                    let text = read()?;
+                    let edited =
+                        with_chat_template(&text, template.expect("matched")).ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Format,
+                                "not a JSON object, so the chat template cannot be set in it",
+                            )
+                            .with_file(&path)
+                        })?;
+                    writer.write_file(name, &edited)?;
+                    template_files.push(name.clone());
+                }
+                "chat_template.jinja" if template.is_some() => {
+                    writer.write_file(name, template.expect("matched").as_bytes())?;
+                    template_files.push(name.clone());
+                }
+                _ => writer.copy_file(&path, name)?,
             }
-            if let Some(dtype) = out_dtype {
-                text = with_torch_dtype(&text, dtype).unwrap_or(text);
-            }
-            writer.write_file(name, &text)?;
-        } else {
-            writer.copy_file(&path, name)?;
         }
+        if let (Some(text), true) = (template, template_files.is_empty()) {
+            writer.write_file("chat_template.jinja", text.as_bytes())?;
+            names.push("chat_template.jinja".into());
+            template_files.push("chat_template.jinja".into());
+        }
+        Ok((names, template_files))
     }
-    Ok(names)
+}
+
+/// `tokenizer_config.json` with `chat_template` set; `None` when it is not
+/// a JSON object.
+fn with_chat_template(text: &[u8], template: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(text).ok()?;
+    value
+        .as_object_mut()?
+        .insert("chat_template".into(), template.into());
+    let mut bytes = serde_json::to_vec_pretty(&value).ok()?;
+    bytes.push(b'\n');
+    Some(bytes)
 }
 
 /// `config.json` of a `slices:` merge: `num_hidden_layers` (at the top or
