@@ -638,6 +638,25 @@ flatmerge_status flatmerge_recorder_push_bf16(const struct flatmerge_recorder *r
                                               uint8_t modality);
 
 /**
+ * `flatmerge_recorder_push_f32` for IEEE half-precision (float16)
+ * activations, given as their 16-bit patterns (`uint16_t`; e.g. a PyTorch
+ * `float16` tensor's storage). Same checks, same semantics, same
+ * thread-safety.
+ *
+ * # Safety
+ * As `flatmerge_recorder_push_f32`.
+ */
+flatmerge_status flatmerge_recorder_push_f16(const struct flatmerge_recorder *recorder,
+                                             const char *layer,
+                                             const uint16_t *x,
+                                             const uint16_t *y,
+                                             size_t rows,
+                                             size_t in_width,
+                                             size_t out_width,
+                                             uint64_t example_id,
+                                             uint8_t modality);
+
+/**
  * Writes the statistics recorded so far to the file `path` (SPEC §4,
  * `*.stats.safetensors`), atomically: a temporary file beside it, renamed
  * when complete. The recorder keeps recording; saving again later writes

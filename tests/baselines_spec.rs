@@ -1205,8 +1205,8 @@ fn config_errors_name_what_is_wrong() {
         ),
         // mergekit's slice layout.
         (
-            "merge_method: slerp\nbase_model: ./A\nslices:\n  - sources:\n      - model: ./A\n        layer_range: [0, 2]\n      - model: ./B\n        layer_range: [0, 2]\nparameters:\n  t: 0.5\n",
-            &["slices", "not supported"],
+            "merge_method: slerp\nbase_model: ./A\nmodels:\n  - model: ./A\nslices:\n  - sources:\n      - model: ./A\n        layer_range: [0, 2]\n      - model: ./B\n        layer_range: [0, 2]\nparameters:\n  t: 0.5\n",
+            &["slices", "not both"],
         ),
         // Out-of-range values.
         (

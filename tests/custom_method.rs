@@ -7,7 +7,7 @@ use flatmerge::config::params::ParamDef;
 use flatmerge::config::{MergeConfig, MethodSettings};
 use flatmerge::demo::{write_family, LlamaShape};
 use flatmerge::dtype::Dtype;
-use flatmerge::engine::PreparedMerge;
+use flatmerge::engine::MergePart;
 use flatmerge::error::Result;
 use flatmerge::methods::mergekit::{self, Counts, MergekitTensor};
 use flatmerge::methods::{BaseModel, Method, Registry, Roles, SettingsInput, TensorInput};
@@ -43,7 +43,7 @@ impl Method for Midrange {
     }
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -83,7 +83,7 @@ fn a_method_of_ones_own_merges_through_the_registry() {
     assert_eq!(config.method.as_str(), "midrange");
     assert_eq!(config.contributors(), vec![0, 1, 2]);
     let out = dir.path().join("merged");
-    PreparedMerge::new(config)
+    flatmerge::engine::PreparedMerge::new(config)
         .and_then(|p| p.run(&options(&out, Some(2), None)))
         .expect("merge");
     let models: Vec<_> = ["A", "B", "B2"]

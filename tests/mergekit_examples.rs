@@ -143,7 +143,9 @@ fn every_example_config_is_exercised() {
             "linear.yaml",
             "model_stock.yaml",
             "nuslerp.yaml",
+            "passthrough_slices.yaml",
             "slerp.yaml",
+            "slerp_slices.yaml",
             "task_arithmetic.yaml",
             "ties.yaml",
         ],
@@ -231,6 +233,39 @@ fn slerp_example_follows_its_filtered_gradients() {
         assert_ne!(out, &f16(&a[name], out), "{name} is not A");
         assert_ne!(out, &f16(&b[name], out), "{name} is not B");
     }
+}
+
+#[test]
+fn slerp_example_in_its_slices_form_equals_the_models_form() {
+    let (_dir, models_form, _) = check_example("slerp.yaml");
+    let (_dir, slices_form, _) = check_example("slerp_slices.yaml");
+    assert!(models_form == slices_form, "same tensors, same bytes");
+}
+
+#[test]
+fn passthrough_slices_example_stacks_the_layers() {
+    let (dir, out, _) = run_example("passthrough_slices.yaml");
+    let merged = tensor_map(&out);
+    let (a, b) = (values(dir.path(), "A"), values(dir.path(), "B"));
+    let f16 = |values: &[f32], like: &Tensor| tensor_of(Dtype::F16, like.shape.clone(), values);
+    for (name, out) in &merged {
+        let (from, source) = match flatmerge::layers::split_layer(name) {
+            Some((prefix, l, rest)) if l < 3 => (&a, format!("{prefix}layers.{l}.{rest}")),
+            Some((prefix, l, rest)) => (&b, format!("{prefix}layers.{}.{rest}", l - 2)),
+            None if name.contains("embed") => (&a, name.clone()),
+            None => (&b, name.clone()),
+        };
+        assert_eq!(out, &f16(&from[&source], out), "{name} is {source}");
+    }
+    let layers = merged
+        .keys()
+        .filter_map(|n| flatmerge::layers::layer_index(n))
+        .max();
+    assert_eq!(layers, Some(5), "six layers");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("config.json")).expect("config.json"))
+            .expect("JSON");
+    assert_eq!(config["num_hidden_layers"], 6);
 }
 
 #[test]

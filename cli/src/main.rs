@@ -82,6 +82,102 @@ struct MergeArgs {
     /// Check the inputs and print the plan (rule, shapes, bytes per tensor) without merging.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    mergekit: MergekitFlags,
+}
+
+/// `mergekit-yaml`'s flags, so that its command lines run unchanged.
+#[derive(Args)]
+struct MergekitFlags {
+    /// Leave the tokenizer files out of the output (mergekit's flag; the default copies them).
+    #[arg(long, overrides_with = "copy_tokenizer")]
+    no_copy_tokenizer: bool,
+    /// Copy the tokenizer files of the model the output's names come from (the default).
+    #[arg(long, overrides_with = "no_copy_tokenizer")]
+    copy_tokenizer: bool,
+    /// Write a README.md model card (method, inputs, config) into the output.
+    #[arg(long)]
+    write_model_card: bool,
+    /// mergekit: allow mixing architectures. flatmerge checks shapes, not architectures: a no-op.
+    #[arg(long)]
+    allow_crimes: bool,
+    /// mergekit: unpickle lazily. flatmerge reads memory-mapped safetensors only: a no-op.
+    #[arg(long)]
+    lazy_unpickle: bool,
+    /// mergekit: lower memory use. flatmerge always holds a few tensors at a time: a no-op.
+    #[arg(long)]
+    low_cpu_memory: bool,
+    /// mergekit: compute on the CPU. flatmerge always does: a no-op.
+    #[arg(long)]
+    no_cuda: bool,
+    // mergekit-yaml flags flatmerge refuses with a reason (see `check`).
+    #[arg(long, hide = true)]
+    cuda: bool,
+    #[arg(long, hide = true)]
+    read_to_gpu: bool,
+    #[arg(long, hide = true)]
+    multi_stream: bool,
+    #[arg(long, hide = true)]
+    gpu_rich: bool,
+    #[arg(long, hide = true)]
+    trust_remote_code: bool,
+    #[arg(long, hide = true, value_name = "DIR")]
+    lora_merge_cache: Option<String>,
+    #[arg(long, hide = true, value_name = "DEVICE")]
+    device: Option<String>,
+}
+
+impl MergekitFlags {
+    /// An error for a refused flag; a note for each accepted no-op.
+    fn check(&self, config: &std::path::Path) -> Result<Vec<&'static str>, Error> {
+        let cpu = "flatmerge merges on the CPU";
+        let refused = [
+            (self.cuda, "--cuda", cpu),
+            (self.read_to_gpu, "--read-to-gpu", cpu),
+            (self.multi_stream, "--multi-stream", cpu),
+            (self.gpu_rich, "--gpu-rich", cpu),
+            (self.device.is_some(), "--device", cpu),
+            (
+                self.trust_remote_code,
+                "--trust-remote-code",
+                "flatmerge runs no model code; it reads safetensors and config.json only",
+            ),
+            (
+                self.lora_merge_cache.is_some(),
+                "--lora-merge-cache",
+                "flatmerge takes local checkpoints only and caches nothing",
+            ),
+        ];
+        if let Some((_, flag, why)) = refused.iter().find(|(set, _, _)| *set) {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{flag} is a mergekit-yaml flag flatmerge does not take: {why}"),
+            )
+            .with_file(config));
+        }
+        Ok([
+            (
+                self.allow_crimes,
+                "--allow-crimes: flatmerge checks shapes, not architectures; nothing to allow",
+            ),
+            (
+                self.lazy_unpickle,
+                "--lazy-unpickle: flatmerge reads memory-mapped safetensors only; ignored",
+            ),
+            (
+                self.low_cpu_memory,
+                "--low-cpu-memory: flatmerge holds a few tensors at a time anyway; ignored",
+            ),
+            (
+                self.no_cuda,
+                "--no-cuda: flatmerge always merges on the CPU; ignored",
+            ),
+        ]
+        .into_iter()
+        .filter(|(set, _)| *set)
+        .map(|(_, note)| note)
+        .collect())
+    }
 }
 
 #[derive(Args)]
@@ -89,8 +185,9 @@ struct RunArgs {
     /// Largest output shard (tensor bytes), e.g. 500M or 5B; default: one file.
     #[arg(long, value_parser = parse_byte_size, value_name = "SIZE")]
     out_shard_size: Option<u64>,
-    /// Worker threads (default: all cores); results are identical for any count.
-    #[arg(long)]
+    /// Worker threads (default: all cores); results are identical for any count
+    /// (`-j` / `--num-threads` as mergekit-yaml spells it).
+    #[arg(long, short = 'j', visible_alias = "num-threads")]
     threads: Option<usize>,
     /// Replace an existing output directory (only once the merge has succeeded).
     #[arg(long)]
@@ -213,6 +310,7 @@ fn run_merge(
     prepared: &PreparedMerge,
     out_dir: PathBuf,
     run: &RunArgs,
+    mergekit: Option<&MergekitFlags>,
 ) -> Result<MergeSummary, Error> {
     let bar = progress_bar(run.quiet);
     let on_progress = |p: &Progress<'_>| {
@@ -229,6 +327,8 @@ fn run_merge(
         force: run.force,
         progress: Some(&on_progress),
         cancel: Some(&INTERRUPTED),
+        skip_tokenizer: mergekit.is_some_and(|m| m.no_copy_tokenizer),
+        model_card: mergekit.is_some_and(|m| m.write_model_card),
     };
     // Ctrl-C or SIGTERM stops the merge between tensors; the writer then
     // removes its temporary directory, so nothing half-written remains.
@@ -242,6 +342,12 @@ fn run_merge(
 }
 
 fn merge(args: MergeArgs) -> Result<(), Error> {
+    let notes = args.mergekit.check(&args.config)?;
+    if !args.run.quiet {
+        for note in notes {
+            eprintln!("note: {note}");
+        }
+    }
     let mut config = MergeConfig::from_file(&args.config)?;
     if let Some(dtype) = args.dtype {
         config.out_dtype = Some(dtype);
@@ -270,7 +376,7 @@ fn merge(args: MergeArgs) -> Result<(), Error> {
         .with_file(&args.config)
     })?;
     let started = std::time::Instant::now();
-    let summary = run_merge(&prepared, out_dir, &args.run)?;
+    let summary = run_merge(&prepared, out_dir, &args.run, Some(&args.mergekit))?;
     if !args.run.quiet {
         print_summary(prepared.plan(), &summary);
         let seconds = started.elapsed().as_secs_f64();
@@ -418,7 +524,7 @@ fn demo(args: DemoArgs) -> Result<(), Error> {
         println!("building a LLaMA-shaped family (ancestor C, receiver A, contributor B) with statistics in {}", dir.display());
     }
     let (family, prepared) = flatmerge::demo::prepare(&dir)?;
-    let summary = run_merge(&prepared, out_dir, &args.run)?;
+    let summary = run_merge(&prepared, out_dir, &args.run, None)?;
     if !args.run.quiet {
         println!("config: {}", family.config.display());
         print_summary(prepared.plan(), &summary);
@@ -435,7 +541,7 @@ fn demo_fam(dir: &Path, out_dir: PathBuf, run: &RunArgs) -> Result<(), Error> {
         println!("building an mPLUG-Owl2-like receiver and a LLaVA-1.5-like contributor with statistics in {}", dir.display());
     }
     let (pair, prepared) = flatmerge::demo::prepare_fam(dir)?;
-    let summary = run_merge(&prepared, out_dir, run)?;
+    let summary = run_merge(&prepared, out_dir, run, None)?;
     if !run.quiet {
         println!("config: {}", pair.config.display());
         print_summary(prepared.plan(), &summary);

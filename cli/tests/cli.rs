@@ -720,3 +720,61 @@ fn the_fam_demo_recovers_its_planted_permutations() {
     }
     assert!(dir.join("merged").join("merge_report.json").is_file());
 }
+
+#[test]
+fn mergekit_yaml_flags_run_and_the_refused_ones_say_why() {
+    let f = Fixture::new(Dtype::BF16);
+    // The receiver's tokenizer, which --no-copy-tokenizer leaves out.
+    std::fs::write(f.path("A").join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(f.path("A").join("tokenizer_config.json"), "{}").unwrap();
+    let out = f.merge(&[
+        "-j",
+        "2",
+        "--allow-crimes",
+        "--lazy-unpickle",
+        "--low-cpu-memory",
+        "--no-copy-tokenizer",
+        "--write-model-card",
+    ]);
+    assert_success(&out);
+    let notes = stderr(&out);
+    for flag in ["--allow-crimes", "--lazy-unpickle", "--low-cpu-memory"] {
+        assert!(notes.contains(&format!("note: {flag}")), "{notes}");
+    }
+    let files = entries(&f.out());
+    assert!(files.contains(&"config.json".to_string()), "{files:?}");
+    assert!(
+        !files.iter().any(|n| n.starts_with("tokenizer")),
+        "--no-copy-tokenizer: {files:?}"
+    );
+    let card = std::fs::read_to_string(f.out().join("README.md")).unwrap();
+    assert!(card.starts_with("---\nbase_model:\n"), "{card}");
+    assert!(card.contains("`safe_m` method"), "{card}");
+    assert!(
+        card.contains("(receiver)") && card.contains("(contributor)"),
+        "{card}"
+    );
+    assert!(
+        card.contains(
+            &std::fs::read_to_string(&f.fam.config)
+                .unwrap()
+                .trim_end()
+                .to_string()
+        ),
+        "the config as written: {card}"
+    );
+    // The default (and --copy-tokenizer) copies it; --num-threads is -j.
+    let out = f.merge(&["--force", "--copy-tokenizer", "--num-threads", "1", "-q"]);
+    assert_success(&out);
+    let files = entries(&f.out());
+    assert!(files.contains(&"tokenizer.json".to_string()), "{files:?}");
+    assert!(!files.contains(&"README.md".to_string()), "{files:?}");
+    std::fs::remove_dir_all(f.out()).unwrap();
+    for (flag, needle) in [
+        ("--cuda", "merges on the CPU"),
+        ("--trust-remote-code", "runs no model code"),
+    ] {
+        let out = f.merge(&[flag]);
+        f.assert_clean_failure(&out, &[flag, "mergekit-yaml flag", needle]);
+    }
+}

@@ -41,3 +41,102 @@ pub fn layer_of(name: &str) -> Option<(&str, bool)> {
         name.strip_suffix(".bias").map(|layer| (layer, false))
     }
 }
+
+/// A tensor name split around its decoder-layer index:
+/// `model.layers.3.mlp.up_proj.weight` → (`model.`, 3, `mlp.up_proj.weight`).
+/// The same occurrence of `layers.N.` as [`layer_index`] reads.
+pub fn split_layer(name: &str) -> Option<(&str, usize, &str)> {
+    let at = name.find("layers.")?;
+    let after = &name[at + "layers.".len()..];
+    let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+    let index = after[..digits].parse().ok()?;
+    let rest = after[digits..].strip_prefix('.')?;
+    Some((&name[..at], index, rest))
+}
+
+/// The prefix of a checkpoint's decoder stack: of the `…layers.N.` stacks
+/// it holds (a vision tower may have its own), the one with the most
+/// tensors (ties: the first in name order), e.g. `model.` for LLaMA or
+/// `model.language_model.` for llava-hf. `None` without layers.
+pub fn decoder_prefix(checkpoint: &Checkpoint) -> Option<String> {
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for t in checkpoint.tensors() {
+        if let Some((prefix, _, _)) = split_layer(&t.name) {
+            *counts.entry(prefix).or_default() += 1;
+        }
+    }
+    let mut best: Option<(&str, usize)> = None;
+    for (prefix, n) in counts {
+        if best.is_none_or(|(_, m)| n > m) {
+            best = Some((prefix, n));
+        }
+    }
+    best.map(|(p, _)| p.to_string())
+}
+
+/// The decoder layers `[first, first + count)` of one model, renumbered
+/// from `out_first`: what one source of a `slices:` entry contributes
+/// (mergekit's `layer_range`). Tensors outside the decoder stack go with
+/// the first slice (`embeddings`: token embeddings, a vision tower, a
+/// projector: the input side) or the last (`head`: the stack's final norm
+/// and the output head), as mergekit's pre- and post-weights do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerWindow {
+    /// First source layer.
+    pub first: usize,
+    /// Number of layers.
+    pub count: usize,
+    /// Output index of the first layer.
+    pub out_first: usize,
+    /// Whether the tensors before the stack come with it.
+    pub embeddings: bool,
+    /// Whether the tensors after the stack come with it.
+    pub head: bool,
+    /// Where the window was written, for messages (`slices[1].sources[0].layer_range`).
+    pub key: String,
+}
+
+impl LayerWindow {
+    /// The output name of the source tensor `name`, or `None` when the
+    /// window leaves it out; `prefix` is the model's [`decoder_prefix`].
+    pub fn rename(&self, name: &str, prefix: Option<&str>) -> Option<String> {
+        match split_layer(name) {
+            Some((p, index, rest)) if Some(p) == prefix => {
+                let offset = index.checked_sub(self.first).filter(|&o| o < self.count)?;
+                Some(format!("{p}layers.{}.{rest}", self.out_first + offset))
+            }
+            _ if is_head(name, prefix) => self.head.then(|| name.into()),
+            _ => self.embeddings.then(|| name.into()),
+        }
+    }
+
+    /// The position of an output tensor for gradients within its slice:
+    /// `offset / (count − 1)` for its layers (`1` for one layer, as
+    /// [`layer_position`]), `0` for tensors outside the stack, as for a
+    /// whole model: mergekit interpolates gradients per slice.
+    pub fn position(&self, out_name: &str, prefix: Option<&str>) -> f64 {
+        match split_layer(out_name) {
+            Some((p, index, _)) if Some(p) == prefix => {
+                let offset = index.saturating_sub(self.out_first) as f64;
+                if self.count <= 1 {
+                    1.0
+                } else {
+                    offset / (self.count - 1) as f64
+                }
+            }
+            _ => 0.0,
+        }
+    }
+}
+
+/// Whether a tensor outside the decoder stack sits after it: the stack's
+/// final norm (`{prefix}norm.*`) or the output head (`lm_head.*`, `output.*`).
+fn is_head(name: &str, prefix: Option<&str>) -> bool {
+    let first = |s: &str, word: &str| s == word || s.starts_with(&format!("{word}."));
+    let under_prefix = prefix.and_then(|p| name.strip_prefix(p));
+    under_prefix.is_some_and(|rest| first(rest, "norm"))
+        || first(name, "lm_head")
+        || first(name, "output")
+        || name.contains(".lm_head.")
+        || name.ends_with(".lm_head")
+}

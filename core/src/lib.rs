@@ -33,6 +33,8 @@ pub mod sphere;
 pub mod subspace;
 
 #[cfg(feature = "std")]
+pub mod chat_template;
+#[cfg(feature = "std")]
 pub mod config;
 #[cfg(feature = "std")]
 pub mod demo;

@@ -343,6 +343,9 @@ pub struct Inputs {
     /// base (baselines with a base) rather than the first model (SAFE-M's
     /// receiver, or a merge without a base).
     pub names_from_base: bool,
+    /// The prefix of the output's decoder stack (`model.`), for a slice's
+    /// per-slice gradient positions; `None` without layers.
+    pub decoder_prefix: Option<String>,
 }
 
 impl Inputs {
@@ -404,6 +407,10 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
     let mut problems = Problems::default();
     let mut open = |model: &crate::config::ModelRef| -> Option<Input> {
         let checkpoint = Checkpoint::open(&model.path)
+            .and_then(|c| match &model.lora {
+                Some(adapter) => c.with_adapter(adapter),
+                None => Ok(c),
+            })
             .map_err(|e| problems.push(e))
             .ok();
         let mut load = |path: &Option<PathBuf>| match path {
@@ -418,20 +425,75 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         };
         let stats = load(&model.stats);
         let grams = load(&model.grams);
-        checkpoint.map(|checkpoint| Input {
-            checkpoint,
-            stats,
-            grams,
-        })
+        let checkpoint = checkpoint?;
+        match &model.window {
+            None => Some(Input {
+                checkpoint,
+                stats,
+                grams,
+            }),
+            Some(window) => windowed(checkpoint, stats, grams, window, config)
+                .map_err(|e| problems.push(e))
+                .ok(),
+        }
     };
     let base = config.base.as_ref().map(&mut open);
     let models: Vec<Option<Input>> = config.models.iter().map(&mut open).collect();
     problems.into_result()?;
-    Ok(Inputs {
+    let mut inputs = Inputs {
         base: base.map(|b| b.expect("opened")),
         models: models.into_iter().map(|m| m.expect("opened")).collect(),
         contributors: config.contributors(),
         names_from_base: config.method.roles() != crate::methods::Roles::ReceiverFirst,
+        decoder_prefix: None,
+    };
+    inputs.decoder_prefix = crate::layers::decoder_prefix(&inputs.reference().checkpoint);
+    Ok(inputs)
+}
+
+/// A `slices:` source: the model's layers in `window`, renamed to the
+/// output's numbering, with its statistics renamed alike.
+fn windowed(
+    checkpoint: Checkpoint,
+    stats: Option<(ActivationStats, PathBuf)>,
+    grams: Option<(ActivationStats, PathBuf)>,
+    window: &crate::layers::LayerWindow,
+    config: &MergeConfig,
+) -> Result<Input> {
+    let prefix = crate::layers::decoder_prefix(&checkpoint);
+    let layers = checkpoint
+        .tensors()
+        .iter()
+        .filter_map(|t| crate::layers::split_layer(&t.name))
+        .filter(|(p, _, _)| Some(*p) == prefix.as_deref())
+        .map(|(_, index, _)| index + 1)
+        .max()
+        .unwrap_or(0);
+    let end = window.first + window.count;
+    if end > layers {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "`{}` is [{}, {end}), but {} has {layers} decoder layers",
+                window.key,
+                window.first,
+                checkpoint.root().display()
+            ),
+        )
+        .with_file(
+            config
+                .source
+                .clone()
+                .unwrap_or_else(|| checkpoint.root().to_path_buf()),
+        ));
+    }
+    let rename = |name: &str| window.rename(name, prefix.as_deref());
+    let rename_stats =
+        |s: Option<(ActivationStats, PathBuf)>| s.map(|(s, p)| (s.renamed(rename), p));
+    Ok(Input {
+        checkpoint: checkpoint.renamed(rename)?,
+        stats: rename_stats(stats),
+        grams: rename_stats(grams),
     })
 }
 

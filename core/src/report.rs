@@ -94,6 +94,15 @@ pub struct InputReport {
     pub stats: Option<PathBuf>,
     /// Size and header hash of each shard.
     pub files: Vec<FileFingerprint>,
+    /// The LoRA adapter applied to it (`model+adapter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<PathBuf>,
+    /// In a `slices:` merge: the slice it is a source of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slice: Option<usize>,
+    /// In a `slices:` merge: the layers it gives, `[start, end)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub layer_range: Option<[usize; 2]>,
 }
 
 /// One output tensor in the report.
@@ -197,24 +206,7 @@ impl MergeReport {
         plan: &Plan,
         shards: &[ShardPlan],
     ) -> MergeReport {
-        let input = |role, i: &crate::plan::Input| InputReport {
-            role,
-            path: i.checkpoint.root().to_path_buf(),
-            stats: i.stats.as_ref().map(|(_, p)| p.clone()),
-            files: i.checkpoint.fingerprints().to_vec(),
-        };
-        let mut input_reports: Vec<InputReport> =
-            inputs.base.iter().map(|b| input("base", b)).collect();
-        for (i, model) in inputs.models.iter().enumerate() {
-            let role = if config.method.roles() == Roles::ReceiverFirst && i == 0 {
-                "receiver"
-            } else if inputs.contributors.contains(&i) {
-                "contributor"
-            } else {
-                "base"
-            };
-            input_reports.push(input(role, model));
-        }
+        let input_reports = MergeReport::input_reports(config, inputs, None);
         let summary: serde_json::Map<String, Value> = plan
             .rule_counts()
             .into_iter()
@@ -249,6 +241,43 @@ impl MergeReport {
             copied_files: Vec::new(),
             results: BTreeMap::new(),
         }
+    }
+
+    /// The inputs of one part of a merge (`slice`: its index in a `slices:`
+    /// merge), each with its role.
+    pub fn input_reports(
+        config: &MergeConfig,
+        inputs: &Inputs,
+        slice: Option<usize>,
+    ) -> Vec<InputReport> {
+        let input =
+            |role, i: &crate::plan::Input, model: Option<&crate::config::ModelRef>| InputReport {
+                role,
+                path: i.checkpoint.root().to_path_buf(),
+                stats: i.stats.as_ref().map(|(_, p)| p.clone()),
+                files: i.checkpoint.fingerprints().to_vec(),
+                lora: i.checkpoint.adapter().map(|a| a.dir().to_path_buf()),
+                slice,
+                layer_range: model
+                    .and_then(|m| m.window.as_ref())
+                    .map(|w| [w.first, w.first + w.count]),
+            };
+        let mut reports: Vec<InputReport> = inputs
+            .base
+            .iter()
+            .map(|b| input("base", b, config.base.as_ref()))
+            .collect();
+        for (i, model) in inputs.models.iter().enumerate() {
+            let role = if config.method.roles() == Roles::ReceiverFirst && i == 0 {
+                "receiver"
+            } else if inputs.contributors.contains(&i) {
+                "contributor"
+            } else {
+                "base"
+            };
+            reports.push(input(role, model, config.models.get(i)));
+        }
+        reports
     }
 
     /// Records what the kernels measured on tensor `index` of the plan.
@@ -305,6 +334,62 @@ impl MergeReport {
             }
         }
         (elements, totals)
+    }
+
+    /// A Hugging Face model card (`README.md`) for the merged model, in the
+    /// layout mergekit's `--write-model-card` writes: front matter with the
+    /// input models and tags, the method, the inputs by role, and the
+    /// config as it was written (`config_text`).
+    pub fn model_card(&self, config_text: Option<&str>) -> String {
+        let path = |i: &InputReport| i.path.display().to_string();
+        let mut seen = std::collections::BTreeSet::new();
+        let models: Vec<String> = self
+            .inputs
+            .iter()
+            .map(path)
+            .filter(|p| seen.insert(p.clone()))
+            .collect();
+        let quote = |s: &str| serde_json::Value::String(s.to_string()).to_string();
+        let mut card = String::from("---\nbase_model:\n");
+        for m in &models {
+            card.push_str(&format!("- {}\n", quote(m)));
+        }
+        card.push_str("library_name: transformers\ntags:\n- merge\n- flatmerge\n---\n");
+        card.push_str("# Merged model\n\n");
+        card.push_str(&format!(
+            "A merge of pre-trained language models made with flatmerge {} from a mergekit-style config.\n\n",
+            crate::VERSION
+        ));
+        card.push_str("## Merge details\n\n### Merge method\n\n");
+        let bases: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|i| i.role == "base")
+            .map(path)
+            .collect();
+        card.push_str(&format!(
+            "This model was merged with the `{}` method",
+            self.method
+        ));
+        if let Some(base) = bases.first() {
+            card.push_str(&format!(", with `{base}` as the base"));
+        }
+        card.push_str(".\n\n### Models merged\n\n");
+        for i in &self.inputs {
+            let range = match (i.slice, i.layer_range) {
+                (Some(s), Some([a, b])) => format!(" (slice {s}: layers {a}–{})", b - 1),
+                _ => String::new(),
+            };
+            card.push_str(&format!("* `{}` ({}){range}\n", path(i), i.role));
+        }
+        if let Some(text) = config_text {
+            card.push_str(
+                "\n### Configuration\n\nThe config that produced this model:\n\n```yaml\n",
+            );
+            card.push_str(text.trim_end());
+            card.push_str("\n```\n");
+        }
+        card
     }
 
     /// The report as pretty JSON with a final newline.

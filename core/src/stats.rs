@@ -329,6 +329,22 @@ impl ActivationStats {
         self.gram_shared.get(name).map_or(name, String::as_str)
     }
 
+    /// These statistics with their layers renamed by `rename` and those it
+    /// gives no name for left out (a `slices:` merge's layer window: the
+    /// same function as the checkpoint's, on layer names). A `gram_shared`
+    /// alias whose owner is left out keeps no Gram.
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .filter_map(|(name, stats)| rename(&name).map(|n| (n, stats)))
+            .collect();
+        self.gram_shared = std::mem::take(&mut self.gram_shared)
+            .into_iter()
+            .filter_map(|(alias, owner)| Some((rename(&alias)?, rename(&owner)?)))
+            .collect();
+        self
+    }
+
     /// Whether any layer stores a Gram (the file is then version 2).
     pub fn has_grams(&self) -> bool {
         self.layers.values().any(|l| l.x_gram.is_some())

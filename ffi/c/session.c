@@ -61,18 +61,24 @@ static void push(const flatmerge_recorder *recorder, int layer, uint64_t e) {
     float *y = malloc(rows * out * sizeof(float));
     uint16_t *xb = malloc(rows * in * sizeof(uint16_t));
     uint16_t *yb = malloc(rows * out * sizeof(uint16_t));
+    /* Odd examples of layer 1 go in as float16: the same values, so the
+     * file must be the Rust session's bit for bit. */
+    int half = layer == 1 && e % 2 == 1;
     for (size_t r = 0; r < rows; r++) {
         for (size_t j = 0; j < in; j++) {
             x[r * in + j] = fm_value(e, r, j, 2 * (uint64_t)layer);
-            xb[r * in + j] = fm_bf16(x[r * in + j]);
+            xb[r * in + j] = half ? fm_f16(x[r * in + j]) : fm_bf16(x[r * in + j]);
         }
         for (size_t j = 0; j < out; j++) {
             y[r * out + j] = fm_value(e, r, j, 2 * (uint64_t)layer + 1);
-            yb[r * out + j] = fm_bf16(y[r * out + j]);
+            yb[r * out + j] = half ? fm_f16(y[r * out + j]) : fm_bf16(y[r * out + j]);
         }
     }
     if (layer == 0) {
         CHECK(flatmerge_recorder_push_f32(recorder, FM_LAYERS[layer], x, y, rows, in, out, e,
+                                          fm_modality(e)));
+    } else if (half) {
+        CHECK(flatmerge_recorder_push_f16(recorder, FM_LAYERS[layer], xb, yb, rows, in, out, e,
                                           fm_modality(e)));
     } else {
         CHECK(flatmerge_recorder_push_bf16(recorder, FM_LAYERS[layer], xb, yb, rows, in, out, e,

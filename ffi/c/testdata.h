@@ -19,9 +19,24 @@ static inline uint16_t fm_bf16(float value) {
     return (uint16_t)(bits >> 16); /* exact: the low 16 bits are zero */
 }
 
+static inline uint16_t fm_f16(float value) {
+    /* exact for the values above: at most 10 mantissa bits, an exponent in
+     * float16's normal range, or zero */
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+    if ((bits & 0x7fffffffu) == 0) {
+        return sign;
+    }
+    uint16_t exponent = (uint16_t)(((bits >> 23) & 0xffu) - 127u + 15u);
+    uint16_t mantissa = (uint16_t)((bits >> 13) & 0x3ffu);
+    return (uint16_t)(sign | (uint16_t)(exponent << 10) | mantissa);
+}
+
 /* The recorder session: examples 0..4, rows 1 + e % 3, modality e % 2;
- * layer 0 (f32, 6 -> 10) sees every example, layer 1 (bf16, 10 -> 6) all
- * but example 2; at most 4 examples keep rows. */
+ * layer 0 (f32, 6 -> 10) sees every example, layer 1 (bf16, 10 -> 6; the
+ * C session pushes its odd examples as float16) all but example 2; at most
+ * 4 examples keep rows. */
 #define FM_EXAMPLES 5u
 #define FM_MAX_EXAMPLES 4u
 #define FM_MODEL "test model"

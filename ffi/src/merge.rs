@@ -226,6 +226,7 @@ fn run(mut config: MergeConfig, out_dir: &str, options: Resolved) -> Outcome {
         force: options.force,
         progress: Some(&on_progress),
         cancel: Some(&cancelled),
+        ..MergeOptions::default()
     })?;
     Ok(())
 }

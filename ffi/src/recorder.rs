@@ -229,6 +229,39 @@ pub unsafe extern "C" fn flatmerge_recorder_push_bf16(
     })
 }
 
+/// `flatmerge_recorder_push_f32` for IEEE half-precision (float16)
+/// activations, given as their 16-bit patterns (`uint16_t`; e.g. a PyTorch
+/// `float16` tensor's storage). Same checks, same semantics, same
+/// thread-safety.
+///
+/// # Safety
+/// As `flatmerge_recorder_push_f32`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn flatmerge_recorder_push_f16(
+    recorder: *const flatmerge_recorder,
+    layer: *const c_char,
+    x: *const u16,
+    y: *const u16,
+    rows: usize,
+    in_width: usize,
+    out_width: usize,
+    example_id: u64,
+    modality: u8,
+) -> flatmerge_status {
+    call(|| {
+        // SAFETY: the caller's contract.
+        let (recorder, layer, x_len, y_len) =
+            unsafe { push_args(recorder, layer, rows, in_width, out_width) }?;
+        let x = Buffer::input(x, x_len, "x")?;
+        let y = Buffer::input(y, y_len, "y")?;
+        // SAFETY: checked; validity by the caller's contract.
+        let (x, y) = unsafe { (x.slice(), y.slice()) };
+        recorder.push_f16(layer, rows, x, y, example_id, modality)?;
+        Ok(())
+    })
+}
+
 /// Writes the statistics recorded so far to the file `path` (SPEC §4,
 /// `*.stats.safetensors`), atomically: a temporary file beside it, renamed
 /// when complete. The recorder keeps recording; saving again later writes

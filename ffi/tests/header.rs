@@ -99,7 +99,7 @@ fn every_export_goes_through_the_panic_boundary() {
         .collect();
     exports.sort();
     declared.sort();
-    assert_eq!(exports.len(), 19);
+    assert_eq!(exports.len(), 20);
     assert_eq!(exports, declared);
 }
 

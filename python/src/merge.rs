@@ -123,6 +123,7 @@ fn merge(
                     force,
                     progress: Some(&on_progress),
                     cancel: Some(cancel),
+                    ..MergeOptions::default()
                 })
             }))
         });

@@ -72,6 +72,40 @@ pub struct RawModel {
     pub parameters: RawParams,
 }
 
+/// One entry of `slices:` as written: sources whose layer ranges are
+/// merged into the next output layers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlice {
+    /// The models and their layer ranges.
+    pub sources: Vec<RawSource>,
+    /// Parameters of this slice; over the global ones, under a source's.
+    #[serde(default)]
+    pub parameters: RawParams,
+    /// This slice's base model, instead of the config's.
+    #[serde(default)]
+    pub base_model: Option<String>,
+}
+
+/// One source of a slice as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// Path of the checkpoint.
+    pub model: String,
+    /// The half-open decoder-layer range `[start, end)`.
+    pub layer_range: Spanned<Vec<Spanned<i64>>>,
+    /// Its activation statistics (whole-model; the range's layers are used).
+    #[serde(default)]
+    pub stats: Option<String>,
+    /// Its Grams file, as `models[].grams`.
+    #[serde(default)]
+    pub grams: Option<String>,
+    /// Parameters of this source; they win over the slice's and the global ones.
+    #[serde(default)]
+    pub parameters: RawParams,
+}
+
 /// A config as written, every key known.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,9 +130,10 @@ pub struct RawConfig {
     /// Output dtype; wins over `dtype`.
     #[serde(default)]
     pub out_dtype: Option<Spanned<String>>,
-    /// mergekit's frankenmerge layout (refused with a clear message).
+    /// mergekit's layer slices (frankenmerges, depth upscaling): the
+    /// output's decoder layers, slice after slice, instead of `models:`.
     #[serde(default)]
-    pub slices: Option<Spanned<ParamValue>>,
+    pub slices: Option<Spanned<Vec<RawSlice>>>,
     /// mergekit's multi-module layout (refused with a clear message).
     #[serde(default)]
     pub modules: Option<Spanned<ParamValue>>,
@@ -108,7 +143,7 @@ pub struct RawConfig {
     /// mergekit's vocabulary merging (refused with a clear message).
     #[serde(default)]
     pub tokenizer: Option<Spanned<ParamValue>>,
-    /// mergekit's chat template override (refused with a clear message).
+    /// The merged tokenizer's chat template: `auto`, a built-in name or Jinja text.
     #[serde(default)]
     pub chat_template: Option<Spanned<ParamValue>>,
     /// What to do with NaN or infinite weights: `error` (default) or `propagate`.
@@ -180,6 +215,20 @@ pub struct ModelRef {
     pub stats: Option<PathBuf>,
     /// Its second statistics file with Grams (`grams:`), when given.
     pub grams: Option<PathBuf>,
+    /// The layers a `slices:` source takes (`None`: the whole model).
+    pub window: Option<crate::layers::LayerWindow>,
+    /// A PEFT LoRA adapter applied while reading (`model: path+adapter`).
+    pub lora: Option<PathBuf>,
+}
+
+impl ModelRef {
+    /// Whether two references read the same tensors: the same checkpoint,
+    /// layer window and adapter.
+    pub fn is_same(&self, other: &ModelRef) -> bool {
+        same_model(&self.path, &other.path)
+            && self.window == other.window
+            && self.lora == other.lora
+    }
 }
 
 pub use crate::methods::fam::FamSettings;
@@ -211,6 +260,17 @@ pub struct MergeConfig {
     pub source: Option<PathBuf>,
     /// The probe set a method runs itself (`regmean_plusplus`), resolved.
     pub probe_set: Option<PathBuf>,
+    /// A `slices:` config: one plain config per slice, in output order,
+    /// each over its sources' layer windows (empty for a `models:` config,
+    /// which is its own single part). The fields above are the first
+    /// slice's; `seed`, `strict`, `nan_policy` and `out_dtype` set on this
+    /// config apply to every slice.
+    pub slices: Vec<MergeConfig>,
+    /// The chat template the output's tokenizer gets (`chat_template:`).
+    pub chat_template: Option<crate::chat_template::ChatTemplate>,
+    /// In a slice's config: the output layers it writes, for gradients
+    /// (interpolated within the slice, as mergekit does) and messages.
+    pub layer_window: Option<crate::layers::LayerWindow>,
 }
 
 /// Settings of the chosen method.
@@ -368,6 +428,19 @@ pub(crate) fn config_error(
         _ => problem.to_string(),
     };
     Error::new(ErrorKind::Config, message).with_tensor(key)
+}
+
+/// A model reference as mergekit writes it: a path, or `path+adapter` (a
+/// model with a PEFT LoRA adapter applied), split at the last `+` unless
+/// the whole text names an existing file or directory.
+pub(crate) fn model_reference(base_dir: &Path, text: &str) -> (PathBuf, Option<PathBuf>) {
+    let whole = resolve(base_dir, text);
+    match text.rsplit_once('+') {
+        Some((model, adapter)) if !whole.exists() && !model.is_empty() && !adapter.is_empty() => {
+            (resolve(base_dir, model), Some(resolve(base_dir, adapter)))
+        }
+        _ => (whole, None),
+    }
 }
 
 /// `path` relative to `base_dir`, with `.` components dropped so that
@@ -535,11 +608,6 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         None => Ok(()),
     };
     refuse(
-        &raw.slices,
-        "slices",
-        "`slices` / `layer_range` (frankenmerges) are not supported by flatmerge; list whole models under `models:`",
-    )?;
-    refuse(
         &raw.modules,
         "modules",
         "`modules` (multi-module merges) are not supported by flatmerge; use `models:`",
@@ -548,11 +616,6 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         &raw.tokenizer,
         "tokenizer",
         "vocabulary merging (`tokenizer:`) is not supported; the output keeps the tokenizer of the model its tensor names come from",
-    )?;
-    refuse(
-        &raw.chat_template,
-        "chat_template",
-        "`chat_template` is not supported; the output keeps the chat template files of the model its tensor names come from",
     )?;
     match &raw.tokenizer_source {
         Some(v) if !matches!(&v.value, ParamValue::Text(t) if t == "base") => Err(config_error(
@@ -588,6 +651,9 @@ fn validate(
         )
     })?;
     refuse_layouts(&raw)?;
+    if let Some(slices) = &raw.slices {
+        return validate_slices(&raw, slices, base_dir, source, registry, method);
+    }
     if !method.uses_name_map() {
         if let Some(map) = &raw.name_map {
             return Err(config_error(
@@ -620,10 +686,15 @@ fn validate(
     let models: Vec<ModelRef> = raw
         .models
         .iter()
-        .map(|m| ModelRef {
-            path: resolve(base_dir, &m.model),
-            stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
-            grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
+        .map(|m| {
+            let (path, lora) = model_reference(base_dir, &m.model);
+            ModelRef {
+                path,
+                stats: m.stats.as_deref().map(|s| resolve(base_dir, s)),
+                grams: m.grams.as_deref().map(|s| resolve(base_dir, s)),
+                window: None,
+                lora,
+            }
         })
         .collect();
     if let Some(i) = raw.models.iter().position(|m| m.grams.is_some()) {
@@ -638,14 +709,30 @@ fn validate(
             ));
         }
     }
-    let base = raw.base_model.as_deref().map(|b| ModelRef {
-        path: resolve(base_dir, b),
-        stats: raw
-            .base_model_stats
-            .as_deref()
-            .map(|s| resolve(base_dir, s)),
-        grams: None,
+    let base = raw.base_model.as_deref().map(|b| {
+        let (path, lora) = model_reference(base_dir, b);
+        ModelRef {
+            path,
+            stats: raw
+                .base_model_stats
+                .as_deref()
+                .map(|s| resolve(base_dir, s)),
+            grams: None,
+            window: None,
+            lora,
+        }
     });
+    let with_lora = base.iter().chain(&models).any(|m| m.lora.is_some());
+    if with_lora && method.uses_probe_set() {
+        return Err(config_error(
+            None,
+            "models",
+            format!(
+                "{} runs the models on a probe set itself, which a LoRA reference (`model+adapter`) cannot take part in; merge the adapter first",
+                method.as_str()
+            ),
+        ));
+    }
     if raw.base_model_stats.is_some() && raw.base_model.is_none() {
         return Err(config_error(
             None,
@@ -679,7 +766,154 @@ fn validate(
         },
         source: source.map(Path::to_path_buf),
         probe_set: raw.probe_set.as_ref().map(|p| resolve(base_dir, &p.value)),
+        slices: Vec::new(),
+        chat_template: match &raw.chat_template {
+            None => None,
+            Some(v) => Some(match &v.value {
+                ParamValue::Text(t) => crate::chat_template::ChatTemplate::parse(t)
+                    .map_err(|why| config_error(Some(&v.referenced), "chat_template", why))?,
+                other => {
+                    return Err(config_error(
+                        Some(&v.referenced),
+                        "chat_template",
+                        format!("expected `auto`, a template name or Jinja text, found {other}"),
+                    ))
+                }
+            }),
+        },
+        layer_window: None,
     })
+}
+
+/// A `slices:` config: each slice becomes a plain config over its sources
+/// (parameters: source over slice over global), whose models carry their
+/// layer windows; output layers are numbered on across slices.
+fn validate_slices(
+    raw: &RawConfig,
+    slices: &Spanned<Vec<RawSlice>>,
+    base_dir: &Path,
+    source: Option<&Path>,
+    registry: &Registry,
+    method: MergeMethod,
+) -> Result<MergeConfig> {
+    let at = Some(&slices.referenced);
+    if !raw.models.is_empty() {
+        return Err(config_error(
+            at,
+            "slices",
+            "a config has either `models:` or `slices:`, not both",
+        ));
+    }
+    if slices.value.is_empty() {
+        return Err(config_error(at, "slices", "lists no slice"));
+    }
+    if !method.runs_in_slices() {
+        return Err(config_error(
+            at,
+            "slices",
+            format!(
+                "{} runs the models on a probe set, which needs whole models; use `models:`",
+                method.as_str()
+            ),
+        ));
+    }
+    let last = slices.value.len() - 1;
+    let mut out_first = 0usize;
+    let mut parts = Vec::with_capacity(slices.value.len());
+    for (s, slice) in slices.value.iter().enumerate() {
+        if slice.sources.is_empty() {
+            return Err(config_error(
+                at,
+                &format!("slices[{s}].sources"),
+                "lists no source",
+            ));
+        }
+        let mut windows = Vec::with_capacity(slice.sources.len());
+        for (i, src) in slice.sources.iter().enumerate() {
+            let key = format!("slices[{s}].sources[{i}].layer_range");
+            let range = &src.layer_range;
+            let (first, end) = match range.value.as_slice() {
+                [a, b] => (a.value, b.value),
+                _ => {
+                    return Err(config_error(
+                        Some(&range.referenced),
+                        &key,
+                        "expected two layer indices `[start, end]` (half-open)",
+                    ))
+                }
+            };
+            if first < 0 || end <= first {
+                return Err(config_error(
+                    Some(&range.referenced),
+                    &key,
+                    format!("[{first}, {end}] is empty or negative; a range is half-open `[start, end)` with 0 ≤ start < end"),
+                ));
+            }
+            let count = (end - first) as usize;
+            if let Some(w) = windows.first() {
+                let w: &crate::layers::LayerWindow = w;
+                if w.count != count {
+                    return Err(config_error(
+                        Some(&range.referenced),
+                        &key,
+                        format!(
+                            "spans {count} layers, but slices[{s}].sources[0] spans {}; every source of a slice spans the same number of layers",
+                            w.count
+                        ),
+                    ));
+                }
+            }
+            windows.push(crate::layers::LayerWindow {
+                first: first as usize,
+                count,
+                out_first,
+                embeddings: s == 0,
+                head: s == last,
+                key,
+            });
+        }
+        let mut parameters = raw.parameters.clone();
+        parameters.extend(slice.parameters.clone());
+        let part_raw = RawConfig {
+            models: slice
+                .sources
+                .iter()
+                .map(|src| RawModel {
+                    model: src.model.clone(),
+                    stats: src.stats.clone(),
+                    grams: src.grams.clone(),
+                    parameters: src.parameters.clone(),
+                })
+                .collect(),
+            parameters,
+            base_model: slice.base_model.clone().or_else(|| raw.base_model.clone()),
+            slices: None,
+            ..raw.clone()
+        };
+        let mut part = validate(part_raw, base_dir, source, registry).map_err(|e| {
+            let message = format!("{} (in slices[{s}])", e.message());
+            e.with_message(message)
+        })?;
+        for (model, window) in part.models.iter_mut().zip(&windows) {
+            model.window = Some(window.clone());
+        }
+        if let Some(base) = &mut part.base {
+            // The base takes the window of the source that is the base
+            // model (mergekit's slices list it), else the first source's.
+            let own = part
+                .models
+                .iter()
+                .find(|m| same_model(&m.path, &base.path) && m.lora == base.lora)
+                .unwrap_or(&part.models[0]);
+            base.window = own.window.clone();
+        }
+        part.layer_window = Some(windows[0].clone());
+        out_first += windows[0].count;
+        parts.push(part);
+    }
+    let mut whole = parts[0].clone();
+    whole.slices = parts;
+    Ok(whole)
 }
 
 /// Parses a byte size as mergekit's `--out-shard-size` does: a number with

@@ -7,7 +7,7 @@
 //! order, so results do not depend on the thread count.
 
 use super::CHUNK_ELEMENTS;
-use crate::dtype::{decode_f32, encode_f32, Dtype};
+use crate::dtype::{encode_f32, Dtype};
 use crate::io::TensorView;
 use crate::safe_m::fallback_blend;
 use crate::select::{
@@ -21,15 +21,11 @@ pub(crate) fn rows_per_chunk(cols: usize) -> usize {
     (CHUNK_ELEMENTS / cols.max(1)).max(1)
 }
 
-/// Decodes elements `[start, start + len)` of a float tensor into `buf`.
+/// Decodes elements `[start, start + len)` of a float tensor into `buf`
+/// (a LoRA update included, see [`TensorView::read_f32`]).
 pub(crate) fn read(view: &TensorView<'_>, start: usize, len: usize, buf: &mut Vec<f32>) {
     buf.resize(len, 0.0);
-    let size = view.dtype.size();
-    decode_f32(
-        view.dtype,
-        &view.data[start * size..(start + len) * size],
-        buf,
-    );
+    view.read_f32(start, buf);
 }
 
 /// A zeroed buffer of `n` elements for a whole tensor. Large ones ask for
@@ -68,15 +64,7 @@ pub(crate) fn read_all(view: &TensorView<'_>) -> Vec<f32> {
     let mut out = tensor_buffer::<f32>(view.numel());
     out.par_chunks_mut(CHUNK_ELEMENTS)
         .enumerate()
-        .for_each(|(chunk, values)| {
-            let size = view.dtype.size();
-            let start = chunk * CHUNK_ELEMENTS;
-            decode_f32(
-                view.dtype,
-                &view.data[start * size..(start + values.len()) * size],
-                values,
-            );
-        });
+        .for_each(|(chunk, values)| view.read_f32(chunk * CHUNK_ELEMENTS, values));
     out
 }
 
@@ -106,7 +94,7 @@ where
 /// The receiver's tensor in the output dtype: a byte copy when the dtype is
 /// kept, else decoded and re-encoded.
 pub(crate) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
-    if view.dtype == out_dtype {
+    if view.dtype == out_dtype && view.lora.is_none() {
         return view.data.to_vec();
     }
     blend(view, &[], 0.0, out_dtype)

@@ -65,6 +65,12 @@ pub struct MergeOptions<'a> {
     pub progress: Option<&'a (dyn Fn(&Progress<'_>) + Sync)>,
     /// Set to stop the merge between tensors (nothing is left behind).
     pub cancel: Option<&'a AtomicBool>,
+    /// Leave the reference model's tokenizer files out of the output
+    /// (mergekit's `--no-copy-tokenizer`); the model config is still copied.
+    pub skip_tokenizer: bool,
+    /// Write a `README.md` model card (mergekit's `--write-model-card`):
+    /// the method, the inputs and the config, with Hugging Face front matter.
+    pub model_card: bool,
 }
 
 impl MergeOptions<'_> {
@@ -91,8 +97,20 @@ pub struct MergeSummary {
 }
 
 /// A merge whose inputs are open and whose plan is checked; no tensor
-/// data has been read yet.
+/// data has been read yet. A `models:` config is one [`MergePart`]; a
+/// `slices:` config one part per slice, whose tensors are written one
+/// after the other into the same output.
 pub struct PreparedMerge {
+    config: MergeConfig,
+    parts: Vec<MergePart>,
+    /// Every part's plan, in output order.
+    plan: Plan,
+}
+
+/// What a method merges at once: the whole merge of a `models:` config, or
+/// one slice of a `slices:` config, whose inputs are its sources' layer
+/// windows under the output's names. Methods see only their part.
+pub struct MergePart {
     config: MergeConfig,
     inputs: Inputs,
     plan: Plan,
@@ -101,16 +119,39 @@ pub struct PreparedMerge {
 impl PreparedMerge {
     /// Opens the inputs of `config` and plans the merge; fails listing every problem found.
     pub fn new(config: MergeConfig) -> Result<PreparedMerge> {
-        let inputs = open_inputs(&config)?;
-        let plan = plan(&config, &inputs)?;
+        if config.slices.is_empty() {
+            let part = MergePart::new(config.clone())?;
+            return Ok(PreparedMerge {
+                config,
+                plan: part.plan.clone(),
+                parts: vec![part],
+            });
+        }
+        let mut problems = crate::plan::Problems::default();
+        let mut parts = Vec::with_capacity(config.slices.len());
+        for slice in &config.slices {
+            let slice = MergeConfig {
+                seed: config.seed,
+                strict: config.strict,
+                nan_policy: config.nan_policy,
+                out_dtype: config.out_dtype,
+                ..slice.clone()
+            };
+            match MergePart::new(slice) {
+                Ok(part) => parts.push(part),
+                Err(e) => problems.push(e),
+            }
+        }
+        problems.into_result()?;
+        let plan = sliced_plan(&parts)?;
         Ok(PreparedMerge {
             config,
-            inputs,
+            parts,
             plan,
         })
     }
 
-    /// The plan (what `--dry-run` prints).
+    /// The plan (what `--dry-run` prints): every part's tensors in output order.
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
@@ -120,15 +161,26 @@ impl PreparedMerge {
         &self.config
     }
 
-    /// The opened inputs.
+    /// The opened inputs (of the first slice, for a `slices:` config).
     pub fn inputs(&self) -> &Inputs {
-        &self.inputs
+        &self.parts[0].inputs
     }
 
-    /// Bytes of tensor data in all the inputs (the base and every model).
+    /// The parts: one, or one per slice.
+    pub fn parts(&self) -> &[MergePart] {
+        &self.parts
+    }
+
+    /// Bytes of tensor data the merge reads: every input of every part
+    /// (for a slice, the tensors of its windows).
     pub fn input_bytes(&self) -> u64 {
-        let inputs = self.inputs.base.iter().chain(&self.inputs.models);
-        inputs.map(|i| i.checkpoint.total_bytes()).sum()
+        self.parts.iter().map(MergePart::input_bytes).sum()
+    }
+
+    /// FAM's alignment of every neuron group (SPEC §2.2–2.3), from the
+    /// statistics alone: what `flatmerge map` prints (empty for other methods).
+    pub fn align(&self) -> Result<Vec<fam::GroupAlignment>> {
+        self.parts[0].align()
     }
 
     /// Runs the merge into `options.out_dir`.
@@ -143,7 +195,10 @@ impl PreparedMerge {
         let Ok(out) = out_dir.canonicalize() else {
             return Ok(());
         };
-        let inputs = self.inputs.base.iter().chain(&self.inputs.models);
+        let inputs = self
+            .parts
+            .iter()
+            .flat_map(|p| p.inputs.base.iter().chain(&p.inputs.models));
         for input in inputs {
             for shard in input.checkpoint.shard_paths() {
                 if shard.canonicalize().is_ok_and(|p| p.starts_with(&out)) {
@@ -187,12 +242,16 @@ impl PreparedMerge {
             metadata,
             options.force,
         )?;
-        let mut report = MergeReport::new(&self.config, &self.inputs, &self.plan, writer.shards());
-        let prepared = self.config.method.prepare(self)?;
-        if let Some((key, value)) = prepared.report {
-            report.results.insert(key.to_string(), value);
+        let first = &self.parts[0];
+        let mut report = MergeReport::new(&self.config, &first.inputs, &self.plan, writer.shards());
+        if self.parts.len() > 1 {
+            report.inputs = self
+                .parts
+                .iter()
+                .enumerate()
+                .flat_map(|(s, p)| MergeReport::input_reports(&p.config, &p.inputs, Some(s)))
+                .collect();
         }
-        let state = prepared.state.as_ref();
         // A writer thread copies tensor k into the file while the pool
         // computes tensor k + 1. The rendezvous channel bounds memory to two
         // output tensors: the one being written and the one waiting.
@@ -200,21 +259,34 @@ impl PreparedMerge {
         let (computed, writer) = std::thread::scope(|scope| {
             let writing = scope.spawn(|| self.write_tensors(writer, to_write, options));
             let computed = (|| -> Result<()> {
-                for (index, tensor) in self.plan.tensors.iter().enumerate() {
-                    options.check_cancel()?;
-                    let merged = self.merge_tensor(tensor, state);
-                    self.release_inputs(tensor);
-                    let (bytes, outcome) = merged.map_err(|e| {
-                        if e.tensor().is_some() {
-                            e
-                        } else {
-                            e.with_tensor(&tensor.name)
+                let mut index = 0;
+                for (s, part) in self.parts.iter().enumerate() {
+                    let prepared = part.config.method.prepare(part)?;
+                    if let Some((key, value)) = prepared.report {
+                        let key = match self.parts.len() {
+                            1 => key.to_string(),
+                            _ => format!("{key}_slice_{s}"),
+                        };
+                        report.results.insert(key, value);
+                    }
+                    let state = prepared.state.as_ref();
+                    for tensor in &part.plan.tensors {
+                        options.check_cancel()?;
+                        let merged = part.merge_tensor(tensor, state);
+                        part.release_inputs(tensor);
+                        let (bytes, outcome) = merged.map_err(|e| {
+                            if e.tensor().is_some() {
+                                e
+                            } else {
+                                e.with_tensor(&tensor.name)
+                            }
+                        })?;
+                        report.record(index, outcome);
+                        if finished.send((index, bytes)).is_err() {
+                            // The writer stopped on an error, which it returns.
+                            return Ok(());
                         }
-                    })?;
-                    report.record(index, outcome);
-                    if finished.send((index, bytes)).is_err() {
-                        // The writer stopped on an error, which it returns.
-                        break;
+                        index += 1;
                     }
                 }
                 Ok(())
@@ -229,15 +301,41 @@ impl PreparedMerge {
         let mut writer = writer?;
         computed?;
         let out_dtype = self.config.out_dtype;
-        report.copied_files = copy_side_files(
-            &mut writer,
-            self.inputs.reference().checkpoint.dir(),
+        let layers = (!self.config.slices.is_empty()).then(|| self.sliced_layers());
+        let template = self.chat_template();
+        let files = SideFiles {
+            dir: first.inputs.reference().checkpoint.dir(),
             out_dtype,
-        )?;
+            layers: layers.as_ref(),
+            skip_tokenizer: options.skip_tokenizer,
+            chat_template: template.as_deref(),
+        };
+        let (copied, template_files) = files.copy(&mut writer)?;
+        report.copied_files = copied;
+        if let Some(chosen) = &self.config.chat_template {
+            report.results.insert(
+                "chat_template".into(),
+                serde_json::json!({
+                    "chosen": chosen.label(),
+                    "found": template.is_some(),
+                    "written_to": template_files,
+                }),
+            );
+        }
         writer.write_file("merge_report.json", &report.to_json_bytes())?;
+        if options.model_card {
+            let config_text = match &self.config.source {
+                Some(path) => Some(std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?),
+                None => None,
+            };
+            let card = report.model_card(config_text.as_deref());
+            writer.write_file("README.md", card.as_bytes())?;
+        }
         options.check_cancel()?;
-        for input in self.inputs.base.iter().chain(&self.inputs.models) {
-            input.checkpoint.check_unchanged()?;
+        for part in &self.parts {
+            for input in part.inputs.base.iter().chain(&part.inputs.models) {
+                input.checkpoint.check_unchanged()?;
+            }
         }
         let out_dir = writer.finish()?;
         Ok(MergeSummary { out_dir, report })
@@ -270,6 +368,64 @@ impl PreparedMerge {
             options.check_cancel()?;
         }
         Ok(writer)
+    }
+
+    /// The text of the config's `chat_template`, `auto` read from every
+    /// input model's directory in config order.
+    fn chat_template(&self) -> Option<String> {
+        let chosen = self.config.chat_template.as_ref()?;
+        let dirs: Vec<&Path> = self
+            .parts
+            .iter()
+            .flat_map(|p| p.inputs.base.iter().chain(&p.inputs.models))
+            .map(|i| i.checkpoint.dir())
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        chosen.resolve(dirs.into_iter().filter(|d| seen.insert(d.to_path_buf())))
+    }
+
+    /// Where each output layer of a `slices:` merge comes from: per slice,
+    /// its first source's directory and layer window.
+    fn sliced_layers(&self) -> Vec<(PathBuf, crate::layers::LayerWindow)> {
+        self.parts
+            .iter()
+            .filter_map(|p| {
+                let window = p.config.models.first()?.window.clone()?;
+                Some((p.inputs.models[0].checkpoint.dir().to_path_buf(), window))
+            })
+            .collect()
+    }
+}
+
+impl MergePart {
+    fn new(config: MergeConfig) -> Result<MergePart> {
+        let inputs = open_inputs(&config)?;
+        let plan = plan(&config, &inputs)?;
+        Ok(MergePart {
+            config,
+            inputs,
+            plan,
+        })
+    }
+
+    /// The part's plan.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The part's config (a slice's own, for a `slices:` config).
+    pub fn config(&self) -> &MergeConfig {
+        &self.config
+    }
+
+    /// The part's opened inputs.
+    pub fn inputs(&self) -> &Inputs {
+        &self.inputs
+    }
+
+    fn input_bytes(&self) -> u64 {
+        let inputs = self.inputs.base.iter().chain(&self.inputs.models);
+        inputs.map(|i| i.checkpoint.total_bytes()).sum()
     }
 
     /// Drops the process's mapping of every input of `tensor`, so resident
@@ -307,8 +463,7 @@ impl PreparedMerge {
         })
     }
 
-    /// FAM's alignment of every neuron group (SPEC §2.2–2.3), from the
-    /// statistics alone: what `flatmerge map` prints (empty for other methods).
+    /// FAM's alignment of every neuron group of the part (SPEC §2.2–2.3).
     pub fn align(&self) -> Result<Vec<fam::GroupAlignment>> {
         crate::methods::fam::alignments(self)
     }
@@ -421,6 +576,39 @@ impl PreparedMerge {
     }
 }
 
+/// The plan of a `slices:` merge: each slice's tensors in turn. Windows
+/// give every output name to one slice; a name planned twice (a model whose
+/// layer tensors do not follow `…layers.N.`) is an error.
+fn sliced_plan(parts: &[MergePart]) -> Result<Plan> {
+    let mut seen = std::collections::HashSet::new();
+    let mut tensors = Vec::new();
+    let mut dropped = Vec::new();
+    for (s, part) in parts.iter().enumerate() {
+        for t in &part.plan.tensors {
+            if !seen.insert(t.name.clone()) {
+                return Err(Error::new(
+                    ErrorKind::Plan,
+                    format!("slices[{s}] writes a tensor an earlier slice already wrote; its name does not follow the decoder's `…layers.N.` numbering"),
+                )
+                .with_file(part.inputs.reference().checkpoint.root())
+                .with_tensor(&t.name));
+            }
+            tensors.push(t.clone());
+        }
+        dropped.extend(part.plan.dropped.iter().cloned());
+    }
+    Ok(Plan {
+        tensors,
+        dropped,
+        layers: parts
+            .iter()
+            .filter_map(|p| p.config.layer_window.as_ref())
+            .map(|w| w.count)
+            .sum(),
+        groups: parts[0].plan.groups.clone(),
+    })
+}
+
 /// One input of a merge.
 #[derive(Clone, Copy)]
 pub(crate) enum Model {
@@ -489,37 +677,194 @@ pub fn is_side_file(name: &str) -> bool {
         || name == "flatmerge_mlp.json"
 }
 
-/// Copies the receiver's side files; `config.json` gets the output dtype
-/// when one was chosen, so loaders with `torch_dtype="auto"` pick it up.
-fn copy_side_files(
-    writer: &mut ShardedWriter,
-    dir: &Path,
+/// Side files that make up the tokenizer (what `--no-copy-tokenizer`
+/// leaves out): vocabularies, merges, special tokens, chat templates.
+pub fn is_tokenizer_file(name: &str) -> bool {
+    is_side_file(name)
+        && (name.starts_with("tokenizer")
+            || name.starts_with("vocab.")
+            || name.starts_with("chat_template")
+            || name.ends_with(".tiktoken")
+            || matches!(
+                name,
+                "special_tokens_map.json"
+                    | "added_tokens.json"
+                    | "merges.txt"
+                    | "spiece.model"
+                    | "sentencepiece.bpe.model"
+            ))
+}
+
+/// The side files of the output: what to copy from where, and how to edit them.
+struct SideFiles<'a> {
+    /// The reference model's directory.
+    dir: &'a Path,
+    /// `config.json` gets `torch_dtype` when a dtype was chosen, so loaders
+    /// with `torch_dtype="auto"` pick it up.
     out_dtype: Option<Dtype>,
-) -> Result<Vec<String>> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => return Err(Error::io(dir, e)),
-    };
-    let mut names: Vec<String> = entries
-        .filter_map(|e| e.ok())
-        // Follows links: Hugging Face cache snapshots are links into a blob store.
-        .filter(|e| e.path().is_file())
-        .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|name| is_side_file(name))
-        .collect();
-    names.sort();
-    for name in &names {
-        let path = dir.join(name);
-        match (name.as_str(), out_dtype) {
-            ("config.json", Some(dtype)) => {
-                let text = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-                let bytes = with_torch_dtype(&text, dtype).unwrap_or(text);
-                writer.write_file(name, &bytes)?;
+    /// For a `slices:` merge, the new layer count (see [`with_layers`]).
+    layers: Option<&'a Vec<(PathBuf, crate::layers::LayerWindow)>>,
+    /// `--no-copy-tokenizer`.
+    skip_tokenizer: bool,
+    /// The chat template to set in `tokenizer_config.json` and
+    /// `chat_template.jinja` (the latter written when neither exists).
+    chat_template: Option<&'a str>,
+}
+
+impl SideFiles<'_> {
+    /// Copies the side files; returns their names and the files the chat
+    /// template was written to.
+    fn copy(&self, writer: &mut ShardedWriter) -> Result<(Vec<String>, Vec<String>)> {
+        let dir = self.dir;
+        let entries = match std::fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) => return Err(Error::io(dir, e)),
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            // Follows links: Hugging Face cache snapshots are links into a blob store.
+            .filter(|e| e.path().is_file())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| is_side_file(name))
+            .filter(|name| !(self.skip_tokenizer && is_tokenizer_file(name)))
+            .collect();
+        names.sort();
+        let mut template_files = Vec::new();
+        let template = self.chat_template.filter(|_| !self.skip_tokenizer);
+        for name in &names {
+            let path = dir.join(name);
+            let read = || std::fs::read(&path).map_err(|e| Error::io(&path, e));
+            match name.as_str() {
+                "config.json" if self.out_dtype.is_some() || self.layers.is_some() => {
+                    let mut text = read()?;
+                    if let Some(windows) = self.layers {
+                        text = with_layers(&text, windows).map_err(|e| e.with_file(&path))?;
+                    }
+                    if let Some(dtype) = self.out_dtype {
+                        text = with_torch_dtype(&text, dtype).unwrap_or(text);
+                    }
+                    writer.write_file(name, &text)?;
+                }
+                "tokenizer_config.json" if template.is_some() => {
+                    let text = read()?;
+                    let edited =
+                        with_chat_template(&text, template.expect("matched")).ok_or_else(|| {
+                            Error::new(
+                                ErrorKind::Format,
+                                "not a JSON object, so the chat template cannot be set in it",
+                            )
+                            .with_file(&path)
+                        })?;
+                    writer.write_file(name, &edited)?;
+                    template_files.push(name.clone());
+                }
+                "chat_template.jinja" if template.is_some() => {
+                    writer.write_file(name, template.expect("matched").as_bytes())?;
+                    template_files.push(name.clone());
+                }
+                _ => writer.copy_file(&path, name)?,
             }
-            _ => writer.copy_file(&path, name)?,
+        }
+        if let (Some(text), true) = (template, template_files.is_empty()) {
+            writer.write_file("chat_template.jinja", text.as_bytes())?;
+            names.push("chat_template.jinja".into());
+            template_files.push("chat_template.jinja".into());
+        }
+        Ok((names, template_files))
+    }
+}
+
+/// `tokenizer_config.json` with `chat_template` set; `None` when it is not
+/// a JSON object.
+fn with_chat_template(text: &[u8], template: &str) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(text).ok()?;
+    value
+        .as_object_mut()?
+        .insert("chat_template".into(), template.into());
+    let mut bytes = serde_json::to_vec_pretty(&value).ok()?;
+    bytes.push(b'\n');
+    Some(bytes)
+}
+
+/// `config.json` of a `slices:` merge: `num_hidden_layers` (at the top or
+/// in `text_config`) becomes the output's layer count, and every list of
+/// one entry per layer beside it (`layer_types`, …) is rebuilt from the
+/// slices, each from its first source's `config.json`. A per-layer list a
+/// source lacks, or whose length is not that source's layer count, cannot
+/// be carried over: an error naming the key.
+fn with_layers(text: &[u8], windows: &[(PathBuf, crate::layers::LayerWindow)]) -> Result<Vec<u8>> {
+    use serde_json::Value;
+    let parse = |bytes: &[u8], file: &Path| -> Result<Value> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| Error::new(ErrorKind::Format, format!("not JSON: {e}")).with_file(file))
+    };
+    let mut value: Value = parse(text, Path::new("config.json"))?;
+    let section = |v: &Value| -> Option<&'static str> {
+        if v.get("num_hidden_layers").is_some() {
+            Some("")
+        } else if v.pointer("/text_config/num_hidden_layers").is_some() {
+            Some("/text_config")
+        } else {
+            None
+        }
+    };
+    let Some(at) = section(&value) else {
+        return Ok(text.to_vec());
+    };
+    let old = value
+        .pointer(&format!("{at}/num_hidden_layers"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
+    let per_layer: Vec<String> = value
+        .pointer(at)
+        .and_then(Value::as_object)
+        .map(|o| {
+            o.iter()
+                .filter(|(_, v)| v.as_array().is_some_and(|a| old > 1 && a.len() == old))
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut lists: Vec<Vec<Value>> = vec![Vec::new(); per_layer.len()];
+    for (dir, window) in windows {
+        if per_layer.is_empty() {
+            break;
+        }
+        let file = dir.join("config.json");
+        let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
+        let source = parse(&bytes, &file)?;
+        let prefix = section(&source).unwrap_or("");
+        let layers = source
+            .pointer(&format!("{prefix}/num_hidden_layers"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0) as usize;
+        for (key, list) in per_layer.iter().zip(&mut lists) {
+            let entries = source
+                .pointer(&format!("{prefix}/{key}"))
+                .and_then(Value::as_array)
+                .filter(|a| a.len() == layers && window.first + window.count <= layers)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!("`{key}` lists one entry per layer, but this source has no such list of {layers} entries, so `{}` cannot carry it over", window.key),
+                    )
+                    .with_file(&file)
+                })?;
+            list.extend_from_slice(&entries[window.first..window.first + window.count]);
         }
     }
-    Ok(names)
+    let total: usize = windows.iter().map(|(_, w)| w.count).sum();
+    let object = value
+        .pointer_mut(at)
+        .and_then(Value::as_object_mut)
+        .expect("found above");
+    object.insert("num_hidden_layers".into(), total.into());
+    for (key, list) in per_layer.into_iter().zip(lists) {
+        object.insert(key, Value::Array(list));
+    }
+    let mut bytes = serde_json::to_vec_pretty(&value).expect("a JSON value serialises");
+    bytes.push(b'\n');
+    Ok(bytes)
 }
 
 /// `config.json` with `torch_dtype` set; `None` when it is not a JSON object

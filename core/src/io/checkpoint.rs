@@ -10,6 +10,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::json::{first_duplicate, RawHeader, RawIndex};
+use super::lora::{Adapter, LowRank};
 use super::mmap::MappedFile;
 use super::{INDEX_FILE, SINGLE_FILE};
 use crate::dtype::{decode_f32, Dtype};
@@ -46,6 +47,8 @@ pub struct Checkpoint {
     by_name: HashMap<String, usize>,
     metadata: BTreeMap<String, String>,
     fingerprints: Vec<FileFingerprint>,
+    /// A LoRA adapter applied while reading ([`Checkpoint::with_adapter`]).
+    adapter: Option<Box<Adapter>>,
 }
 
 #[derive(Debug)]
@@ -95,8 +98,12 @@ pub struct TensorView<'a> {
     /// Its shape.
     pub shape: &'a [usize],
     /// Its little-endian bytes, exactly `numel × dtype.size()` of them
-    /// (not necessarily aligned: they point into the file's map).
+    /// (not necessarily aligned: they point into the file's map). With
+    /// `lora`, the tensor is these values plus the low-rank update: read it
+    /// with [`TensorView::read_f32`], which adds it.
     pub data: &'a [u8],
+    /// A LoRA update `s·B·A` to add to the stored values.
+    pub lora: Option<LowRank<'a>>,
 }
 
 impl TensorView<'_> {
@@ -125,6 +132,19 @@ impl TensorView<'_> {
                 )
             });
         decode_f32(self.dtype, &self.data[start * size..end * size], out);
+        if let Some(lora) = &self.lora {
+            lora.add_to(start, out);
+        }
+    }
+
+    /// Element `index` as f32 (LoRA update included).
+    ///
+    /// # Panics
+    /// As [`TensorView::read_f32`].
+    pub fn element(&self, index: usize) -> f32 {
+        let mut x = [0.0f32];
+        self.read_f32(index, &mut x);
+        x[0]
     }
 
     /// Decodes the whole F32, F16 or BF16 tensor.
@@ -325,6 +345,7 @@ impl Checkpoint {
             by_name: HashMap::new(),
             metadata: BTreeMap::new(),
             fingerprints: Vec::with_capacity(parsed.len()),
+            adapter: None,
         };
         for shard in parsed {
             // First shard wins on conflicting keys: HF shards normally all
@@ -380,6 +401,52 @@ impl Checkpoint {
         Ok(self)
     }
 
+    /// This checkpoint seen through `rename`: exactly the tensors it gives
+    /// a name for, under that name, in the checkpoint's order. The data
+    /// stays the same mapped bytes. For a `slices:` merge, where one
+    /// model's layers `[a, b)` become the output's layers `[o, o + b − a)`.
+    /// Errors if two tensors get the same name ([`ErrorKind::Format`]).
+    pub fn renamed(mut self, rename: impl Fn(&str) -> Option<String>) -> Result<Checkpoint> {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.by_name.clear();
+        for mut t in tensors {
+            let Some(name) = rename(&t.name) else {
+                continue;
+            };
+            if self.by_name.contains_key(&name) {
+                return Err(Error::new(
+                    ErrorKind::Format,
+                    format!("two tensors would both be called `{name}`"),
+                )
+                .with_file(&self.root)
+                .with_tensor(&t.name));
+            }
+            t.name = name;
+            self.by_name.insert(t.name.clone(), self.tensors.len());
+            self.tensors.push(t);
+        }
+        self.adapter = self.adapter.take().map(|a| Box::new(a.renamed(&rename)));
+        Ok(self)
+    }
+
+    /// This checkpoint with the PEFT LoRA adapter at `dir` applied while
+    /// reading: views of the weights it adapts carry its update (see
+    /// [`super::lora`]). The adapter's file joins the checkpoint's
+    /// fingerprints and change checks. Errors name the adapter's file and
+    /// tensor or key.
+    pub fn with_adapter(mut self, dir: &Path) -> Result<Checkpoint> {
+        let adapter = Adapter::load(dir, &self)?;
+        self.fingerprints
+            .extend(adapter.file().fingerprints().iter().cloned());
+        self.adapter = Some(Box::new(adapter));
+        Ok(self)
+    }
+
+    /// The LoRA adapter applied while reading, if any.
+    pub fn adapter(&self) -> Option<&Adapter> {
+        self.adapter.as_deref()
+    }
+
     /// The path given to [`Checkpoint::open`].
     pub fn root(&self) -> &Path {
         &self.root
@@ -411,6 +478,7 @@ impl Checkpoint {
             dtype: info.dtype,
             shape: &info.shape,
             data,
+            lora: self.adapter.as_ref().and_then(|a| a.low_rank(name)),
         })
     }
 
@@ -422,6 +490,9 @@ impl Checkpoint {
                 shard.map.release(info.begin..info.end);
             }
         }
+        if let Some(adapter) = &self.adapter {
+            adapter.release(name);
+        }
     }
 
     /// The `__metadata__` of the shards (for several shards: the union, the
@@ -432,7 +503,12 @@ impl Checkpoint {
 
     /// The shard files, in order.
     pub fn shard_paths(&self) -> Vec<&Path> {
-        self.shards.iter().map(|s| s.path.as_path()).collect()
+        let adapter = self.adapter.iter().flat_map(|a| a.file().shard_paths());
+        self.shards
+            .iter()
+            .map(|s| s.path.as_path())
+            .chain(adapter)
+            .collect()
     }
 
     /// An error naming the first shard whose size or modification time
@@ -449,7 +525,10 @@ impl Checkpoint {
                 .with_file(&shard.path));
             }
         }
-        Ok(())
+        match &self.adapter {
+            Some(adapter) => adapter.file().check_unchanged(),
+            None => Ok(()),
+        }
     }
 
     /// One fingerprint per shard file, in shard order.

@@ -6,6 +6,7 @@ mod checkpoint;
 #[doc(hidden)]
 pub mod fault;
 mod json;
+pub mod lora;
 mod mmap;
 mod writer;
 

@@ -9,7 +9,7 @@ use crate::config::params::ParamDef;
 use crate::config::{MergeConfig, MethodSettings};
 use crate::consensus::{arcee_fusion, last_axis_len};
 use crate::engine::chunks::read_all;
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::error::Result;
 use crate::plan::{Inputs, Plan};
 use crate::report::{Sparsity, TensorOutcome};
@@ -49,7 +49,7 @@ impl Method for ArceeFusion {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -8,7 +8,7 @@ use super::{BaseModel, Method, Roles, SettingsInput, TensorInput};
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::read_all;
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::error::{Error, ErrorKind, Result};
 use crate::plan::{Inputs, Plan};
 use crate::report::TensorOutcome;
@@ -69,7 +69,7 @@ impl Method for Karcher {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

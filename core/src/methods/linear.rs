@@ -8,7 +8,7 @@ use crate::baselines::linear_combine;
 use crate::config::params::ParamDef;
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::{par_encode, read};
-use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan};
@@ -60,7 +60,7 @@ impl Method for Linear {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -7,10 +7,10 @@
 use crate::config::params::{
     layer_position, Default as ParamDefault, Params, Scalar, Scope, Setting,
 };
-use crate::config::{config_error, same_model, MergeConfig, MethodSettings, RawParams};
+use crate::config::{config_error, MergeConfig, MethodSettings, RawParams};
 use crate::dtype::Dtype;
 use crate::engine::chunks::{par_encode, read, read_all};
-use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, Model, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::{TensorInfo, TensorView};
 use crate::methods::{BaseModel, Method, Roles, SettingsInput, Statistics, TensorInput};
@@ -105,7 +105,7 @@ pub fn settings(
     }
     let per_model: Vec<&RawParams> = raw.models.iter().map(|m| &m.parameters).collect();
     let params = Params::validate(name, &method.params(), &raw.parameters, &per_model)?;
-    let is_base = |i: usize| base.is_some_and(|b| same_model(&b.path, &models[i].path));
+    let is_base = |i: usize| base.is_some_and(|b| b.is_same(&models[i]));
     let contributors: Vec<usize> = (0..models.len()).filter(|&i| !is_base(i)).collect();
     let count_error = |what: &str| Err(config_error(None, "models", format!("{name} {what}")));
     match counts {
@@ -142,7 +142,7 @@ pub fn base_is_extra_input(config: &MergeConfig) -> bool {
     config
         .base
         .as_ref()
-        .is_some_and(|b| !config.models.iter().any(|m| same_model(&m.path, &b.path)))
+        .is_some_and(|b| !config.models.iter().any(|m| m.is_same(b)))
 }
 
 /// The validated parameters of a mergekit-style merge.
@@ -277,7 +277,7 @@ fn plan_with(
                 }
             }
         }
-        let t = layer_position(&info.name, layers);
+        let t = gradient_position(config, inputs, &info.name, layers);
         for def in params
             .defs
             .iter()
@@ -400,6 +400,15 @@ fn setting_json(setting: &Setting) -> Value {
     }
 }
 
+/// The position `t ∈ [0, 1]` of a tensor for gradients: over the model's
+/// layers, or within the slice for a slice of a `slices:` config.
+fn gradient_position(config: &MergeConfig, inputs: &Inputs, name: &str, layers: usize) -> f64 {
+    match &config.layer_window {
+        Some(window) => window.position(name, inputs.decoder_prefix.as_deref()),
+        None => layer_position(name, layers),
+    }
+}
+
 /// What a mergekit-style tensor is merged from: its parameters (resolved
 /// per tensor and model), the base's tensor and each contributor's.
 pub struct MergekitTensor<'a> {
@@ -417,12 +426,12 @@ pub struct MergekitTensor<'a> {
     pub contributors: Vec<TensorView<'a>>,
     /// Each contributor's index in the config's `models` (for per-model parameters).
     pub model_index: Vec<usize>,
-    merge: &'a PreparedMerge,
+    merge: &'a MergePart,
 }
 
 impl<'a> MergekitTensor<'a> {
     /// The context of one tensor of `merge`.
-    pub fn new(merge: &'a PreparedMerge, input: &TensorInput<'a>) -> Result<MergekitTensor<'a>> {
+    pub fn new(merge: &'a MergePart, input: &TensorInput<'a>) -> Result<MergekitTensor<'a>> {
         let tensor = input.plan;
         let base = match &merge.inputs().base {
             Some(_) => Some(merge.view(Model::Base, &tensor.name)?),
@@ -446,7 +455,12 @@ impl<'a> MergekitTensor<'a> {
 
     /// The tensor's layer position for gradients.
     pub fn t(&self) -> f64 {
-        layer_position(&self.plan.name, self.layers)
+        gradient_position(
+            self.merge.config(),
+            self.merge.inputs(),
+            &self.plan.name,
+            self.layers,
+        )
     }
 
     /// A number parameter of contributor `k` (`None`: a shared one).
@@ -472,7 +486,7 @@ impl<'a> MergekitTensor<'a> {
     }
 
     /// The merge the tensor belongs to.
-    pub fn merge(&self) -> &'a PreparedMerge {
+    pub fn merge(&self) -> &'a MergePart {
         self.merge
     }
 

@@ -39,7 +39,7 @@ pub mod ties_reference;
 
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings, ModelRef, RawConfig};
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::error::Result;
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan, TensorPlan};
@@ -158,6 +158,12 @@ pub trait Method: Sync {
         false
     }
 
+    /// Whether it can merge a `slices:` entry: a window of each model's
+    /// layers. Not a method that runs whole models on a probe set.
+    fn runs_in_slices(&self) -> bool {
+        !self.uses_probe_set()
+    }
+
     /// Whether the per-model `grams:` key applies (a second statistics
     /// file with Grams beside the means of `stats:`).
     fn takes_grams_file(&self) -> bool {
@@ -175,7 +181,7 @@ pub trait Method: Sync {
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan>;
 
     /// Whole-model work before the first tensor is written.
-    fn prepare(&self, _merge: &PreparedMerge) -> Result<Prepared> {
+    fn prepare(&self, _merge: &MergePart) -> Result<Prepared> {
         Ok(Prepared::nothing())
     }
 
@@ -183,7 +189,7 @@ pub trait Method: Sync {
     /// those itself); returns the encoded bytes and what it measured.
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         state: &(dyn Any + Send + Sync),
         tensor: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)>;
@@ -234,7 +240,7 @@ impl MergeMethod {
                     config
                         .base
                         .as_ref()
-                        .is_none_or(|b| !crate::config::same_model(&b.path, &config.models[i].path))
+                        .is_none_or(|b| !b.is_same(&config.models[i]))
                 })
                 .collect(),
         }

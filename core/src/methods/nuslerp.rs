@@ -7,7 +7,7 @@ use super::mergekit::{self, encode, flag, weight, Counts, MergekitTensor};
 use super::{BaseModel, Method, Roles, SettingsInput, TensorInput};
 use crate::config::params::ParamDef;
 use crate::config::{MergeConfig, MethodSettings};
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::error::Result;
 use crate::plan::{Inputs, Plan};
 use crate::report::TensorOutcome;
@@ -53,7 +53,7 @@ impl Method for NuSlerp {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -7,7 +7,7 @@ use crate::config::params::ParamDef;
 use crate::config::params::{Default as ParamDefault, Kind, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::{par_encode, read};
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::engine::CHUNK_ELEMENTS;
 use crate::error::Result;
 use crate::plan::{Inputs, Plan};
@@ -53,7 +53,7 @@ impl Method for Passthrough {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -10,7 +10,7 @@ use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::consensus::{ram, RamPlus};
 use crate::engine::chunks::read_all;
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::error::Result;
 use crate::plan::{Inputs, Plan};
 use crate::report::{Sparsity, TensorOutcome};
@@ -79,7 +79,7 @@ impl Method for Ram {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

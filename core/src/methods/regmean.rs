@@ -25,7 +25,7 @@ use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::dtype::encode_f32;
 use crate::engine::chunks::{par_encode, read, read_all, tensor_buffer};
-use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, Model, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::least_squares::{RegMeanModel, RegMeanSystem, DEFAULT_ALPHA};
@@ -148,7 +148,7 @@ impl Method for RegMean {
         Ok(plan)
     }
 
-    fn prepare(&self, _merge: &PreparedMerge) -> Result<Prepared> {
+    fn prepare(&self, _merge: &MergePart) -> Result<Prepared> {
         Ok(Prepared {
             state: Box::new(Pending::default()),
             report: None,
@@ -157,7 +157,7 @@ impl Method for RegMean {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -183,7 +183,7 @@ impl Method for RegMean {
 /// layer's weight is solved (its bias kept in `pending` for its turn), a
 /// planned bias is taken from `pending`, other tensors are averaged.
 pub(crate) fn merge_tensor_with(
-    merge: &PreparedMerge,
+    merge: &MergePart,
     pending: &Pending,
     input: &TensorInput<'_>,
     stats_of: &StatsOf<'_>,
@@ -275,7 +275,7 @@ fn layer_needs(
 /// Solves layer `layer` (SPEC §7) when its weight's turn comes; keeps the
 /// merged bias for the bias's turn.
 fn solve_layer(
-    merge: &PreparedMerge,
+    merge: &MergePart,
     t: &MergekitTensor<'_>,
     layer: &str,
     pending: &Pending,

@@ -35,7 +35,7 @@ use super::{BaseModel, Method, Prepared, Roles, SettingsInput, Statistics, Tenso
 use crate::config::params::ParamDef;
 use crate::config::{config_error, MergeConfig, MethodSettings, NanPolicy};
 use crate::engine::chunks::tensor_buffer;
-use crate::engine::{Model, PreparedMerge};
+use crate::engine::{MergePart, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::Checkpoint;
 use crate::io::{OutputTensor, SafetensorsWriter};
@@ -155,7 +155,7 @@ impl Method for RegMeanPlusPlus {
         Ok(plan)
     }
 
-    fn prepare(&self, merge: &PreparedMerge) -> Result<Prepared> {
+    fn prepare(&self, merge: &MergePart) -> Result<Prepared> {
         let probe_set = probe_set_of(merge.config())?;
         let models = &merge.inputs().models;
         let layout = probe::open_model(models[0].checkpoint.dir())?;
@@ -299,7 +299,7 @@ impl Method for RegMeanPlusPlus {
 
     fn merge_tensor(
         &self,
-        _merge: &PreparedMerge,
+        _merge: &MergePart,
         state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -338,7 +338,7 @@ fn probe_set_of(config: &MergeConfig) -> Result<PathBuf> {
 /// One tensor as `regmean` merges it, with the stage's statistics, after
 /// the NaN check the engine would have made.
 fn merge_one(
-    merge: &PreparedMerge,
+    merge: &MergePart,
     pending: &Pending,
     tensor: &TensorPlan,
     stats_of: &super::regmean::StatsOf<'_>,

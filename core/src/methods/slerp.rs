@@ -9,7 +9,7 @@ use crate::config::params::ParamDef;
 use crate::config::params::{Default as ParamDefault, Kind, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::read;
-use crate::engine::PreparedMerge;
+use crate::engine::MergePart;
 use crate::engine::CHUNK_ELEMENTS;
 use crate::error::Result;
 use crate::io::TensorView;
@@ -83,7 +83,7 @@ impl Method for Slerp {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -19,9 +19,9 @@ use crate::baselines::{
 };
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
-use crate::dtype::{decode_f32, Dtype};
+use crate::dtype::Dtype;
 use crate::engine::chunks::{par_encode, parallel_select, read, rows_per_chunk};
-use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan};
@@ -175,7 +175,7 @@ impl Method for Sparsifier {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {
@@ -409,12 +409,7 @@ impl Sparsified<'_> {
         }
         let base = self.base().ok()?;
         let chunks = n.div_ceil(CHUNK_ELEMENTS);
-        let element = |view: &TensorView<'_>, i: usize| {
-            let size = view.dtype.size();
-            let mut x = [0f32];
-            decode_f32(view.dtype, &view.data[i * size..(i + 1) * size], &mut x);
-            x[0]
-        };
+        let element = |view: &TensorView<'_>, i: usize| view.element(i);
         let brackets: Vec<SampleBracket> = self
             .contributors
             .iter()

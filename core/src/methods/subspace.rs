@@ -23,7 +23,7 @@ use crate::baselines::task_arithmetic_combine;
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::{par_encode, read, read_all};
-use crate::engine::{PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorInfo;
 use crate::plan::{Inputs, Plan, TensorPlan, TensorRule};
@@ -184,7 +184,7 @@ impl Method for SubspaceMethod {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -9,7 +9,7 @@ use crate::baselines::{magnitude_key, trim_count};
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{MergeConfig, MethodSettings};
 use crate::engine::chunks::{add_histograms, par_encode, read};
-use crate::engine::{Model, PreparedMerge, CHUNK_ELEMENTS};
+use crate::engine::{MergePart, Model, CHUNK_ELEMENTS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorView;
 use crate::plan::{Inputs, Plan};
@@ -64,7 +64,7 @@ impl Method for TiesReferenceMethod {
     }
 
     /// The whole-model pass, before any tensor is written.
-    fn prepare(&self, merge: &PreparedMerge) -> Result<Prepared> {
+    fn prepare(&self, merge: &MergePart) -> Result<Prepared> {
         let density = mergekit::params(merge.config())?.number("density", None, "", 0.0)?;
         let tensors = merge
             .plan()
@@ -85,7 +85,7 @@ impl Method for TiesReferenceMethod {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

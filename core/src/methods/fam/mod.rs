@@ -12,7 +12,7 @@ use crate::config::{
     check_keys, config_error, finite, resolve, GroupsSpec, Lookup, MergeConfig, MethodSettings,
     NameMapSpec, ParamValue,
 };
-use crate::engine::{Model, PreparedMerge};
+use crate::engine::{MergePart, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::groups::NeuronGroup;
 use crate::io::{Checkpoint, TensorInfo};
@@ -72,7 +72,7 @@ impl FamState {
 
 /// FAM's alignment of every neuron group (SPEC §2.2–2.3), from the
 /// statistics alone; empty for a merge with another method.
-pub fn alignments(merge: &PreparedMerge) -> Result<Vec<tensor::GroupAlignment>> {
+pub fn alignments(merge: &MergePart) -> Result<Vec<tensor::GroupAlignment>> {
     match merge.config().fam() {
         Some(settings) => tensor::align(settings, merge.inputs(), merge.plan()),
         None => Ok(Vec::new()),
@@ -172,7 +172,7 @@ impl Method for Fam {
     }
 
     /// The alignments and λ (searched when asked), before any tensor is written.
-    fn prepare(&self, merge: &PreparedMerge) -> Result<Prepared> {
+    fn prepare(&self, merge: &MergePart) -> Result<Prepared> {
         let settings = merge
             .config()
             .fam()
@@ -205,7 +205,7 @@ impl Method for Fam {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

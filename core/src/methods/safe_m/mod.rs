@@ -9,7 +9,7 @@ use super::{BaseModel, Method, Roles, SettingsInput, Statistics, TensorInput};
 use crate::config::params::{Default as ParamDefault, Kind, ParamDef, Scope};
 use crate::config::{check_keys, config_error, finite, Lookup, MergeConfig, MethodSettings};
 use crate::engine::chunks::blend;
-use crate::engine::{Model, PreparedMerge};
+use crate::engine::{MergePart, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::io::TensorInfo;
 use crate::plan::{
@@ -115,7 +115,7 @@ impl Method for SafeM {
 
     fn merge_tensor(
         &self,
-        merge: &PreparedMerge,
+        merge: &MergePart,
         _state: &(dyn Any + Send + Sync),
         input: &TensorInput<'_>,
     ) -> Result<(Vec<u8>, TensorOutcome)> {

@@ -1,0 +1,115 @@
+"""mergekit layouts loaded by `transformers`, as a user of the output would:
+a frankenmerge (`slices:`) and a LoRA reference (`model+adapter`) merged
+by the CLI, loaded with AutoModelForCausalLM and run, against the same
+model assembled directly in torch."""
+
+import copy
+import json
+import os
+
+from helpers import assert_close, require, run_cli, tiny_llama
+
+torch = require("torch")
+transformers = require("transformers")
+safetensors_torch = require("safetensors.torch")
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4]])
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.numpy()
+
+
+def load(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def test_a_frankenmerge_loads_in_transformers_and_runs_as_the_stacked_layers(tmp_path):
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B")
+    (tmp_path / "frank.yaml").write_text(
+        "slices:\n"
+        "  - sources:\n      - model: ./A\n        layer_range: [0, 2]\n"
+        "  - sources:\n      - model: ./B\n        layer_range: [1, 2]\n"
+        "merge_method: passthrough\ndtype: float32\n"
+    )
+    run_cli("merge", tmp_path / "frank.yaml", tmp_path / "out", "-q")
+    merged = load(tmp_path / "out")
+    assert merged.config.num_hidden_layers == 3
+    # The same model by hand: A's embeddings and layers 0–1, B's layer 1,
+    # final norm and head.
+    want = copy.deepcopy(a)
+    want.model.layers.append(copy.deepcopy(b.model.layers[1]))
+    want.config.num_hidden_layers = 3
+    for i, layer in enumerate(want.model.layers):
+        layer.self_attn.layer_idx = i
+    want.model.norm = copy.deepcopy(b.model.norm)
+    want.lm_head = copy.deepcopy(b.lm_head)
+    assert_close(logits(merged), logits(want), "frankenmerge logits", rtol=1e-6)
+
+
+def test_a_lora_reference_loads_as_the_adapted_model(tmp_path):
+    a = tiny_llama(seed=2)
+    a.save_pretrained(tmp_path / "A")
+    g = torch.Generator().manual_seed(3)
+    r, alpha = 4, 8.0
+    factors = {}
+    want = copy.deepcopy(a)
+    with torch.no_grad():
+        for i, layer in enumerate(want.model.layers):
+            for name in ("q_proj", "v_proj"):
+                w = getattr(layer.self_attn, name).weight
+                fa = torch.randn((r, w.shape[1]), generator=g) * 0.1
+                fb = torch.randn((w.shape[0], r), generator=g) * 0.1
+                module = f"base_model.model.model.layers.{i}.self_attn.{name}"
+                factors[f"{module}.lora_A.weight"] = fa
+                factors[f"{module}.lora_B.weight"] = fb
+                w += (alpha / r) * (fb @ fa)
+    os.makedirs(tmp_path / "lora")
+    safetensors_torch.save_file(factors, str(tmp_path / "lora" / "adapter_model.safetensors"))
+    (tmp_path / "lora" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": ["q_proj", "v_proj"], "bias": "none"})
+    )
+    (tmp_path / "lora.yaml").write_text("merge_method: passthrough\nmodels:\n  - model: ./A+./lora\ndtype: float32\n")
+    run_cli("merge", tmp_path / "lora.yaml", tmp_path / "out", "-q")
+    merged = load(tmp_path / "out")
+    assert_close(logits(merged), logits(want), "LoRA logits", rtol=1e-5)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["inputs"][0]["lora"].endswith("lora")
+
+
+def test_the_builtin_chat_templates_render_in_transformers(tmp_path):
+    tokenizers = require("tokenizers")
+    from helpers import write_model
+    import numpy as np
+
+    vocab = {"<s>": 0, "</s>": 1, "hi": 2, "there": 3, "[UNK]": 4}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+    write_model(tmp_path / "A", {"model.norm.weight": np.ones(4, dtype=np.float32)})
+    tok.save_pretrained(tmp_path / "A")
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "there"},
+        {"role": "user", "content": "hi"},
+    ]
+    expected = {
+        "chatml": "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages) + "<|im_start|>assistant\n",
+        "llama3": "<s>"
+        + "".join(f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{m['content']}<|eot_id|>" for m in messages)
+        + "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        "mistral": "<s> [INST] be brief\n\nhi [/INST] there</s> [INST] hi [/INST]",
+        "alpaca": "be brief\n\n### Instruction:\nhi\n\n### Response:\nthere\n\n### Instruction:\nhi\n\n### Response:\n",
+        "exaone": "[|system|]be brief[|endofturn|]\n[|user|]hi\n[|assistant|]there[|endofturn|]\n[|user|]hi\n[|assistant|]",
+    }
+    for name, want in expected.items():
+        (tmp_path / "t.yaml").write_text(f"merge_method: passthrough\nmodels:\n  - model: ./A\nchat_template: {name}\n")
+        out = tmp_path / f"out-{name}"
+        run_cli("merge", tmp_path / "t.yaml", out, "-q")
+        merged = transformers.AutoTokenizer.from_pretrained(out)
+        got = merged.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert got == want, f"{name}: {got!r}"
