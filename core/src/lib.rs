@@ -64,6 +64,8 @@ pub mod recorder;
 pub mod report;
 #[cfg(feature = "std")]
 pub mod stats;
+#[cfg(feature = "std")]
+pub mod vocab;
 
 #[cfg(feature = "std")]
 pub use error::{Error, ErrorKind, Result};

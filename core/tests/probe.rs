@@ -477,17 +477,8 @@ fn the_sampler_respects_quotas_and_is_deterministic() {
     assert!(sample_mixture(&all, &Quotas::default(), 1).is_err());
 }
 
-#[cfg(not(feature = "tokenizers"))]
-#[test]
-fn text_examples_need_the_tokenizers_feature() {
-    let e = parse_probe_set(r#"{"text": "hello"}"#, Path::new("p.jsonl")).unwrap_err();
-    assert!(e.message().starts_with("line 1: "), "{e}");
-    assert!(e.message().contains("--features tokenizers"), "{e}");
-}
-
 /// A word-level tokenizer.json (whitespace pre-tokenizer, a BOS added by
 /// a template post-processor) for a vocabulary of 64.
-#[cfg(feature = "tokenizers")]
 const TOKENIZER_JSON: &str = r#"{
   "version": "1.0",
   "truncation": null,
@@ -509,7 +500,6 @@ const TOKENIZER_JSON: &str = r#"{
   }
 }"#;
 
-#[cfg(feature = "tokenizers")]
 #[test]
 fn text_examples_are_tokenized_with_the_model_tokenizer() {
     use flatmerge::probe::llama::{write_random_model, LlamaConfig, RandomModel, TOKENIZER_FILE};

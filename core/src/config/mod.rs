@@ -9,6 +9,7 @@
 //! its models can move together.
 
 pub mod params;
+pub mod tokenizer;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, ErrorKind, Result};
@@ -137,12 +138,12 @@ pub struct RawConfig {
     /// mergekit's multi-module layout (refused with a clear message).
     #[serde(default)]
     pub modules: Option<Spanned<ParamValue>>,
-    /// mergekit's tokenizer donor: only the output-name model's own tokenizer is supported.
+    /// mergekit's output vocabulary: `base`, `union` or a model.
     #[serde(default)]
     pub tokenizer_source: Option<Spanned<ParamValue>>,
-    /// mergekit's vocabulary merging (refused with a clear message).
+    /// mergekit's vocabulary block: `source`, `tokens`, `pad_to_multiple_of`.
     #[serde(default)]
-    pub tokenizer: Option<Spanned<ParamValue>>,
+    pub tokenizer: Option<Spanned<tokenizer::RawTokenizer>>,
     /// The merged tokenizer's chat template: `auto`, a built-in name or Jinja text.
     #[serde(default)]
     pub chat_template: Option<Spanned<ParamValue>>,
@@ -271,6 +272,10 @@ pub struct MergeConfig {
     /// In a slice's config: the output layers it writes, for gradients
     /// (interpolated within the slice, as mergekit does) and messages.
     pub layer_window: Option<crate::layers::LayerWindow>,
+    /// The output's vocabulary (`tokenizer_source:` / `tokenizer:`): every
+    /// model's embedding and output rows are mapped into it. `None` keeps
+    /// the reference model's tokenizer and rows as they are.
+    pub vocabulary: Option<tokenizer::VocabularyConfig>,
 }
 
 /// Settings of the chosen method.
@@ -612,19 +617,7 @@ fn refuse_layouts(raw: &RawConfig) -> Result<()> {
         "modules",
         "`modules` (multi-module merges) are not supported by flatmerge; use `models:`",
     )?;
-    refuse(
-        &raw.tokenizer,
-        "tokenizer",
-        "vocabulary merging (`tokenizer:`) is not supported; the output keeps the tokenizer of the model its tensor names come from",
-    )?;
-    match &raw.tokenizer_source {
-        Some(v) if !matches!(&v.value, ParamValue::Text(t) if t == "base") => Err(config_error(
-            Some(&v.referenced),
-            "tokenizer_source",
-            "only `tokenizer_source: base` is supported (the tokenizer files of the model the tensor names come from are copied)",
-        )),
-        _ => Ok(()),
-    }
+    Ok(())
 }
 
 fn validate(
@@ -782,6 +775,7 @@ fn validate(
             }),
         },
         layer_window: None,
+        vocabulary: tokenizer::vocabulary(&raw, base_dir)?,
     })
 }
 

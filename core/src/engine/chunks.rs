@@ -94,7 +94,7 @@ where
 /// The receiver's tensor in the output dtype: a byte copy when the dtype is
 /// kept, else decoded and re-encoded.
 pub(crate) fn convert(view: &TensorView<'_>, out_dtype: Dtype) -> Vec<u8> {
-    if view.dtype == out_dtype && view.lora.is_none() {
+    if view.dtype == out_dtype && view.lora.is_none() && view.rows.is_none() {
         return view.data.to_vec();
     }
     blend(view, &[], 0.0, out_dtype)

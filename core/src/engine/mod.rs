@@ -25,6 +25,7 @@ use crate::io::{OutputTensor, ShardedWriter, TensorView};
 use crate::methods::TensorInput;
 use crate::plan::{open_inputs, plan, Inputs, Plan, TensorPlan, TensorRule};
 use crate::report::{MergeReport, TensorOutcome};
+use crate::vocab::Vocabulary;
 use chunks::convert;
 use rayon::prelude::*;
 use std::any::Any;
@@ -105,6 +106,8 @@ pub struct PreparedMerge {
     parts: Vec<MergePart>,
     /// Every part's plan, in output order.
     plan: Plan,
+    /// The output vocabulary every model's rows are mapped into, if any.
+    vocabulary: Option<Vocabulary>,
 }
 
 /// What a method merges at once: the whole merge of a `models:` config, or
@@ -119,12 +122,14 @@ pub struct MergePart {
 impl PreparedMerge {
     /// Opens the inputs of `config` and plans the merge; fails listing every problem found.
     pub fn new(config: MergeConfig) -> Result<PreparedMerge> {
+        let vocabulary = Vocabulary::build(&config)?;
         if config.slices.is_empty() {
-            let part = MergePart::new(config.clone())?;
+            let part = MergePart::new(config.clone(), vocabulary.as_ref())?;
             return Ok(PreparedMerge {
                 config,
                 plan: part.plan.clone(),
                 parts: vec![part],
+                vocabulary,
             });
         }
         let mut problems = crate::plan::Problems::default();
@@ -137,7 +142,7 @@ impl PreparedMerge {
                 out_dtype: config.out_dtype,
                 ..slice.clone()
             };
-            match MergePart::new(slice) {
+            match MergePart::new(slice, vocabulary.as_ref()) {
                 Ok(part) => parts.push(part),
                 Err(e) => problems.push(e),
             }
@@ -148,6 +153,7 @@ impl PreparedMerge {
             config,
             parts,
             plan,
+            vocabulary,
         })
     }
 
@@ -309,9 +315,21 @@ impl PreparedMerge {
             layers: layers.as_ref(),
             skip_tokenizer: options.skip_tokenizer,
             chat_template: template.as_deref(),
+            vocabulary: self.vocabulary.as_ref(),
         };
         let (copied, template_files) = files.copy(&mut writer)?;
         report.copied_files = copied;
+        if let Some(v) = &self.config.vocabulary {
+            let section = match &self.vocabulary {
+                Some(vocabulary) => vocabulary.report(),
+                None => serde_json::json!({
+                    "source": "base",
+                    "note": format!("the base model has no {}: its tokenizer files are copied and no rows are mapped", crate::vocab::TOKENIZER_FILE),
+                    "tokens_configured": v.tokens.len(),
+                }),
+            };
+            report.results.insert("vocabulary".into(), section);
+        }
         if let Some(chosen) = &self.config.chat_template {
             report.results.insert(
                 "chat_template".into(),
@@ -398,8 +416,11 @@ impl PreparedMerge {
 }
 
 impl MergePart {
-    fn new(config: MergeConfig) -> Result<MergePart> {
-        let inputs = open_inputs(&config)?;
+    fn new(config: MergeConfig, vocabulary: Option<&Vocabulary>) -> Result<MergePart> {
+        let mut inputs = open_inputs(&config)?;
+        if let Some(vocabulary) = vocabulary {
+            vocabulary.map_inputs(&config, &mut inputs)?;
+        }
         let plan = plan(&config, &inputs)?;
         Ok(MergePart {
             config,
@@ -709,60 +730,100 @@ struct SideFiles<'a> {
     /// The chat template to set in `tokenizer_config.json` and
     /// `chat_template.jinja` (the latter written when neither exists).
     chat_template: Option<&'a str>,
+    /// The output vocabulary: the tokenizer files come from its source's
+    /// directory (rebuilt when it adds tokens) and `config.json` gets its
+    /// `vocab_size`.
+    vocabulary: Option<&'a Vocabulary>,
 }
 
 impl SideFiles<'_> {
     /// Copies the side files; returns their names and the files the chat
     /// template was written to.
     fn copy(&self, writer: &mut ShardedWriter) -> Result<(Vec<String>, Vec<String>)> {
-        let dir = self.dir;
-        let entries = match std::fs::read_dir(dir) {
-            Ok(entries) => entries,
-            Err(e) => return Err(Error::io(dir, e)),
+        let listed = |dir: &Path| -> Result<Vec<String>> {
+            let entries = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
+            Ok(entries
+                .filter_map(|e| e.ok())
+                // Follows links: Hugging Face cache snapshots are links into a blob store.
+                .filter(|e| e.path().is_file())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|name| is_side_file(name))
+                .collect())
         };
-        let mut names: Vec<String> = entries
-            .filter_map(|e| e.ok())
-            // Follows links: Hugging Face cache snapshots are links into a blob store.
-            .filter(|e| e.path().is_file())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|name| is_side_file(name))
-            .filter(|name| !(self.skip_tokenizer && is_tokenizer_file(name)))
+        // Tokenizer files come from the vocabulary's source when there is one.
+        let tokenizer_dir = self.vocabulary.map_or(self.dir, Vocabulary::tokenizer_dir);
+        let rebuilt = self.vocabulary.and_then(Vocabulary::rebuilt);
+        let mut files: Vec<(String, PathBuf)> = listed(self.dir)?
+            .into_iter()
+            .filter(|name| !is_tokenizer_file(name))
+            .map(|name| (name.clone(), self.dir.join(name)))
             .collect();
-        names.sort();
+        if !self.skip_tokenizer {
+            files.extend(
+                listed(tokenizer_dir)?
+                    .into_iter()
+                    .filter(|name| is_tokenizer_file(name))
+                    // A rebuilt tokenizer.json is the tokenizer: the files of
+                    // slow tokenizers would still hold the old vocabulary.
+                    .filter(|name| rebuilt.is_none() || !is_slow_tokenizer_file(name))
+                    .map(|name| (name.clone(), tokenizer_dir.join(name))),
+            );
+        }
+        files.sort();
+        let mut names: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
         let mut template_files = Vec::new();
         let template = self.chat_template.filter(|_| !self.skip_tokenizer);
-        for name in &names {
-            let path = dir.join(name);
-            let read = || std::fs::read(&path).map_err(|e| Error::io(&path, e));
+        let not_an_object = |path: &Path, what: &str| {
+            Error::new(
+                ErrorKind::Format,
+                format!("not a JSON object, so {what} cannot be set in it"),
+            )
+            .with_file(path)
+        };
+        for (name, path) in &files {
+            let read = || std::fs::read(path).map_err(|e| Error::io(path, e));
             match name.as_str() {
-                "config.json" if self.out_dtype.is_some() || self.layers.is_some() => {
+                "config.json"
+                    if self.out_dtype.is_some()
+                        || self.layers.is_some()
+                        || self.vocabulary.is_some() =>
+                {
                     let mut text = read()?;
                     if let Some(windows) = self.layers {
-                        text = with_layers(&text, windows).map_err(|e| e.with_file(&path))?;
+                        text = with_layers(&text, windows).map_err(|e| e.with_file(path))?;
+                    }
+                    if let Some(vocabulary) = self.vocabulary {
+                        text = vocabulary
+                            .model_config(&text)
+                            .ok_or_else(|| not_an_object(path, "`vocab_size`"))?;
                     }
                     if let Some(dtype) = self.out_dtype {
                         text = with_torch_dtype(&text, dtype).unwrap_or(text);
                     }
                     writer.write_file(name, &text)?;
                 }
-                "tokenizer_config.json" if template.is_some() => {
-                    let text = read()?;
-                    let edited =
-                        with_chat_template(&text, template.expect("matched")).ok_or_else(|| {
-                            Error::new(
-                                ErrorKind::Format,
-                                "not a JSON object, so the chat template cannot be set in it",
-                            )
-                            .with_file(&path)
-                        })?;
-                    writer.write_file(name, &edited)?;
-                    template_files.push(name.clone());
+                "tokenizer.json" if rebuilt.is_some() => {
+                    writer.write_file(name, rebuilt.expect("matched").as_bytes())?;
+                }
+                "tokenizer_config.json" if template.is_some() || rebuilt.is_some() => {
+                    let mut text = read()?;
+                    if let (Some(vocabulary), true) = (self.vocabulary, rebuilt.is_some()) {
+                        text = vocabulary
+                            .tokenizer_config(&text)
+                            .ok_or_else(|| not_an_object(path, "the added tokens"))?;
+                    }
+                    if let Some(template) = template {
+                        text = with_chat_template(&text, template)
+                            .ok_or_else(|| not_an_object(path, "the chat template"))?;
+                        template_files.push(name.clone());
+                    }
+                    writer.write_file(name, &text)?;
                 }
                 "chat_template.jinja" if template.is_some() => {
                     writer.write_file(name, template.expect("matched").as_bytes())?;
                     template_files.push(name.clone());
                 }
-                _ => writer.copy_file(&path, name)?,
+                _ => writer.copy_file(path, name)?,
             }
         }
         if let (Some(text), true) = (template, template_files.is_empty()) {
@@ -772,6 +833,18 @@ impl SideFiles<'_> {
         }
         Ok((names, template_files))
     }
+}
+
+/// Tokenizer files of slow (Python) tokenizers, which a rebuilt
+/// `tokenizer.json` supersedes.
+fn is_slow_tokenizer_file(name: &str) -> bool {
+    name == "tokenizer.model"
+        || name.starts_with("vocab.")
+        || name.ends_with(".tiktoken")
+        || matches!(
+            name,
+            "merges.txt" | "added_tokens.json" | "spiece.model" | "sentencepiece.bpe.model"
+        )
 }
 
 /// `tokenizer_config.json` with `chat_template` set; `None` when it is not

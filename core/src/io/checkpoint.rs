@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 use super::json::{first_duplicate, RawHeader, RawIndex};
 use super::lora::{Adapter, LowRank};
 use super::mmap::MappedFile;
+use super::rows::{RowMaps, Rows};
 use super::{INDEX_FILE, SINGLE_FILE};
 use crate::dtype::{decode_f32, Dtype};
 use crate::error::{Error, ErrorKind, Result};
@@ -49,6 +50,8 @@ pub struct Checkpoint {
     fingerprints: Vec<FileFingerprint>,
     /// A LoRA adapter applied while reading ([`Checkpoint::with_adapter`]).
     adapter: Option<Box<Adapter>>,
+    /// Tensors seen with their rows mapped ([`Checkpoint::set_rows`]).
+    rows: Option<Box<RowMaps>>,
 }
 
 #[derive(Debug)]
@@ -104,12 +107,16 @@ pub struct TensorView<'a> {
     pub data: &'a [u8],
     /// A LoRA update `s·B·A` to add to the stored values.
     pub lora: Option<LowRank<'a>>,
+    /// With rows mapped into another vocabulary, the tensor is these rows
+    /// (of `shape`), built from the merge's models; `data` then holds the
+    /// model's own rows as stored (for scans), not the tensor's values.
+    pub rows: Option<Rows<'a>>,
 }
 
 impl TensorView<'_> {
     /// Number of elements.
     pub fn numel(&self) -> usize {
-        self.data.len() / self.dtype.size()
+        self.shape.iter().product()
     }
 
     /// Decodes elements `[start, start + out.len())` of an F32, F16 or BF16
@@ -131,6 +138,10 @@ impl TensorView<'_> {
                     self.numel()
                 )
             });
+        if let Some(rows) = &self.rows {
+            rows.read(start, out);
+            return;
+        }
         decode_f32(self.dtype, &self.data[start * size..end * size], out);
         if let Some(lora) = &self.lora {
             lora.add_to(start, out);
@@ -346,6 +357,7 @@ impl Checkpoint {
             metadata: BTreeMap::new(),
             fingerprints: Vec::with_capacity(parsed.len()),
             adapter: None,
+            rows: None,
         };
         for shard in parsed {
             // First shard wins on conflicting keys: HF shards normally all
@@ -442,6 +454,26 @@ impl Checkpoint {
         Ok(self)
     }
 
+    /// Sees the tensors of `maps` through their row maps from now on: their shapes become the maps' row counts (the columns stay).
+    /// For a merge into another vocabulary ([`crate::vocab`]).
+    ///
+    /// # Panics
+    /// If a map names a tensor the checkpoint lacks, or one that is not 2-D.
+    pub fn set_rows(&mut self, maps: RowMaps) {
+        for t in &mut self.tensors {
+            if let Some(map) = maps.get(&t.name) {
+                assert_eq!(t.shape.len(), 2, "row map of a tensor that is not 2-D");
+                t.shape[0] = map.rows();
+            }
+        }
+        self.rows = Some(Box::new(maps));
+    }
+
+    /// Whether a tensor is seen through a row map ([`Checkpoint::set_rows`]).
+    pub fn rows_mapped(&self, name: &str) -> bool {
+        self.rows.as_ref().is_some_and(|r| r.get(name).is_some())
+    }
+
     /// The LoRA adapter applied while reading, if any.
     pub fn adapter(&self) -> Option<&Adapter> {
         self.adapter.as_deref()
@@ -479,6 +511,7 @@ impl Checkpoint {
             shape: &info.shape,
             data,
             lora: self.adapter.as_ref().and_then(|a| a.low_rank(name)),
+            rows: self.rows.as_ref().and_then(|r| r.rows(&info.name)),
         })
     }
 
@@ -492,6 +525,9 @@ impl Checkpoint {
         }
         if let Some(adapter) = &self.adapter {
             adapter.release(name);
+        }
+        if let Some(rows) = &self.rows {
+            rows.release(name);
         }
     }
 

@@ -8,6 +8,7 @@ pub mod fault;
 mod json;
 pub mod lora;
 mod mmap;
+pub mod rows;
 mod writer;
 
 pub use checkpoint::{Checkpoint, FileFingerprint, TensorInfo, TensorView};

@@ -116,8 +116,7 @@ pub const ARCHITECTURE: Architecture = Architecture {
     open_with: |dir, checkpoint| Ok(Box::new(Llama::load_with(dir, checkpoint)?)),
 };
 
-/// The tokenizer of `text` examples, in the model directory (with the
-/// `tokenizers` feature).
+/// The tokenizer of `text` examples, in the model directory.
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// The key of an example's `meta` object that gives each token's modality
@@ -876,7 +875,6 @@ impl ProbeModel for Llama {
 
     /// Tokenizes with the model directory's `tokenizer.json`, special
     /// tokens included (the BOS of LLaMA tokenizers).
-    #[cfg(feature = "tokenizers")]
     fn tokenize(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
         let path = self.dir.join(TOKENIZER_FILE);
         if !path.is_file() {

@@ -7,8 +7,7 @@
 //!
 //! - exactly one of `"input"` (f32 features, for the MLP family),
 //!   `"tokens"` (u32 token ids, for language models) and `"text"` (a
-//!   string the model's tokenizer turns into tokens: only when flatmerge is
-//!   built with the `tokenizers` feature), not empty;
+//!   string the model's tokenizer turns into tokens), not empty;
 //! - `"modality"` (optional, default `"text"`): `"text"`, `"vision"`,
 //!   `"audio"` or an integer 0–255 (the code written to `probe.modality`,
 //!   SPEC §4);
@@ -74,8 +73,7 @@ pub enum ProbeInput {
     /// Token ids (`"tokens"`), for language models.
     Tokens(Vec<u32>),
     /// Plain text (`"text"`), tokenized by the model
-    /// ([`super::ProbeModel::tokenize`]); parsed only with the `tokenizers`
-    /// feature.
+    /// ([`super::ProbeModel::tokenize`]).
     Text(String),
 }
 
@@ -335,23 +333,12 @@ pub fn parse_line(line: &str) -> std::result::Result<ProbeExample, String> {
 }
 
 /// The input of a `"text"` value.
-#[cfg(feature = "tokenizers")]
 fn parse_text(value: Value) -> std::result::Result<ProbeInput, String> {
     match value {
         Value::String(s) if s.is_empty() => Err("`text` is empty".into()),
         Value::String(s) => Ok(ProbeInput::Text(s)),
         v => Err(format!("`text` is {v}, not a string")),
     }
-}
-
-/// Without the `tokenizers` feature, `"text"` is an error.
-#[cfg(not(feature = "tokenizers"))]
-fn parse_text(_: Value) -> std::result::Result<ProbeInput, String> {
-    Err(
-        "a `text` example needs flatmerge built with `--features tokenizers` (or \
-         pre-tokenize it to `tokens`)"
-            .into(),
-    )
 }
 
 /// Parses a whole probe set; `file` names it in errors. Errors are
