@@ -193,6 +193,10 @@ impl Vocabulary {
             .with_tensor("tokenizer_source"));
         }
         let models = referenced(config);
+        // An input that cannot be opened is that error, not a missing tokenizer.
+        for m in &models {
+            Checkpoint::open(&m.path)?;
+        }
         let base_ref = config.base.clone().unwrap_or_else(|| models[0].clone());
         let source_ref = match &wanted.source {
             TokenizerSource::Base | TokenizerSource::Union => &base_ref,

@@ -113,3 +113,58 @@ def test_the_builtin_chat_templates_render_in_transformers(tmp_path):
         merged = transformers.AutoTokenizer.from_pretrained(out)
         got = merged.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert got == want, f"{name}: {got!r}"
+
+
+def word_tokenizer(words):
+    tokenizers = require("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="[UNK]")
+
+
+def test_a_union_vocabulary_merge_loads_in_transformers_and_runs_as_the_mapped_average(tmp_path):
+    special = ["[UNK]", "<s>", "</s>"]
+    a_words = special + [f"w{i}" for i in range(61)]
+    # B: most of A's words at other ids, and ten of its own.
+    b_words = special + [f"w{i}" for i in reversed(range(51))] + [f"x{i}" for i in range(10)]
+    a, b = tiny_llama(seed=4, vocab=len(a_words)), tiny_llama(seed=5, vocab=len(b_words))
+    for model, words, name in ((a, a_words, "A"), (b, b_words, "B")):
+        model.save_pretrained(tmp_path / name)
+        word_tokenizer(words).save_pretrained(tmp_path / name)
+    (tmp_path / "union.yaml").write_text(
+        "merge_method: linear\nmodels:\n  - model: ./A\n  - model: ./B\n"
+        "parameters:\n  weight: 1.0\ntokenizer_source: union\ndtype: float32\n"
+    )
+    run_cli("merge", tmp_path / "union.yaml", tmp_path / "out", "-q")
+    merged = load(tmp_path / "out")
+    union = a_words + [f"x{i}" for i in range(10)]
+    assert merged.config.vocab_size == len(union)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "w1 x3 w55 w2 x0 w50"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids == [union.index(t) for t in text.split()]
+    assert tokenizer.decode(ids) == text
+
+    # The same merge by hand: every other weight averaged; a row the two
+    # share is their mean, a row only one has is that model's (mergekit's
+    # rule for a token one model has), in the union's order.
+    want = tiny_llama(seed=0, vocab=len(union))
+    sa, sb = a.state_dict(), b.state_dict()
+    state = {}
+    for name, wa in sa.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            rows = []
+            for token in union:
+                have = [s[name][words.index(token)] for s, words in ((sa, a_words), (sb, b_words)) if token in words]
+                rows.append(sum(have) / len(have))
+            state[name] = torch.stack(rows)
+        else:
+            state[name] = (wa + sb[name]) / 2
+    want.load_state_dict(state)
+    probe = torch.tensor([ids])
+    with torch.no_grad():
+        got, expected = merged(input_ids=probe).logits.numpy(), want(input_ids=probe).logits.numpy()
+    assert_close(got, expected, "union-vocabulary logits", rtol=1e-5)
+    report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
+    assert report["vocabulary"]["added_tokens"] == 10
+    assert report["vocabulary"]["rows_from"]["single_model"] == len(union) - 3 - 51
