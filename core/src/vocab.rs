@@ -57,9 +57,10 @@ const ROW_TENSORS: [&str; 8] = [
 
 /// Whether `name` is a tensor with one row per token.
 pub fn is_row_tensor(name: &str) -> bool {
-    ROW_TENSORS
-        .iter()
-        .any(|t| name == *t || name.ends_with(&format!(".{t}")))
+    ROW_TENSORS.iter().any(|t| {
+        name.strip_suffix(t)
+            .is_some_and(|prefix| prefix.is_empty() || prefix.ends_with('.'))
+    })
 }
 
 /// One model's tokens.
@@ -95,7 +96,6 @@ pub struct Vocabulary {
     rebuilt: Option<String>,
     /// Output token by id (`None`: an id the tokenizer does not use).
     tokens: Vec<Option<String>>,
-    by_token: HashMap<String, usize>,
     /// Rows of every mapped tensor: the tokens, padded.
     rows: usize,
     added: Vec<Added>,
@@ -193,9 +193,11 @@ impl Vocabulary {
             .with_tensor("tokenizer_source"));
         }
         let models = referenced(config);
-        // An input that cannot be opened is that error, not a missing tokenizer.
-        for m in &models {
-            Checkpoint::open(&m.path)?;
+        // A missing input is that error, not a missing tokenizer beside it.
+        if let Some(m) = models.iter().find(|m| !m.path.exists()) {
+            return Err(
+                Error::new(ErrorKind::NotFound, "no such file or directory").with_file(&m.path)
+            );
         }
         let base_ref = config.base.clone().unwrap_or_else(|| models[0].clone());
         let source_ref = match &wanted.source {
@@ -314,17 +316,11 @@ impl Vocabulary {
                 }
             }
         }
-        let by_token = by_id
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.clone().map(|t| (t, i)))
-            .collect();
         Ok(Some(Vocabulary {
             label: label(&wanted.source),
             tokenizer_dir: source_dir,
             rebuilt,
             tokens: by_id,
-            by_token,
             rows,
             added,
             models: tokens.into_iter().map(|(t, _)| t).collect(),
@@ -445,27 +441,21 @@ impl Vocabulary {
                 if identity {
                     continue;
                 }
-                for source in &sources {
-                    let donors_used: Vec<usize> = match source {
-                        RowSource::Row { donor, .. } => vec![*donor],
-                        RowSource::Mean(rows) => rows.iter().map(|r| r.0).collect(),
-                        _ => Vec::new(),
-                    };
-                    for d in donors_used {
-                        let width = donors[d].info(name).map(|t| t.shape[1]);
-                        if width != Some(cols) {
-                            return Err(Error::new(
-                                ErrorKind::Plan,
-                                format!(
-                                    "has {cols} columns, but the rows mapped into it from {} have {}",
-                                    donors[d].root().display(),
-                                    width.map_or("none".into(), |w| w.to_string())
-                                ),
-                            )
-                            .with_file(input.checkpoint.root())
-                            .with_tensor(name));
-                        }
-                    }
+                // Rows come only from donors holding the tensor: each must be as wide.
+                let other = donors
+                    .iter()
+                    .find(|d| d.info(name).is_some_and(|t| t.shape[1] != cols));
+                if let Some(d) = other {
+                    return Err(Error::new(
+                        ErrorKind::Plan,
+                        format!(
+                            "has {cols} columns, but the rows mapped into it from {} have {}",
+                            d.root().display(),
+                            d.info(name).expect("found").shape[1]
+                        ),
+                    )
+                    .with_file(input.checkpoint.root())
+                    .with_tensor(name));
                 }
                 maps.insert(name.clone(), RowMap::new(cols, sources, self.tokens.len()));
             }
@@ -691,11 +681,6 @@ impl Vocabulary {
             },
             "models": models,
         })
-    }
-
-    /// The output token called `token`, if any.
-    pub fn token_id(&self, token: &str) -> Option<usize> {
-        self.by_token.get(token).copied()
     }
 }
 

@@ -454,11 +454,12 @@ impl Checkpoint {
         Ok(self)
     }
 
-    /// Sees the tensors of `maps` through their row maps from now on: their shapes become the maps' row counts (the columns stay).
-    /// For a merge into another vocabulary ([`crate::vocab`]).
+    /// Sees the tensors of `maps` through their row maps from now on:
+    /// their shapes become the maps' row counts (the columns stay). For a
+    /// merge into another vocabulary ([`crate::vocab`]).
     ///
     /// # Panics
-    /// If a map names a tensor the checkpoint lacks, or one that is not 2-D.
+    /// If a map names a tensor that is not 2-D.
     pub fn set_rows(&mut self, maps: RowMaps) {
         for t in &mut self.tensors {
             if let Some(map) = maps.get(&t.name) {
@@ -467,11 +468,6 @@ impl Checkpoint {
             }
         }
         self.rows = Some(Box::new(maps));
-    }
-
-    /// Whether a tensor is seen through a row map ([`Checkpoint::set_rows`]).
-    pub fn rows_mapped(&self, name: &str) -> bool {
-        self.rows.as_ref().is_some_and(|r| r.get(name).is_some())
     }
 
     /// The LoRA adapter applied while reading, if any.

@@ -62,11 +62,6 @@ impl RowMap {
     pub fn rows(&self) -> usize {
         self.sources.len()
     }
-
-    /// The sources, by output row.
-    pub fn sources(&self) -> &[RowSource] {
-        &self.sources
-    }
 }
 
 /// The mapped tensors of one checkpoint, and the checkpoints their rows
@@ -114,11 +109,6 @@ pub struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    /// The map.
-    pub fn map(&self) -> &RowMap {
-        self.map
-    }
-
     /// Writes elements `[start, start + out.len())` of the mapped tensor.
     pub fn read(&self, start: usize, out: &mut [f32]) {
         let cols = self.map.cols;
