@@ -145,6 +145,7 @@ fn every_example_config_is_exercised() {
             "nuslerp.yaml",
             "passthrough_slices.yaml",
             "slerp.yaml",
+            "slerp_modules.yaml",
             "slerp_slices.yaml",
             "task_arithmetic.yaml",
             "ties.yaml",
@@ -240,6 +241,13 @@ fn slerp_example_in_its_slices_form_equals_the_models_form() {
     let (_dir, models_form, _) = check_example("slerp.yaml");
     let (_dir, slices_form, _) = check_example("slerp_slices.yaml");
     assert!(models_form == slices_form, "same tensors, same bytes");
+}
+
+#[test]
+fn slerp_example_in_its_modules_form_equals_the_models_form() {
+    let (_dir, models_form, _) = check_example("slerp.yaml");
+    let (_dir, modules_form, _) = check_example("slerp_modules.yaml");
+    assert!(models_form == modules_form, "same tensors, same bytes");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! that none of them imports another for a name rule.
 
 use crate::io::Checkpoint;
+use crate::modules::Module;
 
 /// The decoder layer index of a tensor name (`model.layers.3.mlp…` → 3).
 pub fn layer_index(name: &str) -> Option<usize> {
@@ -46,12 +47,26 @@ pub fn layer_of(name: &str) -> Option<(&str, bool)> {
 /// `model.layers.3.mlp.up_proj.weight` → (`model.`, 3, `mlp.up_proj.weight`).
 /// The same occurrence of `layers.N.` as [`layer_index`] reads.
 pub fn split_layer(name: &str) -> Option<(&str, usize, &str)> {
-    let at = name.find("layers.")?;
-    let after = &name[at + "layers.".len()..];
+    split_stack(name, &["layers."]).map(|(prefix, _, index, rest)| (prefix, index, rest))
+}
+
+/// A tensor name split around the first of `words` (`layers.`,
+/// `blocks.`) that is followed by a layer index and a dot:
+/// `(prefix, word, index, rest)`. For one word, the occurrence
+/// [`split_layer`] splits at.
+pub fn split_stack<'a>(
+    name: &'a str,
+    words: &[&'static str],
+) -> Option<(&'a str, &'static str, usize, &'a str)> {
+    let (at, word) = words
+        .iter()
+        .filter_map(|w| name.find(w).map(|at| (at, *w)))
+        .min_by_key(|(at, _)| *at)?;
+    let after = &name[at + word.len()..];
     let digits = after.bytes().take_while(u8::is_ascii_digit).count();
     let index = after[..digits].parse().ok()?;
     let rest = after[digits..].strip_prefix('.')?;
-    Some((&name[..at], index, rest))
+    Some((&name[..at], word, index, rest))
 }
 
 /// The prefix of a checkpoint's decoder stack: of the `…layers.N.` stacks
@@ -80,11 +95,16 @@ pub fn decoder_prefix(checkpoint: &Checkpoint) -> Option<String> {
 /// the first slice (`embeddings`: token embeddings, a vision tower, a
 /// projector: the input side) or the last (`head`: the stack's final norm
 /// and the output head), as mergekit's pre- and post-weights do.
+///
+/// Under `modules:` the window sees only its module's tensors, and the
+/// stack is the module's ([`Module::split`]); a module merged from
+/// `models:` is one `whole` window, all its layers under their own names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerWindow {
     /// First source layer.
     pub first: usize,
-    /// Number of layers.
+    /// Number of layers (of a `whole` window: the reference model's, once
+    /// its checkpoint is open; 0 before).
     pub count: usize,
     /// Output index of the first layer.
     pub out_first: usize,
@@ -94,19 +114,91 @@ pub struct LayerWindow {
     pub head: bool,
     /// Where the window was written, for messages (`slices[1].sources[0].layer_range`).
     pub key: String,
+    /// The slice's index among its config's (or its module's) slices.
+    pub slice: usize,
+    /// Under `modules:`, the module whose tensors it takes.
+    pub module: Option<Module>,
+    /// Every layer of the module, unrenumbered (a module's `models:`).
+    pub whole: bool,
 }
 
 impl LayerWindow {
-    /// The output name of the source tensor `name`, or `None` when the
-    /// window leaves it out; `prefix` is the model's [`decoder_prefix`].
-    pub fn rename(&self, name: &str, prefix: Option<&str>) -> Option<String> {
-        match split_layer(name) {
-            Some((p, index, rest)) if Some(p) == prefix => {
-                let offset = index.checked_sub(self.first).filter(|&o| o < self.count)?;
-                Some(format!("{p}layers.{}.{rest}", self.out_first + offset))
+    /// A module's `models:`: every tensor of the module, as it is.
+    pub fn whole_module(module: Module, key: String) -> LayerWindow {
+        LayerWindow {
+            first: 0,
+            count: 0,
+            out_first: 0,
+            embeddings: true,
+            head: true,
+            key,
+            slice: 0,
+            module: Some(module),
+            whole: true,
+        }
+    }
+
+    /// The name split around its layer index, by the window's stack rule.
+    fn split<'a>(&self, name: &'a str) -> Option<(&'a str, &'static str, usize, &'a str)> {
+        match self.module {
+            Some(module) => module.split(name),
+            None => split_stack(name, &["layers."]),
+        }
+    }
+
+    /// The prefix of the window's layer stack in `checkpoint` (the
+    /// decoder's, or its module's).
+    pub fn stack_prefix(&self, checkpoint: &Checkpoint) -> Option<String> {
+        match self.module {
+            Some(module) => module.stack_prefix(checkpoint),
+            None => decoder_prefix(checkpoint),
+        }
+    }
+
+    /// Layers of the window's stack in `checkpoint`.
+    pub fn stack_layers(&self, checkpoint: &Checkpoint) -> usize {
+        match self.module {
+            Some(module) => module.layer_count(checkpoint),
+            None => {
+                let prefix = decoder_prefix(checkpoint);
+                checkpoint
+                    .tensors()
+                    .iter()
+                    .filter_map(|t| split_layer(&t.name))
+                    .filter(|(p, _, _)| Some(*p) == prefix.as_deref())
+                    .map(|(_, index, _)| index + 1)
+                    .max()
+                    .unwrap_or(0)
             }
-            _ if is_head(name, prefix) => self.head.then(|| name.into()),
+        }
+    }
+
+    /// The output name of the source tensor `name`, or `None` when the
+    /// window leaves it out; `prefix` is the model's stack prefix
+    /// ([`LayerWindow::stack_prefix`]).
+    pub fn rename(&self, name: &str, prefix: Option<&str>) -> Option<String> {
+        if let Some(module) = self.module {
+            if Module::of(name) != module {
+                return None;
+            }
+            if self.whole {
+                return Some(name.into());
+            }
+        }
+        match self.split(name) {
+            Some((p, word, index, rest)) if Some(p) == prefix => {
+                let offset = index.checked_sub(self.first).filter(|&o| o < self.count)?;
+                Some(format!("{p}{word}{}.{rest}", self.out_first + offset))
+            }
+            _ if self.is_after_stack(name, prefix) => self.head.then(|| name.into()),
             _ => self.embeddings.then(|| name.into()),
+        }
+    }
+
+    fn is_after_stack(&self, name: &str, prefix: Option<&str>) -> bool {
+        match self.module {
+            Some(module) => module.is_after_stack(name, prefix),
+            None => is_head(name, prefix),
         }
     }
 
@@ -115,8 +207,8 @@ impl LayerWindow {
     /// [`layer_position`]), `0` for tensors outside the stack, as for a
     /// whole model: mergekit interpolates gradients per slice.
     pub fn position(&self, out_name: &str, prefix: Option<&str>) -> f64 {
-        match split_layer(out_name) {
-            Some((p, index, _)) if Some(p) == prefix => {
+        match self.split(out_name) {
+            Some((p, _, index, _)) if Some(p) == prefix => {
                 let offset = index.saturating_sub(self.out_first) as f64;
                 if self.count <= 1 {
                     1.0
@@ -131,7 +223,7 @@ impl LayerWindow {
 
 /// Whether a tensor outside the decoder stack sits after it: the stack's
 /// final norm (`{prefix}norm.*`) or the output head (`lm_head.*`, `output.*`).
-fn is_head(name: &str, prefix: Option<&str>) -> bool {
+pub(crate) fn is_head(name: &str, prefix: Option<&str>) -> bool {
     let first = |s: &str, word: &str| s == word || s.starts_with(&format!("{word}."));
     let under_prefix = prefix.and_then(|p| name.strip_prefix(p));
     under_prefix.is_some_and(|rest| first(rest, "norm"))

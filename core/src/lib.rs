@@ -53,6 +53,8 @@ pub mod layers;
 #[cfg(feature = "std")]
 pub mod methods;
 #[cfg(feature = "std")]
+pub mod modules;
+#[cfg(feature = "std")]
 pub mod namemap;
 #[cfg(feature = "std")]
 pub mod plan;

@@ -447,12 +447,18 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         names_from_base: config.method.roles() != crate::methods::Roles::ReceiverFirst,
         decoder_prefix: None,
     };
-    inputs.decoder_prefix = crate::layers::decoder_prefix(&inputs.reference().checkpoint);
+    inputs.decoder_prefix = match &config.layer_window {
+        Some(window) => window.stack_prefix(&inputs.reference().checkpoint),
+        None => crate::layers::decoder_prefix(&inputs.reference().checkpoint),
+    };
     Ok(inputs)
 }
 
-/// A `slices:` source: the model's layers in `window`, renamed to the
-/// output's numbering, with its statistics renamed alike.
+/// A `slices:` source (or a module's model): the model's layers in
+/// `window`, renamed to the output's numbering, with its statistics
+/// renamed alike. Under `modules:`, a model holding tensors of a module
+/// the config does not list is an error: mergekit would leave them out of
+/// the output, and a model without its vision tower does not load.
 fn windowed(
     checkpoint: Checkpoint,
     stats: Option<(ActivationStats, PathBuf)>,
@@ -460,32 +466,59 @@ fn windowed(
     window: &crate::layers::LayerWindow,
     config: &MergeConfig,
 ) -> Result<Input> {
-    let prefix = crate::layers::decoder_prefix(&checkpoint);
-    let layers = checkpoint
-        .tensors()
-        .iter()
-        .filter_map(|t| crate::layers::split_layer(&t.name))
-        .filter(|(p, _, _)| Some(*p) == prefix.as_deref())
-        .map(|(_, index, _)| index + 1)
-        .max()
-        .unwrap_or(0);
+    let config_file = || {
+        config
+            .source
+            .clone()
+            .unwrap_or_else(|| checkpoint.root().to_path_buf())
+    };
+    if window.module.is_some() {
+        let unlisted: Vec<&str> = checkpoint
+            .tensors()
+            .iter()
+            .map(|t| t.name.as_str())
+            .filter(|n| !config.modules.contains(&crate::modules::Module::of(n)))
+            .collect();
+        if let Some(first) = unlisted.first() {
+            let module = crate::modules::Module::of(first);
+            let listed: Vec<&str> = config.modules.iter().map(|m| m.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "`modules:` lists {}, but {} holds {} tensors of `{module}` (`{first}`, …); list that module too (e.g. `{module}: {{models: [{{model: …}}]}}`), or the output would lack them",
+                    listed.join(", "),
+                    checkpoint.root().display(),
+                    unlisted
+                        .iter()
+                        .filter(|n| crate::modules::Module::of(n) == module)
+                        .count()
+                ),
+            )
+            .with_file(config_file()));
+        }
+    }
+    let prefix = window.stack_prefix(&checkpoint);
+    let layers = window.stack_layers(&checkpoint);
+    let mut window = window.clone();
+    if window.whole {
+        window.count = layers;
+    }
     let end = window.first + window.count;
     if end > layers {
+        let stack = match window.module {
+            Some(m) => format!("`{m}` layers"),
+            None => "decoder layers".into(),
+        };
         return Err(Error::new(
             ErrorKind::Config,
             format!(
-                "`{}` is [{}, {end}), but {} has {layers} decoder layers",
+                "`{}` is [{}, {end}), but {} has {layers} {stack}",
                 window.key,
                 window.first,
                 checkpoint.root().display()
             ),
         )
-        .with_file(
-            config
-                .source
-                .clone()
-                .unwrap_or_else(|| checkpoint.root().to_path_buf()),
-        ));
+        .with_file(config_file()));
     }
     let rename = |name: &str| window.rename(name, prefix.as_deref());
     let rename_stats =

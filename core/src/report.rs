@@ -103,6 +103,9 @@ pub struct InputReport {
     /// In a `slices:` merge: the layers it gives, `[start, end)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_range: Option<[usize; 2]>,
+    /// In a `modules:` merge: the module it gives.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
 }
 
 /// One output tensor in the report.
@@ -261,6 +264,10 @@ impl MergeReport {
                 layer_range: model
                     .and_then(|m| m.window.as_ref())
                     .map(|w| [w.first, w.first + w.count]),
+                module: model
+                    .and_then(|m| m.window.as_ref())
+                    .and_then(|w| w.module)
+                    .map(|m| m.as_str().to_string()),
             };
         let mut reports: Vec<InputReport> = inputs
             .base
@@ -376,8 +383,15 @@ impl MergeReport {
         }
         card.push_str(".\n\n### Models merged\n\n");
         for i in &self.inputs {
+            let module = i
+                .module
+                .as_deref()
+                .map_or(String::new(), |m| format!("{m} "));
             let range = match (i.slice, i.layer_range) {
-                (Some(s), Some([a, b])) => format!(" (slice {s}: layers {a}–{})", b - 1),
+                (Some(s), Some([a, b])) if b > a => {
+                    format!(" ({module}slice {s}: layers {a}–{})", b - 1)
+                }
+                _ if !module.is_empty() => format!(" ({})", module.trim_end()),
                 _ => String::new(),
             };
             card.push_str(&format!("* `{}` ({}){range}\n", path(i), i.role));

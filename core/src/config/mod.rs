@@ -107,6 +107,21 @@ pub struct RawSource {
     pub parameters: RawParams,
 }
 
+/// One entry of `modules:` as written (mergekit's output module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModule {
+    /// The module's models, each whole.
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+    /// The module's layer slices.
+    #[serde(default)]
+    pub slices: Option<Spanned<Vec<RawSlice>>>,
+    /// Parameters of this module; over the global ones, under a slice's.
+    #[serde(default)]
+    pub parameters: RawParams,
+}
+
 /// A config as written, every key known.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,9 +150,11 @@ pub struct RawConfig {
     /// output's decoder layers, slice after slice, instead of `models:`.
     #[serde(default)]
     pub slices: Option<Spanned<Vec<RawSlice>>>,
-    /// mergekit's multi-module layout (refused with a clear message).
+    /// mergekit's multi-module layout: per module of a multimodal model
+    /// (`text_decoder`, `vision_tower`, `multi_modal_projector`), its own
+    /// `models:` or `slices:`, instead of the config's.
     #[serde(default)]
-    pub modules: Option<Spanned<ParamValue>>,
+    pub modules: Option<Spanned<BTreeMap<String, Spanned<RawModule>>>>,
     /// mergekit's output vocabulary: `base`, `union` or a model.
     #[serde(default)]
     pub tokenizer_source: Option<Spanned<ParamValue>>,
@@ -276,6 +293,10 @@ pub struct MergeConfig {
     /// model's embedding and output rows are mapped into it. `None` keeps
     /// the reference model's tokenizer and rows as they are.
     pub vocabulary: Option<tokenizer::VocabularyConfig>,
+    /// Under `modules:`, the modules the config lists (every tensor of
+    /// every model must fall in one); empty otherwise. Each module's
+    /// slices (or its one whole part) are parts in [`MergeConfig::slices`].
+    pub modules: Vec<crate::modules::Module>,
 }
 
 /// Settings of the chosen method.
@@ -607,19 +628,6 @@ fn out_dtype(raw: &RawConfig) -> Result<Option<Dtype>> {
     })
 }
 
-fn refuse_layouts(raw: &RawConfig) -> Result<()> {
-    let refuse = |value: &Option<Spanned<ParamValue>>, key: &str, why: &str| match value {
-        Some(v) => Err(config_error(Some(&v.referenced), key, why)),
-        None => Ok(()),
-    };
-    refuse(
-        &raw.modules,
-        "modules",
-        "`modules` (multi-module merges) are not supported by flatmerge; use `models:`",
-    )?;
-    Ok(())
-}
-
 fn validate(
     raw: RawConfig,
     base_dir: &Path,
@@ -643,9 +651,11 @@ fn validate(
             ),
         )
     })?;
-    refuse_layouts(&raw)?;
+    if let Some(modules) = &raw.modules {
+        return validate_modules(&raw, modules, base_dir, source, registry, method);
+    }
     if let Some(slices) = &raw.slices {
-        return validate_slices(&raw, slices, base_dir, source, registry, method);
+        return validate_slices(&raw, slices, base_dir, source, registry, method, None);
     }
     if !method.uses_name_map() {
         if let Some(map) = &raw.name_map {
@@ -776,12 +786,124 @@ fn validate(
         },
         layer_window: None,
         vocabulary: tokenizer::vocabulary(&raw, base_dir)?,
+        modules: Vec::new(),
     })
 }
 
-/// A `slices:` config: each slice becomes a plain config over its sources
-/// (parameters: source over slice over global), whose models carry their
-/// layer windows; output layers are numbered on across slices.
+/// A `modules:` config: each module's slices (or its `models:`, one part
+/// whose models carry a whole-module window) become parts, module after
+/// module in [`MODULES`](crate::modules::MODULES) order; parameters: slice
+/// source over slice over module over global, as mergekit's.
+fn validate_modules(
+    raw: &RawConfig,
+    modules: &Spanned<BTreeMap<String, Spanned<RawModule>>>,
+    base_dir: &Path,
+    source: Option<&Path>,
+    registry: &Registry,
+    method: MergeMethod,
+) -> Result<MergeConfig> {
+    use crate::modules::{Module, MODULES};
+    let at = Some(&modules.referenced);
+    if !raw.models.is_empty() || raw.slices.is_some() {
+        return Err(config_error(
+            at,
+            "modules",
+            "a config has one of `models:`, `slices:` or `modules:`, not several",
+        ));
+    }
+    if modules.value.is_empty() {
+        return Err(config_error(at, "modules", "lists no module"));
+    }
+    if !method.runs_in_slices() {
+        return Err(config_error(
+            at,
+            "modules",
+            format!(
+                "{} runs the models on a probe set, which needs whole models; use `models:`",
+                method.as_str()
+            ),
+        ));
+    }
+    let mut listed = Vec::new();
+    for (name, def) in &modules.value {
+        let module = Module::parse(name).ok_or_else(|| {
+            let known: Vec<String> = MODULES.iter().map(|m| format!("`{m}`")).collect();
+            config_error(
+                Some(&def.referenced),
+                &format!("modules.{name}"),
+                format!(
+                    "`{name}` is not a module flatmerge knows; modules are {}",
+                    known.join(", ")
+                ),
+            )
+        })?;
+        listed.push(module);
+    }
+    listed.sort();
+    let mut parts = Vec::new();
+    for module in MODULES.into_iter().filter(|m| listed.contains(m)) {
+        let def = &modules.value[module.as_str()];
+        let key = format!("modules.{module}");
+        let mut parameters = raw.parameters.clone();
+        parameters.extend(def.value.parameters.clone());
+        let module_raw = RawConfig {
+            models: Vec::new(),
+            slices: None,
+            modules: None,
+            parameters,
+            ..raw.clone()
+        };
+        match (&def.value.slices, def.value.models.is_empty()) {
+            (Some(slices), true) => {
+                let sliced = validate_slices(
+                    &module_raw,
+                    slices,
+                    base_dir,
+                    source,
+                    registry,
+                    method,
+                    Some(module),
+                )?;
+                parts.extend(sliced.slices);
+            }
+            (None, false) => {
+                let part_raw = RawConfig {
+                    models: def.value.models.clone(),
+                    ..module_raw
+                };
+                let mut part = validate(part_raw, base_dir, source, registry).map_err(|e| {
+                    let message = format!("{} (in {key})", e.message());
+                    e.with_message(message)
+                })?;
+                let window = crate::layers::LayerWindow::whole_module(module, key.clone());
+                for m in part.base.iter_mut().chain(part.models.iter_mut()) {
+                    m.window = Some(window.clone());
+                }
+                part.layer_window = Some(window);
+                parts.push(part);
+            }
+            _ => {
+                return Err(config_error(
+                    Some(&def.referenced),
+                    &key,
+                    "gives either `models:` or `slices:`, exactly one",
+                ))
+            }
+        }
+    }
+    for part in &mut parts {
+        part.modules = listed.clone();
+    }
+    let mut whole = parts[0].clone();
+    whole.slices = parts;
+    whole.modules = listed;
+    Ok(whole)
+}
+
+/// A `slices:` config (the config's, or a module's): each slice becomes a
+/// plain config over its sources (parameters: source over slice over
+/// global), whose models carry their layer windows; output layers are
+/// numbered on across slices.
 fn validate_slices(
     raw: &RawConfig,
     slices: &Spanned<Vec<RawSlice>>,
@@ -789,8 +911,10 @@ fn validate_slices(
     source: Option<&Path>,
     registry: &Registry,
     method: MergeMethod,
+    module: Option<crate::modules::Module>,
 ) -> Result<MergeConfig> {
     let at = Some(&slices.referenced);
+    let scope = module.map_or(String::new(), |m| format!("modules.{m}."));
     if !raw.models.is_empty() {
         return Err(config_error(
             at,
@@ -799,7 +923,11 @@ fn validate_slices(
         ));
     }
     if slices.value.is_empty() {
-        return Err(config_error(at, "slices", "lists no slice"));
+        return Err(config_error(
+            at,
+            &format!("{scope}slices"),
+            "lists no slice",
+        ));
     }
     if !method.runs_in_slices() {
         return Err(config_error(
@@ -818,13 +946,13 @@ fn validate_slices(
         if slice.sources.is_empty() {
             return Err(config_error(
                 at,
-                &format!("slices[{s}].sources"),
+                &format!("{scope}slices[{s}].sources"),
                 "lists no source",
             ));
         }
         let mut windows = Vec::with_capacity(slice.sources.len());
         for (i, src) in slice.sources.iter().enumerate() {
-            let key = format!("slices[{s}].sources[{i}].layer_range");
+            let key = format!("{scope}slices[{s}].sources[{i}].layer_range");
             let range = &src.layer_range;
             let (first, end) = match range.value.as_slice() {
                 [a, b] => (a.value, b.value),
@@ -851,7 +979,7 @@ fn validate_slices(
                         Some(&range.referenced),
                         &key,
                         format!(
-                            "spans {count} layers, but slices[{s}].sources[0] spans {}; every source of a slice spans the same number of layers",
+                            "spans {count} layers, but {scope}slices[{s}].sources[0] spans {}; every source of a slice spans the same number of layers",
                             w.count
                         ),
                     ));
@@ -864,6 +992,9 @@ fn validate_slices(
                 embeddings: s == 0,
                 head: s == last,
                 key,
+                slice: s,
+                module,
+                whole: false,
             });
         }
         let mut parameters = raw.parameters.clone();
@@ -885,7 +1016,7 @@ fn validate_slices(
             ..raw.clone()
         };
         let mut part = validate(part_raw, base_dir, source, registry).map_err(|e| {
-            let message = format!("{} (in slices[{s}])", e.message());
+            let message = format!("{} (in {scope}slices[{s}])", e.message());
             e.with_message(message)
         })?;
         for (model, window) in part.models.iter_mut().zip(&windows) {

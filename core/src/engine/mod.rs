@@ -255,7 +255,14 @@ impl PreparedMerge {
                 .parts
                 .iter()
                 .enumerate()
-                .flat_map(|(s, p)| MergeReport::input_reports(&p.config, &p.inputs, Some(s)))
+                .flat_map(|(s, p)| {
+                    let slice = match &p.config.layer_window {
+                        Some(w) if w.whole => None,
+                        Some(w) => Some(w.slice),
+                        None => Some(s),
+                    };
+                    MergeReport::input_reports(&p.config, &p.inputs, slice)
+                })
                 .collect();
         }
         // A writer thread copies tensor k into the file while the pool
@@ -416,8 +423,9 @@ impl PreparedMerge {
 }
 
 impl MergePart {
-    fn new(config: MergeConfig, vocabulary: Option<&Vocabulary>) -> Result<MergePart> {
+    fn new(mut config: MergeConfig, vocabulary: Option<&Vocabulary>) -> Result<MergePart> {
         let mut inputs = open_inputs(&config)?;
+        resolve_whole_windows(&mut config, &inputs);
         if let Some(vocabulary) = vocabulary {
             vocabulary.map_inputs(&config, &mut inputs)?;
         }
@@ -597,6 +605,24 @@ impl MergePart {
     }
 }
 
+/// A module merged from `models:` takes every layer its models have: the
+/// count its windows carry (for gradients, the report and `config.json`)
+/// is each model's, known once the checkpoints are open.
+fn resolve_whole_windows(config: &mut MergeConfig, inputs: &Inputs) {
+    let resolve = |window: &mut Option<crate::layers::LayerWindow>, input: &crate::plan::Input| {
+        if let Some(w) = window.as_mut().filter(|w| w.whole) {
+            w.count = w.stack_layers(&input.checkpoint);
+        }
+    };
+    resolve(&mut config.layer_window, inputs.reference());
+    if let (Some(base), Some(input)) = (config.base.as_mut(), inputs.base.as_ref()) {
+        resolve(&mut base.window, input);
+    }
+    for (model, input) in config.models.iter_mut().zip(&inputs.models) {
+        resolve(&mut model.window, input);
+    }
+}
+
 /// The plan of a `slices:` merge: each slice's tensors in turn. Windows
 /// give every output name to one slice; a name planned twice (a model whose
 /// layer tensors do not follow `…layers.N.`) is an error.
@@ -605,11 +631,16 @@ fn sliced_plan(parts: &[MergePart]) -> Result<Plan> {
     let mut tensors = Vec::new();
     let mut dropped = Vec::new();
     for (s, part) in parts.iter().enumerate() {
+        let part_key = part
+            .config
+            .layer_window
+            .as_ref()
+            .map_or_else(|| format!("slices[{s}]"), |w| w.key.clone());
         for t in &part.plan.tensors {
             if !seen.insert(t.name.clone()) {
                 return Err(Error::new(
                     ErrorKind::Plan,
-                    format!("slices[{s}] writes a tensor an earlier slice already wrote; its name does not follow the decoder's `…layers.N.` numbering"),
+                    format!("`{part_key}` writes a tensor an earlier slice already wrote; its name does not follow the decoder's `…layers.N.` numbering"),
                 )
                 .with_file(part.inputs.reference().checkpoint.root())
                 .with_tensor(&t.name));
@@ -621,9 +652,14 @@ fn sliced_plan(parts: &[MergePart]) -> Result<Plan> {
     Ok(Plan {
         tensors,
         dropped,
+        // The language model's layers (a vision tower's are its own).
         layers: parts
             .iter()
             .filter_map(|p| p.config.layer_window.as_ref())
+            .filter(|w| {
+                w.module
+                    .is_none_or(|m| m == crate::modules::Module::TextDecoder)
+            })
             .map(|w| w.count)
             .sum(),
         groups: parts[0].plan.groups.clone(),
@@ -864,32 +900,59 @@ fn with_chat_template(text: &[u8], template: &str) -> Option<Vec<u8>> {
 /// one entry per layer beside it (`layer_types`, …) is rebuilt from the
 /// slices, each from its first source's `config.json`. A per-layer list a
 /// source lacks, or whose length is not that source's layer count, cannot
-/// be carried over: an error naming the key.
+/// be carried over: an error naming the key. Under `modules:`, each sliced
+/// module's count is set where [`Module::layer_count_keys`] finds it (a
+/// vision tower's in `vision_config`); a module merged whole keeps its own.
+///
+/// [`Module::layer_count_keys`]: crate::modules::Module::layer_count_keys
 fn with_layers(text: &[u8], windows: &[(PathBuf, crate::layers::LayerWindow)]) -> Result<Vec<u8>> {
-    use serde_json::Value;
-    let parse = |bytes: &[u8], file: &Path| -> Result<Value> {
-        serde_json::from_slice(bytes)
-            .map_err(|e| Error::new(ErrorKind::Format, format!("not JSON: {e}")).with_file(file))
-    };
-    let mut value: Value = parse(text, Path::new("config.json"))?;
-    let section = |v: &Value| -> Option<&'static str> {
-        if v.get("num_hidden_layers").is_some() {
-            Some("")
-        } else if v.pointer("/text_config/num_hidden_layers").is_some() {
-            Some("/text_config")
-        } else {
-            None
+    use crate::modules::{Module, MODULES};
+    let mut value = parse_json(text, Path::new("config.json"))?;
+    let mut changed = false;
+    for module in MODULES {
+        let group: Vec<&(PathBuf, crate::layers::LayerWindow)> = windows
+            .iter()
+            .filter(|(_, w)| !w.whole && w.module.unwrap_or(Module::TextDecoder) == module)
+            .collect();
+        if !group.is_empty() {
+            changed |= set_layer_count(&mut value, module.layer_count_keys(), &group)?;
         }
-    };
-    let Some(at) = section(&value) else {
+    }
+    if !changed {
         return Ok(text.to_vec());
+    }
+    let mut bytes = serde_json::to_vec_pretty(&value).expect("a JSON value serialises");
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+fn parse_json(bytes: &[u8], file: &Path) -> Result<serde_json::Value> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| Error::new(ErrorKind::Format, format!("not JSON: {e}")).with_file(file))
+}
+
+/// Sets one stack's layer count (and its per-layer lists) in `value`, at
+/// the first of `keys` it holds; `false` when it holds none.
+fn set_layer_count(
+    value: &mut serde_json::Value,
+    keys: &[(&str, &str)],
+    windows: &[&(PathBuf, crate::layers::LayerWindow)],
+) -> Result<bool> {
+    use serde_json::Value;
+    let section = |v: &Value| -> Option<(String, &str)> {
+        keys.iter()
+            .find(|(at, key)| v.pointer(&format!("{at}/{key}")).is_some())
+            .map(|(at, key)| (at.to_string(), *key))
+    };
+    let Some((at, count_key)) = section(value) else {
+        return Ok(false);
     };
     let old = value
-        .pointer(&format!("{at}/num_hidden_layers"))
+        .pointer(&format!("{at}/{count_key}"))
         .and_then(Value::as_u64)
         .unwrap_or(0) as usize;
     let per_layer: Vec<String> = value
-        .pointer(at)
+        .pointer(&at)
         .and_then(Value::as_object)
         .map(|o| {
             o.iter()
@@ -905,10 +968,10 @@ fn with_layers(text: &[u8], windows: &[(PathBuf, crate::layers::LayerWindow)]) -
         }
         let file = dir.join("config.json");
         let bytes = std::fs::read(&file).map_err(|e| Error::io(&file, e))?;
-        let source = parse(&bytes, &file)?;
-        let prefix = section(&source).unwrap_or("");
+        let source = parse_json(&bytes, &file)?;
+        let (prefix, source_key) = section(&source).unwrap_or((at.clone(), count_key));
         let layers = source
-            .pointer(&format!("{prefix}/num_hidden_layers"))
+            .pointer(&format!("{prefix}/{source_key}"))
             .and_then(Value::as_u64)
             .unwrap_or(0) as usize;
         for (key, list) in per_layer.iter().zip(&mut lists) {
@@ -928,16 +991,14 @@ fn with_layers(text: &[u8], windows: &[(PathBuf, crate::layers::LayerWindow)]) -
     }
     let total: usize = windows.iter().map(|(_, w)| w.count).sum();
     let object = value
-        .pointer_mut(at)
+        .pointer_mut(&at)
         .and_then(Value::as_object_mut)
         .expect("found above");
-    object.insert("num_hidden_layers".into(), total.into());
+    object.insert(count_key.into(), total.into());
     for (key, list) in per_layer.into_iter().zip(lists) {
         object.insert(key, Value::Array(list));
     }
-    let mut bytes = serde_json::to_vec_pretty(&value).expect("a JSON value serialises");
-    bytes.push(b'\n');
-    Ok(bytes)
+    Ok(true)
 }
 
 /// `config.json` with `torch_dtype` set; `None` when it is not a JSON object

@@ -1,7 +1,8 @@
 """mergekit layouts loaded by `transformers`, as a user of the output would:
-a frankenmerge (`slices:`) and a LoRA reference (`model+adapter`) merged
-by the CLI, loaded with AutoModelForCausalLM and run, against the same
-model assembled directly in torch."""
+a frankenmerge (`slices:`), a LoRA reference (`model+adapter`), a union
+vocabulary and a `modules:` merge of a LLaVA model, merged by the CLI,
+loaded with transformers and run, against the same model assembled
+directly in torch."""
 
 import copy
 import json
@@ -168,3 +169,81 @@ def test_a_union_vocabulary_merge_loads_in_transformers_and_runs_as_the_mapped_a
     report = json.loads((tmp_path / "out" / "merge_report.json").read_text())
     assert report["vocabulary"]["added_tokens"] == 10
     assert report["vocabulary"]["rows_from"]["single_model"] == len(union) - 3 - 51
+
+
+def tiny_llava(seed):
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        image_size=28, patch_size=14, projection_dim=16,
+    )
+    # The last vision layer's features feed the projector, so a vision
+    # layer appended by the merge shows in the logits.
+    config = transformers.LlavaConfig(
+        text_config=text, vision_config=vision, image_token_index=63, vision_feature_layer=-1
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def vision_transformer(model):
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)
+
+
+def test_a_modules_merge_of_llava_loads_in_transformers_and_runs_as_the_assembled_model(tmp_path):
+    a, b = tiny_llava(0), tiny_llava(1)
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B")
+    (tmp_path / "modules.yaml").write_text(
+        "merge_method: passthrough\ndtype: float32\nmodules:\n"
+        "  text_decoder:\n    slices:\n"
+        "      - sources:\n          - model: ./A\n            layer_range: [0, 2]\n"
+        "      - sources:\n          - model: ./B\n            layer_range: [1, 2]\n"
+        "  vision_tower:\n    slices:\n"
+        "      - sources:\n          - model: ./A\n            layer_range: [0, 2]\n"
+        "      - sources:\n          - model: ./B\n            layer_range: [0, 1]\n"
+        "  multi_modal_projector:\n    models:\n      - model: ./B\n"
+    )
+    run_cli("merge", tmp_path / "modules.yaml", tmp_path / "out", "-q")
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(
+        tmp_path / "out", torch_dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    assert merged.config.text_config.num_hidden_layers == 3
+    assert merged.config.vision_config.num_hidden_layers == 3
+    # The same model by hand: A's language layers 0–1 and B's 1, B's final
+    # norm and head; A's vision layers 0–1 and B's 0, A's patch embeddings,
+    # B's post-layernorm; B's projector.
+    want = copy.deepcopy(a)
+    lm = want.model.language_model
+    lm.layers.append(copy.deepcopy(b.model.language_model.layers[1]))
+    for i, layer in enumerate(lm.layers):
+        layer.self_attn.layer_idx = i
+    lm.norm = copy.deepcopy(b.model.language_model.norm)
+    want.lm_head = copy.deepcopy(b.lm_head)
+    tower = vision_transformer(want)
+    tower.encoder.layers.append(copy.deepcopy(vision_transformer(b).encoder.layers[0]))
+    tower.post_layernorm = copy.deepcopy(vision_transformer(b).post_layernorm)
+    want.model.multi_modal_projector = copy.deepcopy(b.model.multi_modal_projector)
+    want.config.text_config.num_hidden_layers = 3
+    want.config.vision_config.num_hidden_layers = 3
+    ids = torch.tensor([[1] + [63] * 4 + [5, 9, 3]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+
+    def run(model):
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=pixels).logits.numpy()
+
+    assert_close(run(merged), run(want), "modules merge logits", rtol=1e-6)
+    # And the appended vision layer matters: other weights there give other logits.
+    other = copy.deepcopy(want)
+    with torch.no_grad():
+        vision_transformer(other).encoder.layers[2].mlp.fc2.weight.add_(0.1)
+    assert abs(run(other) - run(want)).max() > 1e-4
