@@ -95,15 +95,20 @@ fn peak_memory_does_not_grow_with_the_number_of_tensors() {
         layers,
     };
     let largest_f32_mb = 8192 * 512 * 4 / 1_000_000;
-    for method in ["ties", "safe_m", "task_arithmetic"] {
-        let mut peaks = Vec::new();
-        for layers in [2, 8, 16] {
-            let tmp = tempfile::tempdir().unwrap();
-            write_family(tmp.path(), &shape(layers), Dtype::BF16, 1, 9).unwrap();
+    // peaks[m][s]: method m's peak with the s-th layer count; every method
+    // merges the same family.
+    let mut peaks = vec![Vec::new(); METHODS.len()];
+    for layers in [2, 8, 16] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_family(tmp.path(), &shape(layers), Dtype::BF16, 1, 9).unwrap();
+        for (m, method) in METHODS.iter().enumerate() {
             let stdout = merge(tmp.path(), method, &tmp.path().join("out"), None);
-            peaks.push(peak_mb(&stdout));
+            peaks[m].push(peak_mb(&stdout));
         }
-        println!("{method}: peak {peaks:?} MB with 2, 8 and 16 layers");
+    }
+    let linear = &peaks[0];
+    for (method, peaks) in METHODS.iter().zip(&peaks) {
+        println!("{method}: peak {peaks:?} MB with 2, 8 and 16 layers (linear {linear:?})");
         // Unreleased inputs alone would add ~260 MB from 2 to 16 layers;
         // allow one largest tensor's worth of allocator retention.
         let (low, high) = (peaks.iter().min().unwrap(), peaks.iter().max().unwrap());
@@ -111,5 +116,15 @@ fn peak_memory_does_not_grow_with_the_number_of_tensors() {
             high - low <= largest_f32_mb,
             "{method}: peak memory grew with the model: {peaks:?} MB"
         );
+        // The README's bound: TIES, DARE and task arithmetic stream their
+        // task vectors (linear's peak plus one f32 tensor); SAFE-M adds one
+        // f32 score per element and model (two here) of its largest tensor.
+        let extra = if *method == "safe_m" { 3 } else { 1 } * largest_f32_mb;
+        for (peak, linear) in peaks.iter().zip(linear) {
+            assert!(
+                *peak <= linear + extra,
+                "{method}: peak {peak} MB is over linear's {linear} MB + {extra} MB"
+            );
+        }
     }
 }
