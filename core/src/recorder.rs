@@ -93,6 +93,18 @@
 //! Grams to some layers, to bound memory (the native probes record a range
 //! of blocks per pass).
 //!
+//! # Sums reduced elsewhere (partial moments)
+//!
+//! A hook whose activations live on an accelerator can reduce them there
+//! and push only the sums: [`Recorder::push_moments`] takes one example's
+//! exact fixed-point column sums (the integers `Σq` that [`Recorder::push`]
+//! would compute, with their `Σ|q|`), and [`Recorder::add_gram_sums`] adds
+//! fixed-point Gram sums (each push's f64 `XᵀX` truncated to 2^50, as in
+//! steps 1–2 above, summed over any number of pushes). Both add the same
+//! integers the host path adds, so a recording made of them is the file of
+//! the host path, byte for byte. Integers are transported as [`limbs`]:
+//! 32-bit limbs in i64, which an integer tensor can sum without overflow.
+//!
 //! # Partial state and combining
 //!
 //! Means rounded to f32 cannot be combined exactly, so a recording meant to
@@ -251,6 +263,68 @@ pub struct Batch<'a> {
     pub example: u64,
     /// The example's modality (0 text, 1 vision, 2 audio, …).
     pub modality: u8,
+}
+
+/// One example's tokens through one layer, already summed
+/// ([`Recorder::push_moments`]): the fixed-point sums `Σq` (`q = v × 2^60`
+/// truncated toward zero, per value, exactly as [`Recorder::push`]
+/// converts; sums modulo 2^128) of each input and output column.
+#[derive(Debug, Clone, Copy)]
+pub struct Moments<'a> {
+    /// The layer (its weight's name without `.weight`).
+    pub layer: &'a str,
+    /// Number of tokens summed (at least 1).
+    pub count: u64,
+    /// `Σq` of each input column, `[in]`.
+    pub x_sum: &'a [i128],
+    /// `Σq` of each output column, `[out]`.
+    pub y_sum: &'a [i128],
+    /// `Σ|q|` over every input and output value, saturating at `u128::MAX`
+    /// (the range check of the module docs).
+    pub magnitude: u128,
+    /// The probe example the tokens belong to.
+    pub example: u64,
+    /// The example's modality.
+    pub modality: u8,
+}
+
+/// Fixed-point integers as 32-bit limbs in i64: `Σ_k limb_k × 2^(32k)`.
+///
+/// A limb holds at most 32 bits of one value, so an i64 sums `2^31` of
+/// them without overflow: integer tensors (on any device) can sum the
+/// limbs of many values, and the recorder rebuilds the exact integer sum.
+/// Limbs need not be normalised (any i64, either sign).
+pub mod limbs {
+    /// Bits per limb.
+    pub const BITS: u32 = 32;
+    /// Limbs per value: 128 bits.
+    pub const COUNT: usize = 4;
+
+    /// `Σ_k limbs[k] × 2^(32k)` modulo 2^128 (the recorder's wrapping sums).
+    pub fn to_i128(limbs: &[i64]) -> i128 {
+        limbs.iter().enumerate().fold(0i128, |acc, (k, &l)| {
+            acc.wrapping_add((l as i128).wrapping_shl(BITS * k as u32))
+        })
+    }
+
+    /// `Σ_k limbs[k] × 2^(32k)` of non-negative limbs, saturating at
+    /// `u128::MAX`; `None` for a negative limb.
+    pub fn to_u128_saturating(limbs: &[i64]) -> Option<u128> {
+        let mut sum = 0u128;
+        for (k, &l) in limbs.iter().enumerate() {
+            let l = u128::try_from(l).ok()?;
+            let shift = BITS * k as u32;
+            let term = if l == 0 {
+                0
+            } else if shift >= 128 || l.leading_zeros() < shift {
+                u128::MAX
+            } else {
+                l << shift
+            };
+            sum = sum.saturating_add(term);
+        }
+        Some(sum)
+    }
 }
 
 /// Exact sums of one example's tokens through one layer.
@@ -655,6 +729,106 @@ impl Recorder {
             add_gram(acc, layer, push, in_width)?;
         }
         Ok(())
+    }
+
+    /// Adds one example's sums, reduced outside the recorder (module docs:
+    /// partial moments). The same tokens pushed with [`push`](Self::push)
+    /// give the same integers, so the file is the same byte for byte. The
+    /// first push of a layer sets its widths (`x_sum.len()`,
+    /// `y_sum.len()`). A layer that stores a Gram gets none from this: add
+    /// it with [`add_gram_sums`](Self::add_gram_sums).
+    ///
+    /// Errors as [`push`](Self::push): an empty name, `count == 0`, widths
+    /// that differ from the layer's, a conflicting modality, a layer whose
+    /// total magnitude leaves the exact range.
+    pub fn push_moments(&self, m: &Moments<'_>) -> Result<()> {
+        let layer = m.layer;
+        if layer.is_empty() {
+            return Err(invalid(layer, "the layer name is empty".into()));
+        }
+        if m.count == 0 {
+            return Err(invalid(
+                layer,
+                "partial moments need at least one token".into(),
+            ));
+        }
+        let known = self.get_layer(layer)?;
+        let (in_width, out_width) = match &known {
+            Some(l) => (l.in_width, l.out_width),
+            None => (
+                self.new_width(layer, "x", m.x_sum.len(), 1)?,
+                self.new_width(layer, "y", m.y_sum.len(), 1)?,
+            ),
+        };
+        check_len(layer, "x", "input", m.x_sum.len(), 1, in_width)?;
+        check_len(layer, "y", "output", m.y_sum.len(), 1, out_width)?;
+        let target = match known {
+            Some(l) => l,
+            None => {
+                self.note_modality(layer, m.example, m.modality, false)?;
+                self.insert_layer(layer, in_width, out_width)?
+            }
+        };
+        self.note_modality(layer, m.example, m.modality, true)?;
+        let sums = Sums {
+            count: m.count,
+            x: m.x_sum.to_vec(),
+            y: m.y_sum.to_vec(),
+        };
+        self.add_means(layer, &target, m.example, sums, m.magnitude, 0)
+    }
+
+    /// Adds Gram sums reduced outside the recorder: the packed upper
+    /// triangle (row `i` holds columns `i..in`, row-major) of
+    /// `Σ_pushes (G_p × 2^50) as i128`, each push's `G_p = XᵀX` computed in
+    /// f64 as [`push`](Self::push) does (entries summed over the push's rows
+    /// in row order), truncated per push and summed modulo 2^128. The
+    /// layer's magnitude grows by the diagonal's total, `trace` (saturating).
+    ///
+    /// Errors: a layer never pushed, or that stores no Gram (an alias,
+    /// outside `gram_layers`, or no `gram`); a length other than
+    /// `in (in + 1) / 2`; a total trace beyond the Gram's range.
+    pub fn add_gram_sums(&self, layer: &str, sums: &[i128], trace: u128) -> Result<()> {
+        let target = self.get_layer(layer)?.ok_or_else(|| {
+            invalid(
+                layer,
+                "Gram sums for a layer never pushed: push its moments first".into(),
+            )
+        })?;
+        let gram = target
+            .gram
+            .as_ref()
+            .ok_or_else(|| invalid(layer, "Gram sums for a layer that stores no Gram".into()))?;
+        let expected = triangle_len(target.in_width);
+        if sums.len() != expected {
+            return Err(invalid(
+                layer,
+                format!(
+                    "{} Gram sums, but the upper triangle of a {} input has {expected}",
+                    sums.len(),
+                    target.in_width
+                ),
+            ));
+        }
+        let mut acc = gram.lock().map_err(|_| poisoned(layer))?;
+        let magnitude = acc.magnitude.saturating_add(trace);
+        if magnitude > (1u128 << 126) {
+            return Err(invalid(
+                layer,
+                "the layer's Gram is too large to sum exactly (the total Σ x² reaches 2^76)".into(),
+            ));
+        }
+        acc.magnitude = magnitude;
+        for (a, &b) in acc.sums.iter_mut().zip(sums) {
+            *a = a.wrapping_add(b);
+        }
+        Ok(())
+    }
+
+    /// The diagonal's indices in a packed upper triangle of `width`
+    /// (to take a trace of [`add_gram_sums`](Self::add_gram_sums)' input).
+    pub fn triangle_diagonal(width: usize) -> impl Iterator<Item = usize> {
+        (0..width).map(move |i| triangle_index(i, i, width))
     }
 
     fn add_means(
@@ -1523,5 +1697,37 @@ mod tests {
         assert_eq!(to_fixed(f32::NAN), None);
         assert_eq!(to_fixed(f32::NEG_INFINITY), None);
         assert_eq!(mean(3i128 << 60, 2), 1.5);
+    }
+
+    #[test]
+    fn limbs_rebuild_sums_modulo_2_128_and_saturate_magnitudes() {
+        let q: i128 = -(0x1234_5678_9abc_def0_1122_3344_i128 << 20);
+        let u = q as u128;
+        let l: Vec<i64> = (0..4)
+            .map(|k| ((u >> (32 * k)) & 0xffff_ffff) as i64)
+            .collect();
+        assert_eq!(limbs::to_i128(&l), q);
+        // Unnormalised limbs (a sum of many values) rebuild the same integer.
+        assert_eq!(limbs::to_i128(&[-(1 << 40), 1 << 8, 0, 0]), 0);
+        assert_eq!(limbs::to_i128(&[0, 0, 0, 1 << 32]), 0); // 2^128 wraps to 0
+        assert_eq!(
+            limbs::to_u128_saturating(&[5, 1, 0, 0]),
+            Some((1 << 32) + 5)
+        );
+        assert_eq!(
+            limbs::to_u128_saturating(&[0, 0, 0, 1 << 32]),
+            Some(u128::MAX)
+        );
+        assert_eq!(
+            limbs::to_u128_saturating(&[0, 0, 0, 1 << 31]),
+            Some(1 << 127)
+        );
+        // Each term fits, their sum does not.
+        let top = (1i64 << 32) - 1;
+        assert_eq!(
+            limbs::to_u128_saturating(&[0, 0, i64::MAX, top]),
+            Some(u128::MAX)
+        );
+        assert_eq!(limbs::to_u128_saturating(&[0, -1, 0, 0]), None);
     }
 }

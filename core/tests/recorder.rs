@@ -1111,3 +1111,128 @@ mod gram_properties {
         }
     }
 }
+
+/// `v × 2^scale` truncated toward zero as 32-bit limbs, as a device would
+/// split it (the value's integer significand shifted into place).
+fn fixed_limbs(v: f64, scale: i32) -> [i64; 4] {
+    let q = (v * 2f64.powi(scale)) as i128;
+    let u = q.unsigned_abs();
+    let sign = if q < 0 { -1 } else { 1 };
+    std::array::from_fn(|k| sign * ((u >> (32 * k)) & 0xffff_ffff) as i64)
+}
+
+#[test]
+fn moments_reduced_elsewhere_give_the_host_file_byte_for_byte() {
+    use flatmerge::recorder::{limbs, Moments};
+    // Arbitrary magnitudes (2^-20..2^20), so truncation and the Gram's f64
+    // rounding both matter; the limbs are summed in i64 as a device would.
+    let data = pushes(7, false, 5);
+    let dir = tempfile::tempdir().unwrap();
+    let host = gram_recorder(4);
+    for p in &data {
+        push(&host, p).unwrap();
+    }
+    let reduced = gram_recorder(4);
+    let mut grams: BTreeMap<&str, (Vec<[i64; 4]>, usize)> = BTreeMap::new();
+    // Reversed: order does not matter either.
+    for p in data.iter().rev() {
+        let (i, o) = (p.x.len() / p.rows, p.y.len() / p.rows);
+        let column = |values: &[f32], width: usize, c: usize| -> ([i64; 4], [i64; 4]) {
+            let (mut signed, mut magnitude) = ([0i64; 4], [0i64; 4]);
+            for row in values.chunks_exact(width) {
+                let l = fixed_limbs(row[c] as f64, 60);
+                for (k, v) in l.into_iter().enumerate() {
+                    signed[k] += v;
+                    magnitude[k] += v.abs();
+                }
+            }
+            (signed, magnitude)
+        };
+        let mut total = 0u128;
+        let mut sums = |values: &[f32], width: usize| -> Vec<i128> {
+            (0..width)
+                .map(|c| {
+                    let (s, m) = column(values, width, c);
+                    total = total.saturating_add(limbs::to_u128_saturating(&m).unwrap());
+                    limbs::to_i128(&s)
+                })
+                .collect()
+        };
+        let (x_sum, y_sum) = (sums(&p.x, i), sums(&p.y, o));
+        reduced
+            .push_moments(&Moments {
+                layer: p.layer,
+                count: p.rows as u64,
+                x_sum: &x_sum,
+                y_sum: &y_sum,
+                magnitude: total,
+                example: p.example,
+                modality: p.modality,
+            })
+            .unwrap();
+        // The push's XᵀX in f64, each entry over the rows in order.
+        let entry = grams
+            .entry(p.layer)
+            .or_insert_with(|| (vec![[0i64; 4]; i * (i + 1) / 2], i));
+        let mut t = 0;
+        for a in 0..i {
+            for b in a..i {
+                let mut g = 0f64;
+                for row in p.x.chunks_exact(i) {
+                    g += row[a] as f64 * row[b] as f64;
+                }
+                let l = fixed_limbs(g, 50);
+                for (e, v) in entry.0[t].iter_mut().zip(l) {
+                    *e += v;
+                }
+                t += 1;
+            }
+        }
+    }
+    for (layer, (acc, width)) in &grams {
+        let sums: Vec<i128> = acc.iter().map(|l| limbs::to_i128(l)).collect();
+        let trace = Recorder::triangle_diagonal(*width)
+            .map(|d| limbs::to_u128_saturating(&acc[d]).unwrap())
+            .fold(0u128, u128::saturating_add);
+        reduced.add_gram_sums(layer, &sums, trace).unwrap();
+    }
+    let want = file_bytes(&host, dir.path(), "host.st");
+    assert!(!want.is_empty());
+    assert_eq!(file_bytes(&reduced, dir.path(), "reduced.st"), want);
+
+    // Misuse is refused by name.
+    let err = reduced.add_gram_sums("nowhere", &[0], 0).unwrap_err();
+    assert!(err.to_string().contains("never pushed"), "{err}");
+    let err = reduced.add_gram_sums("lm_head", &[0; 3], 0).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("upper triangle of a 6 input has 21"),
+        "{err}"
+    );
+    let err = reduced
+        .push_moments(&Moments {
+            layer: "lm_head",
+            count: 1,
+            x_sum: &[0; 5],
+            y_sum: &[0; 3],
+            magnitude: 0,
+            example: 0,
+            modality: 0,
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("input width is 6"), "{err}");
+    let means_only = recorder(0);
+    means_only
+        .push_moments(&Moments {
+            layer: "l",
+            count: 2,
+            x_sum: &[1 << 60],
+            y_sum: &[0],
+            magnitude: 1 << 60,
+            example: 0,
+            modality: 0,
+        })
+        .unwrap();
+    let err = means_only.add_gram_sums("l", &[0], 0).unwrap_err();
+    assert!(err.to_string().contains("stores no Gram"), "{err}");
+}

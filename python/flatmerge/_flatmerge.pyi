@@ -62,6 +62,27 @@ class Recorder:
         Raises InvalidInputError for NaN, infinite or out-of-range values, a
         width other than the layer's, or a modality that changes for an
         example."""
+    def push_moments(
+        self,
+        layer: str,
+        count: int,
+        x: npt.NDArray[Any],
+        y: npt.NDArray[Any],
+        example: int,
+        modality: int = 0,
+    ) -> None:
+        """Adds one example's ``count`` tokens through ``layer`` as sums
+        reduced elsewhere (``Recording(reduce_on_device=True)``): ``x`` and
+        ``y`` are C-contiguous int64 ``[2, 4, width]`` sums of the 32-bit limbs
+        of ``q = trunc(v · 2^60)``, ``[0]`` over the non-negative values,
+        ``[1]`` over the negative ones' ``|q|``. The recorder rebuilds the
+        exact integers ``push`` would add, so the file is the same. A layer
+        with a Gram gets it from ``add_gram_sums``."""
+    def add_gram_sums(self, layer: str, sums: npt.NDArray[Any]) -> None:
+        """Adds Gram sums reduced elsewhere: C-contiguous int64 ``[4, in (in +
+        1) / 2]`` signed limb sums of ``trunc(g · 2^50)``, ``g`` each push's
+        f64 ``XᵀX`` entry (summed over its rows in order), over the packed
+        upper triangle (row ``i``: columns ``i..in``)."""
     def save(self, path: str) -> None:
         """Writes the statistics file, atomically."""
     def save_part(self, path: str) -> None:

@@ -6,7 +6,9 @@
 //! run with the GIL released, so hooks on several threads push at once.
 
 use crate::errors::{invalid, IntoPy};
-use engine::recorder::{combine_parts, Activations, Batch, MissingRows, RecorderOptions};
+use engine::recorder::{
+    combine_parts, limbs, Activations, Batch, MissingRows, Moments, RecorderOptions,
+};
 use half::f16;
 use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -116,6 +118,53 @@ fn rows_of(shape: &[usize], which: &str, layer: &str) -> PyResult<(usize, usize)
     }
 }
 
+/// The values of a `[2, 4, width]` int64 limb array.
+fn limb_array<'a>(
+    a: &'a PyReadonlyArrayDyn<'_, i64>,
+    which: &str,
+    layer: &str,
+) -> PyResult<&'a [i64]> {
+    let shape = a.shape();
+    if shape.len() != 3 || shape[0] != 2 || shape[1] != limbs::COUNT || !a.is_c_contiguous() {
+        return Err(invalid(format!(
+            "layer `{layer}`: `{which}` has shape {shape:?}; give a C-contiguous int64 array \
+             [2, {}, width] of limb sums",
+            limbs::COUNT
+        )));
+    }
+    a.as_slice().map_err(|e| invalid(e.to_string()))
+}
+
+/// Column sums `Σq` (modulo 2^128) and the total `Σ|q|` (saturating) of a
+/// `[2, 4, width]` array of limb sums over non-negative and negative values.
+fn signed_sums(values: &[i64], layer: &str, which: &str) -> engine::Result<(Vec<i128>, u128)> {
+    let width = values.len() / (2 * limbs::COUNT);
+    let at = |half: usize, k: usize, c: usize| values[(half * limbs::COUNT + k) * width + c];
+    let mut sums = Vec::with_capacity(width);
+    let mut magnitude = 0u128;
+    for c in 0..width {
+        let pos: [i64; limbs::COUNT] = std::array::from_fn(|k| at(0, k, c));
+        let neg: [i64; limbs::COUNT] = std::array::from_fn(|k| at(1, k, c));
+        let (p, n) = match (
+            limbs::to_u128_saturating(&pos),
+            limbs::to_u128_saturating(&neg),
+        ) {
+            (Some(p), Some(n)) => (p, n),
+            _ => {
+                return Err(engine::Error::new(
+                    engine::ErrorKind::InvalidInput,
+                    format!("{which} column {c}: a negative limb sum (limbs sum magnitudes)"),
+                )
+                .with_tensor(layer))
+            }
+        };
+        let signed: [i64; limbs::COUNT] = std::array::from_fn(|k| pos[k] - neg[k]);
+        sums.push(limbs::to_i128(&signed));
+        magnitude = magnitude.saturating_add(p).saturating_add(n);
+    }
+    Ok((sums, magnitude))
+}
+
 #[pymethods]
 impl Recorder {
     #[new]
@@ -196,6 +245,86 @@ impl Recorder {
                 example,
                 modality,
             })
+        })
+        .py_err()
+    }
+
+    /// Adds one example's sums reduced elsewhere (on a device): `x` and
+    /// `y` are C-contiguous int64 arrays `[2, 4, width]` of 32-bit limb
+    /// sums of the fixed-point values `q = trunc(v × 2^60)`: `[0, k]` sums
+    /// limb `k` of the non-negative values' `q`, `[1, k]` of the negative
+    /// values' `|q|`.
+    #[pyo3(signature = (layer, count, x, y, example, modality=0))]
+    fn push_moments(
+        &self,
+        layer: &str,
+        count: u64,
+        x: PyReadonlyArrayDyn<'_, i64>,
+        y: PyReadonlyArrayDyn<'_, i64>,
+        example: u64,
+        modality: u8,
+    ) -> PyResult<()> {
+        let (vx, vy) = (limb_array(&x, "x", layer)?, limb_array(&y, "y", layer)?);
+        let recorder = &self.inner;
+        x.py()
+            .detach(|| {
+                let (x_sum, mx) = signed_sums(vx, layer, "x")?;
+                let (y_sum, my) = signed_sums(vy, layer, "y")?;
+                recorder.push_moments(&Moments {
+                    layer,
+                    count,
+                    x_sum: &x_sum,
+                    y_sum: &y_sum,
+                    magnitude: mx.saturating_add(my),
+                    example,
+                    modality,
+                })
+            })
+            .py_err()
+    }
+
+    /// Adds Gram sums reduced elsewhere: `sums` is a C-contiguous int64
+    /// array `[4, in (in + 1) / 2]` of signed 32-bit limb sums of each
+    /// push's f64 `XᵀX` entries truncated to `trunc(g × 2^50)`, over the
+    /// packed upper triangle (row `i`: columns `i..in`).
+    fn add_gram_sums(
+        &self,
+        py: Python<'_>,
+        layer: &str,
+        sums: PyReadonlyArrayDyn<'_, i64>,
+    ) -> PyResult<()> {
+        let shape = sums.shape().to_vec();
+        if shape.len() != 2 || shape[0] != limbs::COUNT || !sums.is_c_contiguous() {
+            return Err(invalid(format!(
+                "layer `{layer}`: Gram sums of shape {shape:?}; give a C-contiguous int64 \
+                 array [{}, in (in + 1) / 2]",
+                limbs::COUNT
+            )));
+        }
+        let values = sums.as_slice().map_err(|e| invalid(e.to_string()))?;
+        let n = shape[1];
+        let recorder = &self.inner;
+        py.detach(|| {
+            let limb =
+                |t: usize| -> [i64; limbs::COUNT] { std::array::from_fn(|k| values[k * n + t]) };
+            let totals: Vec<i128> = (0..n).map(|t| limbs::to_i128(&limb(t))).collect();
+            // The trace from the diagonal; a wrong length is refused by
+            // add_gram_sums before the trace matters.
+            let width = ((((8 * n + 1) as f64).sqrt() as usize).saturating_sub(1)) / 2;
+            let mut trace = 0u128;
+            if width * (width + 1) / 2 == n {
+                for d in engine::recorder::Recorder::triangle_diagonal(width) {
+                    let v = limbs::to_u128_saturating(&limb(d)).ok_or_else(|| {
+                        engine::Error::new(
+                            engine::ErrorKind::InvalidInput,
+                            "a Gram diagonal entry has a negative limb sum",
+                        )
+                        .with_tensor(layer)
+                    })?;
+                    trace = trace.saturating_add(v);
+                }
+            }
+            recorder.add_gram_sums(layer, &totals, trace)
         })
         .py_err()
     }

@@ -53,7 +53,9 @@ def test_recording_equals_the_native_probe_with_padding_excluded(llama):
         assert hooks[f"{layer}.count"][0] == probe[f"{layer}.count"][0] == sum(map(len, SEQUENCES))
         for t in ("x_mean", "y_mean", "x_rows", "y_rows"):
             assert_close(hooks[f"{layer}.{t}"], probe[f"{layer}.{t}"], f"{layer}.{t}")
-        assert_close(hooks[f"{layer}.x_gram"], gram_of(probe, probe_meta, layer), f"{layer}.x_gram")
+        assert_close(gram_of(hooks, hooks_meta, layer), gram_of(probe, probe_meta, layer), f"{layer}.x_gram")
+    # Both share q/k/v's and gate/up's input Gram the same way.
+    assert json.loads(hooks_meta["gram_shared"]) == json.loads(probe_meta["gram_shared"])
     # lm_head is an nn.Linear too (the probe leaves it out: SPEC §1.4).
     assert "lm_head.x_mean" in hooks
 
@@ -80,10 +82,10 @@ def test_a_mask_that_disagrees_with_the_inputs_is_an_error(llama):
                 model(input_ids=ids)
 
 
-def widened_record(model, path, batches):
+def widened_record(model, path, batches, gram_shared=None):
     """The reference: each example's masked rows widened to f32 and pushed
     by hand, one push per example and layer as Recording does."""
-    rec = flatmerge.Recorder(model=type(model).__name__, rows=2**63 - 1, gram=True)
+    rec = flatmerge.Recorder(model=type(model).__name__, rows=2**63 - 1, gram=True, gram_shared=gram_shared)
     state = {}
     handles = []
     for name, module in model.named_modules():
@@ -117,7 +119,7 @@ def test_half_precision_equals_its_f32_widening_exactly(tmp_path, dtype):
             ids, mask = padded(seqs)
             model(input_ids=ids, attention_mask=mask)
     rec.save(tmp_path / "half.stats.safetensors")
-    widened_record(model, tmp_path / "f32.stats.safetensors", batches)
+    widened_record(model, tmp_path / "f32.stats.safetensors", batches, rec.gram_shared)
     assert (tmp_path / "half.stats.safetensors").read_bytes() == (tmp_path / "f32.stats.safetensors").read_bytes()
 
 
