@@ -448,6 +448,7 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         decoder_prefix: None,
     };
     inputs.decoder_prefix = crate::layers::decoder_prefix(&inputs.reference().checkpoint);
+    config.method.map_inputs(config, &mut inputs)?;
     Ok(inputs)
 }
 
