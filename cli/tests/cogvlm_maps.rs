@@ -307,12 +307,14 @@ impl Models {
                     .collect()
             };
             let gather_cols = |w: &[f32]| -> Vec<f32> {
-                (0..H)
-                    .flat_map(|r| sl.iter().map(move |&j| w[r * MLP + j]))
-                    .collect()
+                let mut out = Vec::with_capacity(H * MLP);
+                for r in 0..H {
+                    out.extend(sl.iter().map(|&j| w[r * MLP + j]));
+                }
+                out
             };
             let mlp_in: Vec<f32> = x.iter().map(|v| v * 0.9).collect();
-            let mut mlp = |stats: &mut Stats, t: &mut Tensors, prefix: &str, ws: [Vec<f32>; 3]| {
+            let mlp = |stats: &mut Stats, t: &mut Tensors, prefix: &str, ws: [Vec<f32>; 3]| {
                 let [g, u, d] = ws;
                 let yg = stats.record(&p(&format!("{prefix}gate_proj")), &mlp_in, &g);
                 let yu = stats.record(&p(&format!("{prefix}up_proj")), &mlp_in, &u);
@@ -512,7 +514,7 @@ impl Models {
     }
 
     fn names(&self, kind: &str) -> Vec<String> {
-        flatmerge::io::Checkpoint::open(self.root.join(kind))
+        flatmerge::io::Checkpoint::open(&self.root.join(kind))
             .unwrap()
             .tensors()
             .iter()
@@ -522,7 +524,7 @@ impl Models {
 
     /// A copy of model `kind` without the tensor `drop`, as `name`.
     fn without(&self, kind: &str, drop: &str, name: &str) {
-        let c = flatmerge::io::Checkpoint::open(self.root.join(kind)).unwrap();
+        let c = flatmerge::io::Checkpoint::open(&self.root.join(kind)).unwrap();
         let t: Tensors = c
             .tensors()
             .iter()
@@ -678,7 +680,8 @@ fn the_merge_feeds_each_expert_the_right_rows_and_aligns_both_mlps() {
         assert_eq!(used["map"], expected, "{used}");
         assert_eq!(used["detected"], true);
         let stacks = used["concatenated"].as_array().unwrap();
-        assert_eq!(stacks.len(), if b == "mplug-owl2" { 2 } else { 1 } * LAYERS);
+        let per_layer = if b == "mplug-owl2" { 2 } else { 1 };
+        assert_eq!(stacks.len(), per_layer * LAYERS);
         assert_eq!(
             m.names(&format!("merged-{b}")).len(),
             m.names("cogvlm").len(),
@@ -852,7 +855,7 @@ fn strict_fails_exactly_on_the_unaccounted_tensors() {
 fn a_pair_no_map_fits_gets_one_line_and_no_output() {
     let m = Models::build();
     // A LLaVA with a tensor no map knows: the CogVLM map is nearest.
-    let c = flatmerge::io::Checkpoint::open(m.root.join("llava-original")).unwrap();
+    let c = flatmerge::io::Checkpoint::open(&m.root.join("llava-original")).unwrap();
     let mut t: Tensors = c
         .tensors()
         .iter()
