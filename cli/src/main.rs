@@ -451,11 +451,18 @@ fn map(args: MapArgs) -> Result<(), Error> {
     };
     println!("name map: {}{picked}", name_map.source);
     println!(
-        "B → A: {} mapped one-to-one, {} one-to-many (into {} tensors of A), {} dropped from B; \
-         {} kept from A; unaccounted: {} of A, {} of B",
+        "B → A: {} mapped one-to-one, {} one-to-many (into {} tensors of A), {} concatenated \
+         into {} stacked tensors (into {} tensors of A), {} dropped from B; {} kept from A; \
+         unaccounted: {} of A, {} of B",
         acc.mapped.len(),
         acc.one_to_many.len(),
         acc.one_to_many.iter().map(|(_, a)| a.len()).sum::<usize>(),
+        acc.stacked_parts().len(),
+        acc.concatenated.len(),
+        acc.concatenated
+            .iter()
+            .map(|c| c.targets.len())
+            .sum::<usize>(),
         acc.dropped_from_b.len(),
         acc.kept_from_a.len(),
         acc.unaccounted_a.len(),
@@ -467,6 +474,14 @@ fn map(args: MapArgs) -> Result<(), Error> {
         }
         for (b, a) in &acc.one_to_many {
             println!("  one-to-many  {b} → {}", a.join(", "));
+        }
+        for c in &acc.concatenated {
+            println!(
+                "  concatenated {} = {} → {}",
+                c.name,
+                c.parts.join(" + "),
+                c.targets.join(", ")
+            );
         }
         for a in &acc.kept_from_a {
             println!("  kept from A  {a}");

@@ -451,6 +451,7 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         Some(window) => window.stack_prefix(&inputs.reference().checkpoint),
         None => crate::layers::decoder_prefix(&inputs.reference().checkpoint),
     };
+    config.method.map_inputs(config, &mut inputs)?;
     Ok(inputs)
 }
 

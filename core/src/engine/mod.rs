@@ -525,7 +525,11 @@ impl MergePart {
         );
         inputs.extend(named(self.inputs.receiver(), &tensor.name));
         for (&k, view) in tensor.contributors.iter().zip(contributors) {
-            inputs.push((self.inputs.contributor(k).checkpoint.root(), *view));
+            // A stacked tensor's bytes are its parts'.
+            let checkpoint = &self.inputs.contributor(k).checkpoint;
+            for stored in view.stored(checkpoint) {
+                inputs.push((checkpoint.root(), stored));
+            }
         }
         for (file, view) in inputs {
             let size = view.dtype.size();

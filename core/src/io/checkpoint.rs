@@ -52,6 +52,17 @@ pub struct Checkpoint {
     adapter: Option<Box<Adapter>>,
     /// Tensors seen with their rows mapped ([`Checkpoint::set_rows`]).
     rows: Option<Box<RowMaps>>,
+    /// Tensors stacked from the rows of others ([`Checkpoint::stack`]): not
+    /// stored, so not among [`Checkpoint::tensors`].
+    stacked: HashMap<String, Stacked>,
+}
+
+/// A tensor made of the rows of several stored ones.
+#[derive(Debug)]
+struct Stacked {
+    info: TensorInfo,
+    /// Each part's name and element count, in order.
+    parts: Vec<(String, usize)>,
 }
 
 #[derive(Debug)]
@@ -113,10 +124,21 @@ pub struct TensorView<'a> {
     pub rows: Option<Rows<'a>>,
 }
 
-impl TensorView<'_> {
+impl<'a> TensorView<'a> {
     /// Number of elements.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// The views whose stored bytes make up this tensor, for scans of
+    /// `data`: itself, or a stacked tensor's parts.
+    pub fn stored(&self, checkpoint: &'a Checkpoint) -> Vec<TensorView<'a>> {
+        match &self.rows {
+            Some(rows) if self.data.is_empty() && rows.parts().next().is_some() => {
+                rows.parts().filter_map(|p| checkpoint.view(p)).collect()
+            }
+            _ => vec![*self],
+        }
     }
 
     /// Decodes elements `[start, start + out.len())` of an F32, F16 or BF16
@@ -358,6 +380,7 @@ impl Checkpoint {
             fingerprints: Vec::with_capacity(parsed.len()),
             adapter: None,
             rows: None,
+            stacked: HashMap::new(),
         };
         for shard in parsed {
             // First shard wins on conflicting keys: HF shards normally all
@@ -470,6 +493,61 @@ impl Checkpoint {
         self.rows = Some(Box::new(maps));
     }
 
+    /// Adds a tensor called `name` whose rows are those of `parts`, one
+    /// after the other (CogVLM's fused `query_key_value` from LLaVA's q, k
+    /// and v), read from the parts while the merge reads it, never
+    /// materialised here. It is not stored, so [`Checkpoint::tensors`] does
+    /// not list it; [`Checkpoint::info`] and [`Checkpoint::view`] find it.
+    /// Errors ([`ErrorKind::Plan`], naming the tensor): `name` is taken, a
+    /// part is missing or itself stacked, or the parts differ in dtype or
+    /// in any axis but the first.
+    pub fn stack(&mut self, name: &str, parts: &[String]) -> Result<()> {
+        let err = |msg: String| {
+            Error::new(ErrorKind::Plan, msg)
+                .with_file(&self.root)
+                .with_tensor(name)
+        };
+        if self.info(name).is_some() {
+            return Err(err(
+                "a stacked tensor would replace a tensor of the same name".into(),
+            ));
+        }
+        let mut infos = Vec::with_capacity(parts.len());
+        for part in parts {
+            match self.by_name.get(part) {
+                Some(&i) => infos.push(&self.tensors[i]),
+                None => return Err(err(format!("its part `{part}` is not a stored tensor"))),
+            }
+        }
+        let Some(first) = infos.first() else {
+            return Err(err("a stacked tensor needs at least one part".into()));
+        };
+        let (dtype, tail) = (first.dtype, first.shape.get(1..).unwrap_or(&[]));
+        if let Some(other) = infos
+            .iter()
+            .find(|t| t.dtype != dtype || t.shape.is_empty() || &t.shape[1..] != tail)
+        {
+            return Err(err(format!(
+                "its parts must share the dtype and every axis but the first: `{}` is {:?} {:?}, `{}` is {:?} {:?}",
+                first.name, first.dtype, first.shape, other.name, other.dtype, other.shape
+            )));
+        }
+        let mut shape = first.shape.clone();
+        shape[0] = infos.iter().map(|t| t.shape[0]).sum();
+        let parts = infos.iter().map(|t| (t.name.clone(), t.numel())).collect();
+        let info = TensorInfo {
+            name: name.to_string(),
+            dtype,
+            shape,
+            shard: 0,
+            begin: 0,
+            end: 0,
+        };
+        self.stacked
+            .insert(name.to_string(), Stacked { info, parts });
+        Ok(())
+    }
+
     /// The LoRA adapter applied while reading, if any.
     pub fn adapter(&self) -> Option<&Adapter> {
         self.adapter.as_deref()
@@ -494,11 +572,24 @@ impl Checkpoint {
 
     /// The tensor called `name`, if any.
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
-        self.by_name.get(name).map(|&i| &self.tensors[i])
+        match self.by_name.get(name) {
+            Some(&i) => Some(&self.tensors[i]),
+            None => self.stacked.get(name).map(|s| &s.info),
+        }
     }
 
     /// A view of the bytes of the tensor called `name`, if any.
     pub fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        if let Some(s) = self.stacked.get(name) {
+            return Some(TensorView {
+                name: &s.info.name,
+                dtype: s.info.dtype,
+                shape: &s.info.shape,
+                data: &[],
+                lora: None,
+                rows: Some(Rows::stacked(self, &s.parts)),
+            });
+        }
         let info = self.info(name)?;
         let data = self.shards.get(info.shard)?.map.get(info.begin..info.end)?;
         Some(TensorView {
@@ -514,6 +605,12 @@ impl Checkpoint {
     /// Drops this process's mapping of the tensor called `name` (see
     /// [`MappedFile::release`]): for a merge that is done with it.
     pub fn release(&self, name: &str) {
+        if let Some(s) = self.stacked.get(name) {
+            for (part, _) in &s.parts {
+                self.release(part);
+            }
+            return;
+        }
         if let Some(info) = self.info(name) {
             if let Some(shard) = self.shards.get(info.shard) {
                 shard.map.release(info.begin..info.end);

@@ -1,6 +1,8 @@
 //! Tensors seen with their rows rearranged: a model's embedding and output
 //! rows mapped into the merged vocabulary ([`crate::vocab`]), while the
-//! model is read.
+//! model is read; and tensors stacked from the rows of several of one
+//! checkpoint (a name map's `concat`: LLaVA's q, k and v seen as CogVLM's
+//! fused `query_key_value`, [`Checkpoint::stack`]).
 //!
 //! A [`TensorView`](super::TensorView) of a mapped tensor carries [`Rows`]
 //! beside its own bytes, and every decode builds the rows it covers from
@@ -84,9 +86,11 @@ impl RowMaps {
 
     pub(crate) fn rows<'a>(&'a self, name: &'a str) -> Option<Rows<'a>> {
         Some(Rows {
-            map: self.tensors.get(name)?,
-            donors: &self.donors,
-            name,
+            kind: Kind::Mapped(Mapped {
+                map: self.tensors.get(name)?,
+                donors: &self.donors,
+                name,
+            }),
         })
     }
 
@@ -100,17 +104,79 @@ impl RowMaps {
     }
 }
 
-/// A mapped tensor's rows, for [`TensorView::read_f32`](super::TensorView::read_f32).
+/// A mapped or stacked tensor's rows, for
+/// [`TensorView::read_f32`](super::TensorView::read_f32).
 #[derive(Debug, Clone, Copy)]
 pub struct Rows<'a> {
+    kind: Kind<'a>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind<'a> {
+    /// Rows mapped into another vocabulary.
+    Mapped(Mapped<'a>),
+    /// The parts' rows one after the other: each `(name, elements)` of
+    /// `checkpoint`, read through its own view (a LoRA update included).
+    Stacked {
+        checkpoint: &'a Checkpoint,
+        parts: &'a [(String, usize)],
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mapped<'a> {
     map: &'a RowMap,
     donors: &'a [Checkpoint],
     name: &'a str,
 }
 
-impl Rows<'_> {
-    /// Writes elements `[start, start + out.len())` of the mapped tensor.
+impl<'a> Rows<'a> {
+    /// The rows of `parts` of `checkpoint`, stacked in order.
+    pub(crate) fn stacked(checkpoint: &'a Checkpoint, parts: &'a [(String, usize)]) -> Rows<'a> {
+        Rows {
+            kind: Kind::Stacked { checkpoint, parts },
+        }
+    }
+
+    /// A stacked tensor's parts, in order (empty for mapped rows).
+    pub fn parts(&self) -> impl Iterator<Item = &'a str> {
+        let parts: &'a [(String, usize)] = match self.kind {
+            Kind::Stacked { parts, .. } => parts,
+            Kind::Mapped(_) => &[],
+        };
+        parts.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Writes elements `[start, start + out.len())` of the tensor.
     pub fn read(&self, start: usize, out: &mut [f32]) {
+        match self.kind {
+            Kind::Mapped(m) => m.read(start, out),
+            Kind::Stacked { checkpoint, parts } => {
+                // Element offsets: the parts' rows are contiguous in order, so
+                // a range splits into one range per part it covers.
+                let (mut at, mut done, mut offset) = (start, 0, 0);
+                for (name, len) in parts {
+                    if done == out.len() {
+                        break;
+                    }
+                    if at < offset + len {
+                        let n = (offset + len - at).min(out.len() - done);
+                        let view = checkpoint
+                            .view(name)
+                            .expect("parts are checked when the tensor is stacked");
+                        view.read_f32(at - offset, &mut out[done..done + n]);
+                        at += n;
+                        done += n;
+                    }
+                    offset += len;
+                }
+            }
+        }
+    }
+}
+
+impl Mapped<'_> {
+    fn read(&self, start: usize, out: &mut [f32]) {
         let cols = self.map.cols;
         let mut at = start;
         let mut done = 0;

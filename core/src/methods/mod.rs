@@ -176,6 +176,13 @@ pub trait Method: Sync {
     /// Validates the config's parameters and model list into settings.
     fn settings(&self, input: &SettingsInput<'_>) -> Result<MethodSettings>;
 
+    /// Adjusts the opened inputs before planning, reading no tensor data
+    /// (FAM: adds the stacked tensors its name map's `concat` rules build
+    /// from the contributor's).
+    fn map_inputs(&self, _config: &MergeConfig, _inputs: &mut Inputs) -> Result<()> {
+        Ok(())
+    }
+
     /// The rule of every output tensor, checked before any tensor data is
     /// read; reports every problem at once.
     fn plan(&self, config: &MergeConfig, inputs: &Inputs) -> Result<Plan>;

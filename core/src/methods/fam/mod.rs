@@ -48,6 +48,7 @@ pub fn accounting_report(source: &str, detected: bool, acc: &crate::namemap::Acc
         "detected": detected,
         "mapped": acc.mapped.len(),
         "one_to_many": acc.one_to_many.iter().map(|(b, a)| json!({"b": b, "a": a})).collect::<Vec<_>>(),
+        "concatenated": acc.concatenated.iter().map(|c| json!({"b": c.parts, "as": c.name, "a": c.targets})).collect::<Vec<_>>(),
         "kept_from_a": acc.kept_from_a,
         "dropped_from_b": acc.dropped_from_b,
         "unaccounted_a": acc.unaccounted_a,
@@ -102,6 +103,22 @@ impl Method for Fam {
 
     fn uses_name_map(&self) -> bool {
         true
+    }
+
+    /// Adds to B the tensors the name map stacks from B's rows (CogVLM's
+    /// fused qkv from LLaVA's q, k, v), so that planning and merging see
+    /// one tensor of A's shape.
+    fn map_inputs(&self, config: &MergeConfig, inputs: &mut Inputs) -> Result<()> {
+        let Some(settings) = config.fam() else {
+            return Ok(());
+        };
+        let (map, _) = resolve_name_map(settings, inputs)?;
+        let b = inputs.contributors[0];
+        let checkpoint = &mut inputs.models[b].checkpoint;
+        for c in stacks(&map, checkpoint) {
+            checkpoint.stack(&c.name, &c.parts)?;
+        }
+        Ok(())
     }
 
     fn takes_grams_file(&self) -> bool {
@@ -569,18 +586,54 @@ pub fn resolve_name_map(
     }
 }
 
+/// The tensors `map` stacks from B's rows whose parts B stores (B's own
+/// tensors, not stacks).
+pub fn stacks(map: &crate::namemap::NameMap, b: &Checkpoint) -> Vec<crate::namemap::Concatenation> {
+    map.concatenations(b.tensors().iter().map(|t| t.name.as_str()))
+        .into_iter()
+        .filter(|c| c.parts.iter().all(|p| b.info(p).is_some()))
+        .collect()
+}
+
 fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Result<Plan> {
     let mut problems = Problems::default();
     let receiver = &inputs.receiver().checkpoint;
     let contributor = inputs.contributor(0);
     let b = &contributor.checkpoint;
-    let (name_map, _) = resolve_name_map(settings, inputs)?;
+    let (name_map, accounting) = resolve_name_map(settings, inputs)?;
     let mut b_for_a: BTreeMap<String, String> = BTreeMap::new();
     let mut dropped = Vec::new();
     // Dropped on purpose (a rule, or an optional tensor A lacks): accounted
     // for, so `--strict` lets it pass.
     let mut dropped_by_map = std::collections::BTreeSet::new();
+    // A stack feeds A's tensors in its parts' place; parts of a stack
+    // none of whose targets A has are dropped like any other tensor.
+    let mut stacked_parts = std::collections::BTreeSet::new();
+    let mut feeds: Vec<(String, String)> = Vec::new();
+    for c in stacks(&name_map, b) {
+        let present: Vec<&String> = c
+            .targets
+            .iter()
+            .filter(|t| receiver.info(t).is_some())
+            .collect();
+        if present.is_empty() {
+            continue;
+        }
+        if b.info(&c.name).is_none() {
+            return Err(Error::new(
+                ErrorKind::Plan,
+                "the name map stacks this tensor from the contributor's rows, but the inputs were opened without it",
+            )
+            .with_file(b.root())
+            .with_tensor(&c.name));
+        }
+        stacked_parts.extend(c.parts.iter().cloned());
+        feeds.extend(present.into_iter().map(|t| (t.clone(), c.name.clone())));
+    }
     for info in b.tensors() {
+        if stacked_parts.contains(&info.name) {
+            continue;
+        }
         let targets: Vec<String> = name_map
             .apply(&info.name)
             .into_iter()
@@ -595,15 +648,15 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                 dropped_by_map.insert(info.name.clone());
             }
         }
-        for target in targets {
-            if let Some(previous) = b_for_a.insert(target.clone(), info.name.clone()) {
+        feeds.extend(targets.into_iter().map(|t| (t, info.name.clone())));
+    }
+    for (target, source) in feeds {
+        {
+            if let Some(previous) = b_for_a.insert(target.clone(), source.clone()) {
                 problems.push(
                     Error::new(
                         ErrorKind::Plan,
-                        format!(
-                            "both `{previous}` and `{}` of the contributor map to it",
-                            info.name
-                        ),
+                        format!("both `{previous}` and `{source}` of the contributor map to it"),
                     )
                     .with_file(receiver.root())
                     .with_tensor(&target),
@@ -718,6 +771,18 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
                 }
             };
         let kept_by_map = source.is_none() && name_map.keeps(&info.name);
+        if let (true, Some(source)) = (config.strict, source) {
+            if accounting.unaccounted_a.contains(&info.name) {
+                problems.push(
+                    Error::new(
+                        ErrorKind::Plan,
+                        format!("--strict: fed by `{source}`, which the name map also sends to tensors the receiver lacks"),
+                    )
+                    .with_file(receiver.root())
+                    .with_tensor(&info.name),
+                );
+            }
+        }
         if let (TensorRule::Copy { reason }, true, false) = (&rule, config.strict, kept_by_map) {
             problems.push(
                 Error::new(
@@ -747,6 +812,34 @@ fn plan_fam(config: &MergeConfig, settings: &FamSettings, inputs: &Inputs) -> Re
         });
     }
     if config.strict {
+        // Fed to some of its targets but not all: the map names tensors A
+        // lacks, so the accounting leaves it unaccounted.
+        let partly_fed = accounting.unaccounted_b.iter().filter(|n| {
+            !dropped.iter().any(|d| &d.name == *n) && !stacked_parts.contains(n.as_str())
+        });
+        for name in partly_fed {
+            problems.push(
+                Error::new(
+                    ErrorKind::Plan,
+                    "--strict: the name map sends this contributor tensor to tensors the receiver lacks",
+                )
+                .with_file(b.root())
+                .with_tensor(name),
+            );
+        }
+        for part in stacked_parts
+            .iter()
+            .filter(|p| accounting.unaccounted_b.contains(p))
+        {
+            problems.push(
+                Error::new(
+                    ErrorKind::Plan,
+                    "--strict: the name map stacks this contributor tensor into tensors the receiver lacks",
+                )
+                .with_file(b.root())
+                .with_tensor(part),
+            );
+        }
         for d in dropped.iter().filter(|d| !dropped_by_map.contains(&d.name)) {
             problems.push(
                 Error::new(
