@@ -55,61 +55,6 @@ pub(crate) fn tensor_buffer<T: Copy + Default>(n: usize) -> Vec<T> {
     buffer
 }
 
-/// Output buffers the writer has finished with, for the next outputs: a
-/// fresh buffer costs a page fault and two zeroings per page (the kernel's
-/// and `resize`'s), 8 % of a TIES merge in a profile (`clear_page_erms`).
-/// At most [`SPARE_OUTPUTS`] are kept, so the outputs alive stay
-/// the two the writer's rendezvous allows plus these; the engine empties
-/// the pool when a merge ends ([`drop_spare_outputs`]).
-static SPARE: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
-
-/// Spare output buffers kept between tensors: one, which an output of the
-/// same or a smaller size (most of a decoder layer's) reuses.
-const SPARE_OUTPUTS: usize = 1;
-
-/// A buffer of `len` bytes for an output tensor, every byte of which the
-/// caller overwrites: a spare one when one is large enough (the smallest
-/// such), else a fresh [`tensor_buffer`].
-pub(crate) fn output_buffer(len: usize) -> Vec<u8> {
-    let spare = {
-        let mut pool = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-        let fits = pool
-            .iter()
-            .enumerate()
-            .filter(|(_, b)| b.capacity() >= len)
-            .min_by_key(|(_, b)| b.capacity())
-            .map(|(i, _)| i);
-        fits.map(|i| pool.swap_remove(i))
-    };
-    match spare {
-        Some(mut buffer) => {
-            // Only bytes past the buffer's previous length are written here.
-            buffer.resize(len, 0);
-            buffer
-        }
-        None => tensor_buffer::<u8>(len),
-    }
-}
-
-/// Hands a written output back for [`output_buffer`]; with the pool full,
-/// the smallest buffer is freed.
-pub(crate) fn recycle_output(buffer: Vec<u8>) {
-    let mut pool = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-    pool.push(buffer);
-    if pool.len() > SPARE_OUTPUTS {
-        let smallest = (0..pool.len())
-            .min_by_key(|&i| pool[i].capacity())
-            .expect("not empty");
-        pool.swap_remove(smallest);
-    }
-}
-
-/// Frees the spare output buffers (at the end of a merge, so an embedding
-/// process does not keep two of its largest outputs).
-pub(crate) fn drop_spare_outputs() {
-    SPARE.lock().unwrap_or_else(|e| e.into_inner()).clear();
-}
-
 /// Transparent huge pages are 2 MiB on x86-64 and most aarch64 kernels.
 #[cfg(target_os = "linux")]
 const HUGE_PAGE: usize = 2 << 20;
@@ -132,8 +77,7 @@ where
     F: Fn(usize, &mut [f32], &mut S) + Sync,
 {
     let chunk = chunk.max(1);
-    // Every byte is encoded below, so a recycled buffer's contents never show.
-    let mut out = output_buffer(n * out_dtype.size());
+    let mut out = tensor_buffer::<u8>(n * out_dtype.size());
     out.par_chunks_mut(chunk * out_dtype.size())
         .enumerate()
         .for_each_init(

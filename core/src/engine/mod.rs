@@ -192,9 +192,7 @@ impl PreparedMerge {
     /// Runs the merge into `options.out_dir`.
     pub fn run(&self, options: &MergeOptions<'_>) -> Result<MergeSummary> {
         self.check_output_is_not_an_input(&options.out_dir)?;
-        let result = thread_pool(options.threads)?.install(|| self.run_in_pool(options));
-        chunks::drop_spare_outputs();
-        result
+        thread_pool(options.threads)?.install(|| self.run_in_pool(options))
     }
 
     /// Refuses an output directory that is, or holds, one of the inputs:
@@ -382,7 +380,6 @@ impl PreparedMerge {
             let tensor = &self.plan.tensors[index];
             writer.write_tensor(&tensor.name, &bytes)?;
             bytes_done += bytes.len() as u64;
-            chunks::recycle_output(bytes);
             if let Some(progress) = options.progress {
                 progress(&Progress {
                     tensors_done: index + 1,
