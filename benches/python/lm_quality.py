@@ -189,6 +189,9 @@ def yaml_models(entries):
     return y
 
 
+SUBSPACE = ("tsv", "iso_c", "iso_cts", "wudi")
+
+
 def merge_configs(work, names, tuned_lambdas):
     """(label, kind, yaml) of every merge; kind `grid` rows are λ candidates."""
     m = {n: str(work / n) for n in names}
@@ -204,7 +207,7 @@ def merge_configs(work, names, tuned_lambdas):
         out.append(
             (
                 f"task_arithmetic λ = {lam}",
-                "grid",
+                "grid task_arithmetic",
                 "merge_method: task_arithmetic\n" + base + plain + f"parameters:\n  lambda: {lam}\n",
             )
         )
@@ -232,9 +235,18 @@ def merge_configs(work, names, tuned_lambdas):
             + yaml_models([{"model": m[n], "stats": own[n]} for n in fts]),
         )
     )
-    # The data-free subspace methods (SPEC §8) at their SPEC scale α = 1.
-    for method in ("tsv", "iso_c", "iso_cts", "wudi"):
-        out.append((f"{method} (α = 1)", "subspace", f"merge_method: {method}\n" + base + plain))
+    # The data-free subspace methods (SPEC §8): their scale α on task
+    # arithmetic's grid, α = 1 (SPEC's) reported as well as the α chosen on
+    # validation, as for task arithmetic's λ.
+    for method in SUBSPACE:
+        for alpha in tuned_lambdas:
+            out.append(
+                (
+                    f"{method} α = {alpha}",
+                    f"grid {method}",
+                    f"merge_method: {method}\n" + base + plain + f"parameters:\n  alpha: {alpha}\n",
+                )
+            )
     safe = "merge_method: safe_m\n" + base + f"base_model_stats: {meta['ancestor']}\n"
     with_meta = yaml_models([{"model": m[n], "stats": meta[n]} for n in fts])
     with_grams = yaml_models([{"model": m[n], "stats": meta[n], "grams": own[n]} for n in fts])
@@ -298,7 +310,7 @@ def one_seed(seed, args, flatmerge, work, log):
     rows = [("fine-tuned (each domain's own model)", "reference", kept(ft["test"], "test"), kept(ft["val"], "val"))]
     rows.append(("ancestor", "reference", kept(anc["test"], "test"), kept(anc["val"], "val")))
     grid = [0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]
-    best = None
+    best = {}  # per tuned method: (validation mean, row)
     t = time.time()
     for label, kind, yaml in merge_configs(work, names, grid):
         cfg = work / "merge.yaml"
@@ -309,18 +321,31 @@ def one_seed(seed, args, flatmerge, work, log):
         run([flatmerge, "merge", cfg, out, "--quiet"])
         merged = LlamaForCausalLM.from_pretrained(out)
         row = (label, kind, kept(losses(merged, "test"), "test"), kept(losses(merged, "val"), "val"))
-        if kind == "grid":
+        if kind.startswith("grid "):
+            method = kind.split(" ", 1)[1]
             score = sum(row[3]) / len(row[3])
-            if best is None or score > best[0]:
-                best = (score, row)
+            if method not in best or score > best[method][0]:
+                best[method] = (score, row)
             if label.endswith("= 1.0"):
-                rows.append(("task_arithmetic λ = 1", "baseline", row[2], row[3]))
+                scale = "λ" if method == "task_arithmetic" else "α"
+                rows.append((f"{method} {scale} = 1", "baseline", row[2], row[3]))
         else:
             rows.append(row)
-    lam = best[1][0].split("= ")[1]
-    rows.insert(3, (f"task_arithmetic, λ tuned on validation (λ = {lam})", "baseline", best[1][2], best[1][3]))
+    chosen = {m: b[1][0].split("= ")[1] for m, b in best.items()}
+    for method, (_, row) in best.items():
+        scale = "λ" if method == "task_arithmetic" else "α"
+        tuned = (f"{method}, {scale} tuned on validation", "baseline", row[2], row[3])
+        if method == "task_arithmetic":
+            rows.insert(3, tuned)
+        else:
+            rows.append(tuned)
     log(f"  merged and scored ({time.time() - t:.1f}s)")
-    return rows, {"ancestor_test_loss": anc["test"], "finetuned_test_loss": ft["test"], "lambda": lam}
+    return rows, {
+        "ancestor_test_loss": anc["test"],
+        "finetuned_test_loss": ft["test"],
+        "lambda": chosen["task_arithmetic"],
+        "chosen": chosen,
+    }
 
 
 def mean_sd(xs):
@@ -374,7 +399,7 @@ def main():
     for seed, (_, info) in zip(seeds, per_seed):
         a = ", ".join(f"{x:.3f}" for x in info["ancestor_test_loss"])
         f = ", ".join(f"{x:.3f}" for x in info["finetuned_test_loss"])
-        print(f"- seed {seed}: test loss (nats/byte) ancestor {a}; fine-tuned {f}; task_arithmetic λ chosen on validation = {info['lambda']}")
+        print(f"- seed {seed}: test loss (nats/byte) ancestor {a}; fine-tuned {f}; task_arithmetic λ chosen on validation = {info['lambda']}; α chosen: " + ", ".join(f"{m} {alpha}" for m, alpha in info["chosen"].items() if m != "task_arithmetic"))
     print(f"\nWall time: {time.time() - start:.1f} s.")
 
 

@@ -317,40 +317,32 @@ impl Sparsified<'_> {
             // The stream of the contributor's index, not of its place among
             // the holders of this tensor: masks do not move when one lacks it.
             let key = dare_stream(self.seed, self.plan.contributors[k], &self.plan.name);
-            let (factor, masks) = if rescale {
-                // The norms pass draws every element's keep decision; the
-                // merge pass reuses them as bits (n / 8 bytes) instead of
-                // hashing each element again.
-                let chunks: Vec<((f64, f64), Vec<u64>)> = (0..n.div_ceil(CHUNK_ELEMENTS))
+            let factor = if rescale {
+                let norms: Vec<(f64, f64)> = (0..n.div_ceil(CHUNK_ELEMENTS))
                     .into_par_iter()
                     .map_init(
-                        || (Vec::new(), Vec::new(), Vec::new()),
-                        |(b, tau, dropped), chunk| {
+                        || (Vec::new(), Vec::new()),
+                        |(b, tau), chunk| {
                             let start = chunk * CHUNK_ELEMENTS;
                             let len = CHUNK_ELEMENTS.min(n - start);
                             read(base, start, len, b);
                             read(view, start, len, tau);
                             subtract(tau, b);
-                            dropped.clear();
-                            dropped.extend_from_slice(tau);
-                            let norms = dare_drop_in_place(dropped, key, start as u64, density);
-                            (norms, unchanged_bits(tau, dropped))
+                            dare_drop_in_place(tau, key, start as u64, density)
                         },
                     )
                     .collect();
-                let (all, kept) = chunks
+                let (all, kept) = norms
                     .iter()
-                    .fold((0f64, 0f64), |(a, k), ((x, y), _)| (a + x, k + y));
-                let masks = chunks.into_iter().map(|(_, bits)| bits).collect();
-                (dare_rescale(all, kept), Some(masks))
+                    .fold((0f64, 0f64), |(a, k), (x, y)| (a + x, k + y));
+                dare_rescale(all, kept)
             } else {
-                (1.0, None)
+                1.0
             };
             drops.push(Some(DareDrop {
                 key,
                 density,
                 factor,
-                masks,
             }));
         }
         let nonzero: Vec<AtomicU64> = self
@@ -371,12 +363,7 @@ impl Sparsified<'_> {
                     read(view, start, values.len(), tau);
                     subtract(tau, b);
                     if let Some(drop) = drop {
-                        match &drop.masks {
-                            Some(masks) => keep_bits(tau, &masks[start / CHUNK_ELEMENTS]),
-                            None => {
-                                dare_drop_in_place(tau, drop.key, start as u64, drop.density);
-                            }
-                        }
+                        dare_drop_in_place(tau, drop.key, start as u64, drop.density);
                         scale_chunk(tau, drop.factor);
                     }
                     if let Some(top) = tops.map(|tops| &tops[k]) {
@@ -538,33 +525,6 @@ struct DareDrop {
     density: f64,
     /// The L1 rescale factor (1 without `rescale`).
     factor: f32,
-    /// With `rescale`: per chunk, bit `i` set where the drop left entry `i`
-    /// as it was (see [`unchanged_bits`]), from the norms pass.
-    masks: Option<Vec<Vec<u64>>>,
-}
-
-/// Bit `i` set where `after[i]` has the bits of `before[i]`: where DARE's
-/// drop kept the entry, or dropped one that was `+0.0` already. Zeroing
-/// the other entries (see [`keep_bits`]) gives the drop's bits exactly.
-fn unchanged_bits(before: &[f32], after: &[f32]) -> Vec<u64> {
-    let mut bits = vec![0u64; before.len().div_ceil(64)];
-    for ((word, b), a) in bits.iter_mut().zip(before.chunks(64)).zip(after.chunks(64)) {
-        for (j, (x, y)) in b.iter().zip(a).enumerate() {
-            *word |= u64::from(x.to_bits() == y.to_bits()) << j;
-        }
-    }
-    bits
-}
-
-/// Sets to `+0.0` every entry of `tau` whose bit in `bits` is clear.
-fn keep_bits(tau: &mut [f32], bits: &[u64]) {
-    for (chunk, word) in tau.chunks_mut(64).zip(bits) {
-        for (j, x) in chunk.iter_mut().enumerate() {
-            if word >> j & 1 == 0 {
-                *x = 0.0;
-            }
-        }
-    }
 }
 
 /// Multiplies every entry of a chunk by `factor` (skipped for 1).
@@ -720,31 +680,4 @@ fn della(
             (all, kept)
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cached_dare_bits_give_the_drop_bit_for_bit() {
-        // Signed zeros, subnormals and a ragged last word.
-        let mut tau: Vec<f32> = (0..1000)
-            .map(|i| match i % 7 {
-                0 => 0.0,
-                1 => -0.0,
-                2 => f32::from_bits(1),
-                _ => (i as f32 * 0.37).sin(),
-            })
-            .collect();
-        tau.truncate(997);
-        for (density, start) in [(0.3, 0u64), (0.9, 12_345), (0.0, 7), (1.0, 0)] {
-            let mut dropped = tau.clone();
-            dare_drop_in_place(&mut dropped, 0xfeed, start, density);
-            let mut from_bits = tau.clone();
-            keep_bits(&mut from_bits, &unchanged_bits(&tau, &dropped));
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-            assert_eq!(bits(&from_bits), bits(&dropped), "density {density}");
-        }
-    }
 }
