@@ -606,6 +606,26 @@ impl NameMap {
                 Ok(candidates.swap_remove(i))
             }
             0 => {
+                // The commonest slip: the receiver listed second. A built-in
+                // map that fits the pair the other way round says so.
+                let swapped = BUILTIN
+                    .iter()
+                    .filter_map(|n| NameMap::builtin(n))
+                    .find(|m| {
+                        let acc = m.account(b.iter().copied(), a.iter().copied());
+                        fits(&(m.clone(), acc))
+                    });
+                if let Some(m) = swapped {
+                    return Err(Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "name_map: auto: no built-in map accounts for every tensor of {files}, but `{}` does with the two the other way round: list {} first (the receiver A) and {} second",
+                            m.source,
+                            b_file.display(),
+                            a_file.display()
+                        ),
+                    ));
+                }
                 // Nearest: fewest unaccounted; the first on a tie (built-in order).
                 let (m, acc) = candidates
                     .iter()
@@ -1184,6 +1204,14 @@ mod tests {
             );
         }
         let owl = owl2_names();
+        // Receiver and contributor swapped: the map that fits the other way round.
+        let e = NameMap::detect(strs(&owl), strs(&cog), a, b).unwrap_err();
+        assert!(
+            e.message().contains(
+                "but `mplug-owl2-to-cogvlm` does with the two the other way round: list b first"
+            ),
+            "{e}"
+        );
         let (map, acc) = NameMap::detect(strs(&cog), strs(&owl), a, b).unwrap();
         assert_eq!(map.source, "mplug-owl2-to-cogvlm");
         // Embedding, norm, lm_head, the text copies of both norms.
