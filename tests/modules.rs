@@ -9,7 +9,7 @@
 
 use flatmerge::config::MergeConfig;
 use flatmerge::engine::{MergeOptions, PreparedMerge};
-use flatmerge_suite::{f32_tensors, leftovers, options, report, tempdir, write_f32_model};
+use flatmerge_suite::{assert_refused, f32_tensors, options, report, tempdir, write_f32_model};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -410,17 +410,6 @@ fn bad_modules_are_one_clear_error_and_leave_nothing() {
             "`modules.vision_tower`: line",
         ),
     ] {
-        let path = dir.path().join("bad.yaml");
-        std::fs::write(&path, &yaml).unwrap();
-        let out = dir.path().join("never");
-        let result = MergeConfig::from_file(&path)
-            .and_then(PreparedMerge::new)
-            .and_then(|p| p.run(&options(&out, Some(1), None)));
-        let e = result.err().unwrap_or_else(|| panic!("accepted:\n{yaml}"));
-        let text = e.to_string();
-        assert!(text.contains(needle), "{yaml}\n→ {text}");
-        assert!(text.contains("bad.yaml"), "names the config file: {text}");
-        assert!(!out.exists(), "nothing written");
-        assert!(leftovers(dir.path()).is_empty());
+        assert_refused(dir.path(), &yaml, needle);
     }
 }

@@ -9,9 +9,8 @@
 use flatmerge::config::MergeConfig;
 use flatmerge::demo::LlamaShape;
 use flatmerge::dtype::Dtype;
-use flatmerge::engine::PreparedMerge;
 use flatmerge_suite::{
-    f32_tensors, family, leftovers, merge, options, report, tempdir, write_f32_model,
+    assert_refused, f32_tensors, family, merge, report, tempdir, write_f32_model,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -297,17 +296,6 @@ fn bad_slices_are_one_clear_error_and_leave_nothing() {
             "residual_weight",
         ),
     ] {
-        let path = dir.path().join("bad.yaml");
-        std::fs::write(&path, &yaml).unwrap();
-        let out = dir.path().join("never");
-        let result = MergeConfig::from_file(&path)
-            .and_then(PreparedMerge::new)
-            .and_then(|p| p.run(&options(&out, Some(1), None)));
-        let e = result.err().unwrap_or_else(|| panic!("accepted:\n{yaml}"));
-        let text = e.to_string();
-        assert!(text.contains(needle), "{yaml}\n→ {text}");
-        assert!(text.contains("bad.yaml"), "names the config file: {text}");
-        assert!(!out.exists(), "nothing written");
-        assert!(leftovers(dir.path()).is_empty());
+        assert_refused(dir.path(), &yaml, needle);
     }
 }

@@ -74,19 +74,39 @@ pub fn split_stack<'a>(
 /// tensors (ties: the first in name order), e.g. `model.` for LLaMA or
 /// `model.language_model.` for llava-hf. `None` without layers.
 pub fn decoder_prefix(checkpoint: &Checkpoint) -> Option<String> {
-    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    decoder_stack(checkpoint).map(|(prefix, _)| prefix)
+}
+
+/// [`decoder_prefix`] with the stack's layer count.
+fn decoder_stack(checkpoint: &Checkpoint) -> Option<(String, usize)> {
+    largest_stack(checkpoint, |name| {
+        split_layer(name).map(|(prefix, index, _)| (prefix, index))
+    })
+}
+
+/// Of the layer stacks `split` finds in `checkpoint` (a tensor's prefix
+/// before its layer index, and the index), the one with the most tensors
+/// (ties: the first in name order), with its layer count: one more than
+/// its largest index.
+pub(crate) fn largest_stack<'a>(
+    checkpoint: &'a Checkpoint,
+    split: impl Fn(&'a str) -> Option<(&'a str, usize)>,
+) -> Option<(String, usize)> {
+    let mut stacks: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     for t in checkpoint.tensors() {
-        if let Some((prefix, _, _)) = split_layer(&t.name) {
-            *counts.entry(prefix).or_default() += 1;
+        if let Some((prefix, index)) = split(&t.name) {
+            let (tensors, layers) = stacks.entry(prefix).or_default();
+            *tensors += 1;
+            *layers = (*layers).max(index + 1);
         }
     }
-    let mut best: Option<(&str, usize)> = None;
-    for (prefix, n) in counts {
-        if best.is_none_or(|(_, m)| n > m) {
-            best = Some((prefix, n));
+    let mut best: Option<(&str, usize, usize)> = None;
+    for (prefix, (tensors, layers)) in stacks {
+        if best.is_none_or(|(_, most, _)| tensors > most) {
+            best = Some((prefix, tensors, layers));
         }
     }
-    best.map(|(p, _)| p.to_string())
+    best.map(|(prefix, _, layers)| (prefix.to_string(), layers))
 }
 
 /// The decoder layers `[first, first + count)` of one model, renumbered
@@ -146,36 +166,18 @@ impl LayerWindow {
         }
     }
 
-    /// The prefix of the window's layer stack in `checkpoint` (the
-    /// decoder's, or its module's).
-    pub fn stack_prefix(&self, checkpoint: &Checkpoint) -> Option<String> {
+    /// The window's layer stack in `checkpoint` (the decoder's, or its
+    /// module's): its prefix and layer count; `None` without layers.
+    pub fn stack(&self, checkpoint: &Checkpoint) -> Option<(String, usize)> {
         match self.module {
-            Some(module) => module.stack_prefix(checkpoint),
-            None => decoder_prefix(checkpoint),
-        }
-    }
-
-    /// Layers of the window's stack in `checkpoint`.
-    pub fn stack_layers(&self, checkpoint: &Checkpoint) -> usize {
-        match self.module {
-            Some(module) => module.layer_count(checkpoint),
-            None => {
-                let prefix = decoder_prefix(checkpoint);
-                checkpoint
-                    .tensors()
-                    .iter()
-                    .filter_map(|t| split_layer(&t.name))
-                    .filter(|(p, _, _)| Some(*p) == prefix.as_deref())
-                    .map(|(_, index, _)| index + 1)
-                    .max()
-                    .unwrap_or(0)
-            }
+            Some(module) => module.stack(checkpoint),
+            None => decoder_stack(checkpoint),
         }
     }
 
     /// The output name of the source tensor `name`, or `None` when the
     /// window leaves it out; `prefix` is the model's stack prefix
-    /// ([`LayerWindow::stack_prefix`]).
+    /// ([`LayerWindow::stack`]).
     pub fn rename(&self, name: &str, prefix: Option<&str>) -> Option<String> {
         if let Some(module) = self.module {
             if Module::of(name) != module {

@@ -80,41 +80,17 @@ impl Module {
         crate::layers::split_stack(name, words)
     }
 
-    /// The layer stack of this module in `checkpoint`: of the prefixes
-    /// before a stack word its tensors hold, the one with the most tensors
-    /// (ties: the first in name order). `None`: the module has no layers.
-    pub fn stack_prefix(self, checkpoint: &Checkpoint) -> Option<String> {
-        let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
-        for t in checkpoint.tensors() {
-            if Module::of(&t.name) != self {
-                continue;
+    /// The layer stack of this module in `checkpoint`, its prefix and layer
+    /// count ([`crate::layers::largest_stack`] over the module's tensors).
+    /// `None`: the module has no layers.
+    pub fn stack(self, checkpoint: &Checkpoint) -> Option<(String, usize)> {
+        crate::layers::largest_stack(checkpoint, |name| {
+            if Module::of(name) != self {
+                return None;
             }
-            if let Some((prefix, _, _, _)) = self.split(&t.name) {
-                *counts.entry(prefix).or_default() += 1;
-            }
-        }
-        let mut best: Option<(&str, usize)> = None;
-        for (prefix, n) in counts {
-            if best.is_none_or(|(_, m)| n > m) {
-                best = Some((prefix, n));
-            }
-        }
-        best.map(|(p, _)| p.to_string())
-    }
-
-    /// Layers of this module's stack in `checkpoint`: one more than the
-    /// largest index under [`Module::stack_prefix`].
-    pub fn layer_count(self, checkpoint: &Checkpoint) -> usize {
-        let prefix = self.stack_prefix(checkpoint);
-        checkpoint
-            .tensors()
-            .iter()
-            .filter(|t| Module::of(&t.name) == self)
-            .filter_map(|t| self.split(&t.name))
-            .filter(|(p, _, _, _)| Some(*p) == prefix.as_deref())
-            .map(|(_, _, index, _)| index + 1)
-            .max()
-            .unwrap_or(0)
+            self.split(name)
+                .map(|(prefix, _, index, _)| (prefix, index))
+        })
     }
 
     /// Whether a tensor of this module outside its stack comes after it,

@@ -309,6 +309,15 @@ impl NameMap {
         // for llava-hf's.
         let llava_hf_vision = r"(?:model\.)?vision_tower\.(?:vision_model\.)?((?:embeddings|encoder|pre_layrnorm|post_layernorm|head)\..*)";
         let llava_hf_projector = r"(?:model\.)?multi_modal_projector\.linear_([12])\.(weight|bias)";
+        // A llava-hf contributor into a receiver without its projector and
+        // vision tower: the language model renamed, the rest dropped.
+        let llava_hf_language_only = || {
+            let mut rules = llava_hf_language();
+            rules.push(rule(llava_hf_projector, &[]));
+            rules.push(rule(llava_hf_vision, &[]));
+            rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+            rules
+        };
         // CogVLM (THUDM/cogvlm-chat-hf): each decoder layer has a language
         // and a vision expert for attention (`*_expert_query_key_value`,
         // q, k, v rows fused in that order, no bias; `*_expert_dense`, the
@@ -375,10 +384,7 @@ impl NameMap {
             "llava-hf-to-cogvlm" => {
                 let mut rules =
                     llava_to_cogvlm(r"(?:language_model\.model|model\.language_model)\.");
-                rules.extend(llava_hf_language());
-                rules.push(rule(llava_hf_projector, &[]));
-                rules.push(rule(llava_hf_vision, &[]));
-                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                rules.extend(llava_hf_language_only());
                 NameMap::new(name, &rules)
                     .ok()?
                     .with_accounting(&COGVLM_ONLY, &[])
@@ -434,10 +440,7 @@ impl NameMap {
             // llava-hf → mPLUG-Owl2: as above, from either llava-hf naming.
             "llava-hf-to-mplug-owl2" => {
                 let mut rules = multiway(r"(?:language_model\.model|model\.language_model)\.");
-                rules.extend(llava_hf_language());
-                rules.push(rule(llava_hf_projector, &[]));
-                rules.push(rule(llava_hf_vision, &[]));
-                rules.push(rule(r".*\.rotary_emb\.inv_freq", &[]));
+                rules.extend(llava_hf_language_only());
                 NameMap::new(name, &rules)
                     .ok()?
                     .with_accounting(&MPLUG_ONLY, &[])

@@ -448,7 +448,9 @@ pub fn open_inputs(config: &MergeConfig) -> Result<Inputs> {
         decoder_prefix: None,
     };
     inputs.decoder_prefix = match &config.layer_window {
-        Some(window) => window.stack_prefix(&inputs.reference().checkpoint),
+        Some(window) => window
+            .stack(&inputs.reference().checkpoint)
+            .map(|(prefix, _)| prefix),
         None => crate::layers::decoder_prefix(&inputs.reference().checkpoint),
     };
     config.method.map_inputs(config, &mut inputs)?;
@@ -498,8 +500,10 @@ fn windowed(
             .with_file(config_file()));
         }
     }
-    let prefix = window.stack_prefix(&checkpoint);
-    let layers = window.stack_layers(&checkpoint);
+    let (prefix, layers) = match window.stack(&checkpoint) {
+        Some((prefix, layers)) => (Some(prefix), layers),
+        None => (None, 0),
+    };
     let mut window = window.clone();
     if window.whole {
         window.count = layers;

@@ -176,6 +176,24 @@ pub fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
         .collect()
 }
 
+/// Writes `yaml` to `dir/bad.yaml` and checks that the merge it asks for
+/// fails at some stage with one error that contains `needle` and names
+/// the config file, writing nothing: what a bad config must get.
+pub fn assert_refused(dir: &Path, yaml: &str, needle: &str) {
+    let path = dir.join("bad.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let out = dir.join("never");
+    let result = MergeConfig::from_file(&path)
+        .and_then(PreparedMerge::new)
+        .and_then(|p| p.run(&options(&out, Some(1), None)));
+    let e = result.err().unwrap_or_else(|| panic!("accepted:\n{yaml}"));
+    let text = e.to_string();
+    assert!(text.contains(needle), "{yaml}\n→ {text}");
+    assert!(text.contains("bad.yaml"), "names the config file: {text}");
+    assert!(!out.exists(), "nothing written");
+    assert!(leftovers(dir).is_empty());
+}
+
 /// Entries of `parent` that a writer leaves behind only by mistake: hidden
 /// temporary (`.name.tmp-*`) or set-aside (`.name.old-*`) directories and files.
 pub fn leftovers(parent: &Path) -> Vec<String> {

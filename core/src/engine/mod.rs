@@ -615,7 +615,7 @@ impl MergePart {
 fn resolve_whole_windows(config: &mut MergeConfig, inputs: &Inputs) {
     let resolve = |window: &mut Option<crate::layers::LayerWindow>, input: &crate::plan::Input| {
         if let Some(w) = window.as_mut().filter(|w| w.whole) {
-            w.count = w.stack_layers(&input.checkpoint);
+            w.count = w.stack(&input.checkpoint).map_or(0, |(_, layers)| layers);
         }
     };
     resolve(&mut config.layer_window, inputs.reference());
